@@ -1,0 +1,54 @@
+"""Rotary position embedding (the non-interleaved 'rotate half' layout of HF checkpoints)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..models.config import RopeConfig
+
+
+def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if rope.type == "linear":
+        inv = inv / rope.factor
+    elif rope.type == "llama3":
+        # Llama-3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+        old = rope.original_max_position_embeddings
+        low_wl = old / rope.low_freq_factor
+        high_wl = old / rope.high_freq_factor
+        wl = 2 * math.pi / inv
+        smooth = (old / wl - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        mid = (1 - smooth) * inv / rope.factor + smooth * inv
+        inv = torch.where(wl > low_wl, inv / rope.factor, torch.where(wl < high_wl, inv, mid))
+    return inv.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds a cos/sin table indexed by absolute position; grows on demand."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", inv_frequencies(head_dim, rope), persistent=False)
+        self._build(max_positions)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [..., Hq, D], k: [..., Hk, D]; positions has q's leading shape."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos_sin.shape[0]:
+            self._build(max(need, 2 * self.cos_sin.shape[0]))
+        cos, sin = self.cos_sin[positions].unsqueeze(-2).chunk(2, dim=-1)
+        return _apply(q, cos, sin), _apply(k, cos, sin)
+
+
+def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)

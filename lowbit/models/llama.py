@@ -1,0 +1,4 @@
+"""LlamaForCausalLM: the plain Llama-family decoder (RMSNorm, rotary, GQA, SwiGLU)."""
+from .registry import ArchSpec, register
+
+SPEC = register(ArchSpec("LlamaForCausalLM"))

@@ -1,0 +1,165 @@
+"""The Llama-family decoder shared by every supported architecture.
+
+Module and parameter names follow Hugging Face checkpoints (model.layers.N.self_attn.q_proj, ...)
+so weights, quantizers and checkpoint formats all address layers by the same names. After loading,
+`fuse_projections` may merge q/k/v and gate/up into single matmuls for speed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.attention import AttentionContext, causal_attention
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from .config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj: nn.Module | None = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, ctx: AttentionContext | None
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, k, v = self.project_qkv(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        if ctx is None:
+            o = causal_attention(q, k, v, self.window)
+        else:
+            o = ctx.attend(self.layer_idx, q, k, v)
+        return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, h: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, ctx: AttentionContext | None = None
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """forward() returns final hidden states; compute_logits() applies the LM head (so the engine
+    only pays for the rows it samples from)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, T] without ctx (positions default to 0..T-1), or [N] flat tokens with ctx."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
+        h = self.embed(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, positions, self.rotary, ctx)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def fuse_projections(self, fuse=None) -> None:
+        """Merge q/k/v and gate/up into one matmul each (fewer, larger kernel calls per token).
+
+        `fuse(modules) -> module | None` concatenates along the output dimension; the default
+        handles nn.Linear. The original modules are dropped to free memory.
+        """
+        fuse = fuse or fuse_linear
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            if a.qkv_proj is None:
+                merged = fuse([a.q_proj, a.k_proj, a.v_proj])
+                if merged is not None:
+                    a.qkv_proj = merged
+                    del a.q_proj, a.k_proj, a.v_proj
+            if m.gate_up_proj is None:
+                merged = fuse([m.gate_proj, m.up_proj])
+                if merged is not None:
+                    m.gate_up_proj = merged
+                    del m.gate_proj, m.up_proj
+
+
+def fuse_linear(mods: list[nn.Module]) -> nn.Module | None:
+    if not all(type(m) is nn.Linear for m in mods):
+        return None
+    has_bias = mods[0].bias is not None
+    out = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=has_bias)
+    out.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
+    if has_bias:
+        out.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+    return out
