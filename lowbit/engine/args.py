@@ -1,0 +1,33 @@
+"""EngineArgs: every knob of the engine, shared by LLM, AsyncEngine, the CLI and the server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LowbitError
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None -> built-in default model
+    kv_cache_memory: int = 512 * 2**20  # bytes for the paged KV pool (all layers, K and V)
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto (fp32) | int8 | int4
+    quantize_lm_head: bool = False  # int8 embedding/LM head
+    session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
+    max_sessions: int = 256
+    num_threads: int | None = None  # torch threads; None -> all cores
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "fp32", "int8", "int4"):
+            raise LowbitError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise LowbitError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
+            raise LowbitError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")
+        if self.kv_cache_memory < 2**20:
+            raise LowbitError(f"kv_cache_memory must be at least 1 MiB, got {self.kv_cache_memory} bytes")
