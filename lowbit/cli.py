@@ -1,0 +1,43 @@
+"""`lowbit` command line: one dispatcher, one module per sub-command in lowbit/commands/."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import LowbitError
+
+COMMANDS = ("generate", "quantize", "eval", "serve", "chat", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs with AWQ and serve them fast.")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lowbit.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lowbit.commands.{name}":
+                raise
+            continue  # a command still being built
+        module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LowbitError as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

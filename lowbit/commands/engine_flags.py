@@ -1,0 +1,57 @@
+"""Engine flags shared by generate, chat, serve and bench: one definition, one conversion to EngineArgs."""
+from __future__ import annotations
+
+import argparse
+import re
+
+from ..engine.args import EngineArgs
+from ..errors import LowbitError
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '1.5GiB', '800000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MiB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="HF model dir, .gguf file, hub id, or 'smollm2-135m' (default: the built-in default model)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineArgs()
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
+                   help="bytes for the paged KV-cache pool, e.g. 512MiB (default %(default)s)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "int8", "int4"], default=d.kv_cache_dtype)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    g.add_argument("--quantize-lm-head", action="store_true", help="int8 embedding / LM head")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    try:
+        return EngineArgs(
+            model=args.model,
+            kv_cache_memory=args.kv_cache_memory,
+            kv_cache_dtype=args.kv_cache_dtype,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            enable_prefix_caching=not args.no_prefix_caching,
+            quantize_lm_head=args.quantize_lm_head,
+            num_threads=args.threads,
+        )
+    except LowbitError:
+        raise
