@@ -5,7 +5,6 @@ import argparse
 import re
 
 from ..engine.args import EngineArgs
-from ..errors import LowbitError
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
@@ -40,18 +39,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
-    try:
-        return EngineArgs(
-            model=args.model,
-            kv_cache_memory=args.kv_cache_memory,
-            kv_cache_dtype=args.kv_cache_dtype,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching,
-            quantize_lm_head=args.quantize_lm_head,
-            num_threads=args.threads,
-        )
-    except LowbitError:
-        raise
+    return EngineArgs(
+        model=args.model,
+        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        quantize_lm_head=args.quantize_lm_head,
+        num_threads=args.threads,
+    )
