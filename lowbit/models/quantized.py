@@ -1,0 +1,76 @@
+"""Build a CausalLM from a quantized checkpoint (AutoAWQ GEMM or compressed-tensors).
+
+Quantized linears become QuantLinear modules whose kernels repack the weights at load; q/k/v and
+gate/up are fused here, at the QuantizedWeight level, so each layer runs two low-bit matmuls fewer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..quant.qweight import QuantizedWeight
+from .config import ModelConfig
+from .loader_utils import replace_module
+from .transformer import CausalLM
+
+FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def concat_quantized(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """Stack along the output dimension; None when the parts were quantized differently."""
+    a = parts[0]
+    if any((p.bits, p.group_size, p.sym, p.in_features) != (a.bits, a.group_size, a.sym, a.in_features) for p in parts):
+        return None
+    return QuantizedWeight(
+        q=torch.cat([p.q for p in parts]), scales=torch.cat([p.scales for p in parts]),
+        zeros=torch.cat([p.zeros for p in parts]), bits=a.bits, group_size=a.group_size, sym=a.sym,
+    )
+
+
+def _bias(fp: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    b = fp.pop(f"{name}.bias", None)
+    return None if b is None else b.float()
+
+
+def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
+    from ..layers.linear import QuantLinear
+    from ..quant.checkpoint import load_quantized
+
+    ckpt = load_quantized(model_dir)
+    fp = dict(ckpt.fp_tensors)
+    quantized = dict(ckpt.quantized)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.rotary = type(model.rotary)(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
+
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        for fused, parts in FUSED.items():
+            names = [prefix + fused.split(".")[0] + "." + p for p in parts]
+            if all(n in quantized for n in names):
+                merged = concat_quantized([quantized[n] for n in names])
+                if merged is not None:
+                    biases = [_bias(fp, n) for n in names]
+                    bias = torch.cat(biases) if all(b is not None for b in biases) else None
+                    for n in names:
+                        del quantized[n]
+                    replace_module(model, prefix + fused, QuantLinear.from_quantized(merged, bias))
+                    for n in names:
+                        replace_module(model, n, None)
+    for name, qw in quantized.items():
+        replace_module(model, name, QuantLinear.from_quantized(qw, _bias(fp, name)))
+
+    state = {k: v.float() for k, v in fp.items()}
+    expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ModelLoadError(f"{model_dir}: quantized checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    model.tie_weights()
+    model.requires_grad_(False)
+    return model.eval()
