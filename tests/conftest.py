@@ -64,3 +64,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model (SmolLM2-135M-Instruct) as an HF dir; fetched once into the cache."""
+    from lowbit.models.default import ensure_default_model
+
+    return ensure_default_model()
