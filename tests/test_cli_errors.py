@@ -44,5 +44,5 @@ def test_corrupt_gguf(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--max-tokens", "0"], ["--top-p", "1.5"]])
-def test_impossible_sampling_parameter(bad, default_model_dir):
+def test_impossible_sampling_parameter(bad):
     _assert_clean_error(_lowbit("generate", "--prompt", "hi", *bad), "invalid sampling parameter")
