@@ -1,0 +1,231 @@
+"""Batched next-token sampler: penalties, temperature, min-p / top-k / top-p, seeded draws, logprobs.
+
+Everything is vectorised over the batch; the only per-row Python loop draws each seeded row's noise
+from its own torch.Generator, so a seeded request gets the same tokens whatever else is batched with it.
+
+Order of operations (the one vLLM v1 uses):
+  1. min_tokens: mask eos and stop_token_ids while the output is shorter than min_tokens.
+  2. penalties: repetition (prompt + output tokens, HF/vLLM divide-positive / multiply-negative rule),
+     then frequency and presence (OpenAI semantics, output tokens only).
+  3. greedy rows (temperature < 1e-5) take the argmax; random rows continue:
+  4. temperature, then min_p, then top_k and top_p, then softmax.
+  5. draw: argmax(probs / q) with q ~ Exp(1) per token (the exponential race: token i wins with
+     probability probs[i]), q drawn from the row's own generator when it has one.
+
+Logprobs: by default ("raw") they are log-softmax of the model's logits as given, before penalties,
+temperature or any filter. This is vLLM v1's default `logprobs_mode="raw_logprobs"` (vLLM computes
+them before the penalties and the min_tokens mask, so they describe the model, not the sampler).
+`logprobs_mode="penalized"` instead reports log-softmax after min_tokens masking and penalties but
+still before temperature and filters. Returned alternatives follow vLLM/OpenAI: the sampled token
+(with its rank in the distribution, rank 1 = most likely) plus the top `logprobs` tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Literal
+
+import torch
+
+from ..engine.outputs import Logprob
+from ..engine.sampling_params import SamplingParams
+from ..errors import LowbitError
+
+GREEDY_EPS = 1e-5  # temperatures below this are treated as greedy (dividing by them would overflow)
+LogprobsMode = Literal["raw", "penalized"]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [B]
+    sampled_logprob: torch.Tensor  # fp32 [B], under the distribution chosen by logprobs_mode
+    logprobs: list[dict[int, Logprob] | None]  # per row; None where params.logprobs is None
+
+
+class Sampler:
+    """Picks one next token per row of a [B, V] logits batch, each row with its own SamplingParams."""
+
+    def __init__(self, eos_token_ids: list[int], logprobs_mode: LogprobsMode = "raw") -> None:
+        if logprobs_mode not in ("raw", "penalized"):
+            raise LowbitError(f"logprobs_mode must be 'raw' or 'penalized', got {logprobs_mode!r}")
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
+        self.logprobs_mode = logprobs_mode
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+    ) -> SamplerOutput:
+        logits = _check_inputs(logits, params, prompt_ids, output_ids, generators)
+        x = self._mask_stop_tokens(logits, params, output_ids)
+        x = _apply_penalties(x, params, prompt_ids, output_ids)
+
+        greedy = [p.temperature < GREEDY_EPS for p in params]
+        if all(greedy):
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = torch.empty(x.shape[0], dtype=torch.long)
+            rand_rows = [i for i, g in enumerate(greedy) if not g]
+            greedy_rows = [i for i, g in enumerate(greedy) if g]
+            if greedy_rows:
+                tokens[greedy_rows] = x[greedy_rows].argmax(dim=-1)
+            tokens[rand_rows] = _sample(
+                x[rand_rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
+            )
+
+        dist = logits if self.logprobs_mode == "raw" else x
+        lse = torch.logsumexp(dist, dim=-1)
+        sampled = dist.gather(1, tokens[:, None]).squeeze(1) - lse
+        return SamplerOutput(tokens, sampled, _top_logprobs(dist, lse, tokens, sampled, params))
+
+    def _mask_stop_tokens(
+        self, x: torch.Tensor, params: list[SamplingParams], output_ids: list[list[int]]
+    ) -> torch.Tensor:
+        """Forbid eos and stop_token_ids on rows whose output is still shorter than min_tokens."""
+        vocab = x.shape[1]
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, p in enumerate(params):
+            if len(output_ids[i]) < p.min_tokens:
+                # ids outside the logits width can never be produced, so there is nothing to mask
+                ids = {t for t in chain(self.eos_token_ids, p.stop_token_ids) if 0 <= t < vocab}
+                rows.extend([i] * len(ids))
+                cols.extend(ids)
+        if not rows:
+            return x
+        x = x.clone()
+        x[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        return x
+
+
+def _check_inputs(logits, params, prompt_ids, output_ids, generators) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise LowbitError(f"sampler: logits must be a floating [batch, vocab] tensor, got {shape}")
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise LowbitError("sampler: logits have an empty vocabulary dimension")
+    for name, seq in (("params", params), ("prompt_ids", prompt_ids), ("output_ids", output_ids),
+                      ("generators", generators)):
+        if len(seq) != batch:
+            raise LowbitError(f"sampler: {name} has {len(seq)} entries for a batch of {batch} logits rows")
+    return logits.float()
+
+
+def _flat_ids(lists: list[list[int]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) of every token in `lists`, as two int64 tensors; ids checked against vocab."""
+    lengths = torch.tensor([len(l) for l in lists], dtype=torch.long)
+    ids = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise LowbitError(f"sampler: token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+    rows = torch.repeat_interleave(torch.arange(len(lists)), lengths)
+    return rows, ids
+
+
+def _apply_penalties(
+    x: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]]
+) -> torch.Tensor:
+    rows = [i for i, p in enumerate(params)
+            if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    if not rows:
+        return x
+    vocab = x.shape[1]
+    sub = x[rows]  # advanced indexing copies: the caller's logits stay untouched
+    counts = torch.zeros_like(sub)
+    r, t = _flat_ids([output_ids[i] for i in rows], vocab)
+    counts.index_put_((r, t), torch.ones(t.shape[0]), accumulate=True)
+
+    rep = torch.tensor([params[i].repetition_penalty for i in rows])[:, None]
+    if bool((rep != 1.0).any()):
+        seen = counts > 0
+        r, t = _flat_ids([prompt_ids[i] for i in rows], vocab)
+        seen[r, t] = True
+        seen &= rep != 1.0
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+
+    freq = torch.tensor([params[i].frequency_penalty for i in rows])[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in rows])[:, None]
+    sub = sub - freq * counts - pres * (counts > 0).float()
+
+    x = x.clone()
+    x[rows] = sub
+    return x
+
+
+def _sample(x: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Random rows: temperature, min_p, top_k, top_p, then the exponential race."""
+    b, vocab = x.shape
+    x = x / torch.tensor([p.temperature for p in params])[:, None]
+
+    min_p = torch.tensor([p.min_p for p in params])
+    if bool((min_p > 0).any()):
+        # prob_i >= min_p * prob_max  <=>  logit_i >= logit_max + log(min_p); log(0) = -inf keeps all
+        floor = x.amax(dim=-1) + torch.log(min_p)
+        x = x.masked_fill(x < floor[:, None], float("-inf"))
+
+    top_k = torch.tensor([p.top_k if p.top_k is not None and 0 < p.top_k < vocab else vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    use_k, use_p = bool((top_k < vocab).any()), bool((top_p < 1.0).any())
+    if use_p:
+        x = _top_k_top_p_sorted(x, top_k if use_k else None, top_p)
+    elif use_k:
+        enabled = top_k < vocab
+        k_max = int(top_k[enabled].max())  # disabled rows must not force a full-vocabulary topk
+        kth = x.topk(k_max, dim=-1).values.gather(1, (top_k.clamp(max=k_max) - 1)[:, None])
+        kth = torch.where(enabled[:, None], kth, torch.full_like(kth, float("-inf")))
+        x = x.masked_fill(x < kth, float("-inf"))
+
+    probs = torch.softmax(x, dim=-1)
+    q = torch.empty_like(probs)
+    free = [i for i, g in enumerate(generators) if g is None]
+    if free:
+        q[free] = torch.empty(len(free), vocab).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i].exponential_(generator=g)
+    q.clamp_(min=torch.finfo(q.dtype).tiny)  # a zero draw would turn masked 0/0 into NaN
+    return (probs / q).argmax(dim=-1)
+
+
+def _top_k_top_p_sorted(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask with one ascending sort: top_k by threshold, then drop the low tail holding <= 1 - top_p mass."""
+    vocab = x.shape[1]
+    xs, order = x.sort(dim=-1)
+    if top_k is not None:
+        kth = xs.gather(1, (vocab - top_k)[:, None])
+        xs = xs.masked_fill(xs < kth, float("-inf"))
+    cum = torch.softmax(xs, dim=-1).cumsum(dim=-1)
+    drop = cum <= (1.0 - top_p)[:, None]
+    drop[:, -1] = False  # the most likely token always survives
+    xs = xs.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, xs)
+
+
+def _top_logprobs(
+    dist: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, sampled: torch.Tensor,
+    params: list[SamplingParams],
+) -> list[dict[int, Logprob] | None]:
+    out: list[dict[int, Logprob] | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    sub = dist[rows]
+    tok = tokens[rows]
+    # rank = how many tokens are at least as likely as the sampled one (vLLM counts the same way)
+    ranks = (sub >= sub.gather(1, tok[:, None])).sum(dim=-1).tolist()
+    k_max = max(params[i].logprobs for i in rows)
+    if k_max > 0:
+        vals, ids = sub.topk(min(k_max, sub.shape[1]), dim=-1)
+        top_lp = (vals - lse[rows][:, None]).tolist()
+        top_ids = ids.tolist()
+    tok_l, lp_l = tok.tolist(), sampled[rows].tolist()
+    for j, i in enumerate(rows):
+        d = {tok_l[j]: Logprob(lp_l[j], rank=ranks[j])}
+        for r in range(min(params[i].logprobs, sub.shape[1])):
+            d[top_ids[j][r]] = Logprob(top_lp[j][r], rank=r + 1)
+        out[i] = d
+    return out
