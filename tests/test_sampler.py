@@ -8,7 +8,8 @@ import torch
 
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.errors import LowbitError
-from lowbit.layers.sampler import Sampler, _apply_penalties
+from lowbit.layers import sampler as sampler_mod
+from lowbit.layers.sampler import Sampler, _apply_penalties, _top_k, _top_k_top_p
 
 EOS = 7
 
@@ -44,7 +45,8 @@ def test_greedy_rows_in_mixed_batch_stay_argmax():
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=1),
                                     SamplingParams(temperature=2.0, top_p=1e-6),
-                                    SamplingParams(temperature=1.0, top_k=5, top_p=1e-6)])
+                                    SamplingParams(temperature=1.0, top_k=5, top_p=1e-6),
+                                    SamplingParams(temperature=1.0, top_p=1e-9)])  # 1 - p rounds to 1.0
 def test_top_k_1_and_tiny_top_p_are_greedy(params):
     torch.manual_seed(2)
     logits = torch.randn(64, 50)  # nearly flat: unfiltered sampling would rarely hit the argmax
@@ -104,6 +106,31 @@ def test_top_p_renormalises_over_the_nucleus():
 def test_top_k_renormalises_over_k_tokens():
     counts = draws(SamplingParams(temperature=1.0, top_k=3))
     assert chi2(counts, torch.tensor([0.5, 0.3, 0.1, 0, 0]) / 0.9) < 18.5  # 2 dof at p=1e-4: 18.4
+
+
+def top_p_reference(x, top_p):
+    """Textbook nucleus: sort descending, keep tokens until the cumulative mass reaches top_p."""
+    xs, order = x.sort(dim=-1, descending=True)
+    p = torch.softmax(xs, -1)
+    keep = (p.cumsum(-1) - p) < top_p[:, None]
+    return torch.full_like(x, float("-inf")).scatter(1, order, xs.masked_fill(~keep, float("-inf")))
+
+
+def test_top_p_candidate_search_matches_full_sort(monkeypatch):
+    """The top-N candidate shortcut (widening to 16, then to a full sort) keeps exactly the nucleus."""
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", (4, 16))
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.tensor([0.1, 0.5, 2.0, 6.0] * 6)[:, None]  # flat rows spill past 8 candidates, peaked don't
+    x = torch.randn(24, 64, generator=gen) * scale
+    top_p = torch.tensor([0.3, 0.9, 0.95, 0.5, 1.0, 0.99] * 4)
+    top_k = torch.tensor([64] * 12 + [3, 20, 64, 1, 64, 5] * 2)
+    got = _top_k_top_p(x, top_k, top_p)
+    expected = top_p_reference(_top_k(x, top_k), top_p)
+    assert torch.equal(got.isfinite(), expected.isfinite())
+    assert torch.equal(got[got.isfinite()], x[got.isfinite()])
+    kept = got[top_k == 64].isfinite().sum(-1)
+    # every stage was exercised: nucleus within 4, within 16, and wider (full sort)
+    assert (kept < 4).any() and ((kept >= 4) & (kept < 16)).any() and (kept >= 16).any()
 
 
 def test_min_p_filters_tokens_below_fraction_of_max():
