@@ -1,0 +1,87 @@
+"""`lowbit serve`: the OpenAI-compatible HTTP server (drop-in for `vllm serve` clients)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+
+from ..errors import LowbitError
+from .engine_flags import add_engine_args, add_model_arg, engine_args_from, parse_bytes
+
+API_KEY_ENV = "LOWBIT_API_KEY"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every API route (default: ${API_KEY_ENV})")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the --model argument, or smollm2-135m)")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=8 * 2**20,
+                   help="largest accepted request body (default 8MiB)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs CPU under load)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def served_name(model: str | None) -> str:
+    from ..models.default import DEFAULT_MODEL_NAME
+    from ..models.loader import DEFAULT_ALIASES
+
+    if model is None or model in DEFAULT_ALIASES:
+        return DEFAULT_MODEL_NAME
+    return model.rstrip("/") or model
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in a second, before the model loads, if we could not listen anyway."""
+    if not (0 < port < 65536):
+        raise LowbitError(f"--port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise LowbitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..engine.async_engine import AsyncEngine
+    from ..serve.app import create_app
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_port_free(args.host, args.port)
+    if not _is_loopback(args.host) and api_key is None:
+        print(f"lowbit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
+              f"port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+    engine = AsyncEngine(engine_args_from(args))
+    name = args.served_model_name or served_name(args.model)
+    app = create_app(engine, served_model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                     model_root=str(args.model) if args.model else None)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"lowbit serve: {name} on http://{shown}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                    timeout_graceful_shutdown=5)
+    finally:
+        shutdown = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
+        if callable(shutdown):
+            shutdown()
+    return 0
