@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import chat, completions
@@ -163,6 +167,30 @@ def create_app(engine: Any, *, served_model_name: str, api_key: str | None = Non
     return app
 
 
+@contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` with uvicorn in a daemon thread (tests, notebooks); yields the base URL, stops on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="lowbit-serve")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server thread failed to start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 def _add_utility_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health() -> Response:
@@ -211,7 +239,7 @@ def _add_utility_routes(app: FastAPI) -> None:
     @app.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: str, request: Request) -> dict:
         s = get_state(request)
-        if not s.sessions.end(session_id):
+        if not await run_in_threadpool(s.sessions.end, session_id):  # waits for the engine thread
             raise APIError(404, f"session {session_id!r} does not exist (ended or expired)", param="session_id",
                            code="session_not_found")
         return {"id": session_id, "object": "session", "deleted": True}

@@ -259,7 +259,9 @@ def legacy_logprobs(state: "ServerState", token_ids: list[int], entries: list[di
         s = token_text(state, tid, chosen)
         lp.tokens.append(s)
         lp.token_logprobs.append(chosen.logprob if chosen is not None else None)
-        top = {token_text(state, t, x): x.logprob for t, x in ranked(entry, k)}
+        top: dict[str, float] = {}
+        for t, x in ranked(entry, k):  # best first; tokens that decode alike keep the best logprob
+            top.setdefault(token_text(state, t, x), x.logprob)
         if chosen is not None:
             top.setdefault(s, chosen.logprob)
         lp.top_logprobs.append(top)
