@@ -1,0 +1,190 @@
+"""Attention over the paged KV pool for one mixed engine step (decodes + prefill chunks).
+
+The step's flat token rows are ordered: first every sequence that adds exactly one token (the
+decode batch), then the prefill chunks. Everything that does not depend on the layer (slot
+mapping, padded block tables, masks) is built once per step in `build_paged_context`; `attend`
+then costs a handful of tensor ops per layer:
+
+* decode: one padded gather of all sequences' blocks + one masked SDPA call (GQA by viewing the
+  query heads as [Hkv, group]); a single sequence whose blocks are contiguous reads a view, no copy;
+* prefill chunk: SDPA of the chunk's queries over (cached prefix + the chunk's own exact k/v) with
+  an offset causal mask; a chunk starting at position 0 needs no cache read at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.kv_cache import KVCachePool
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of the step: `num_new` tokens at positions start..start+num_new-1."""
+
+    block_table: list[int]
+    start: int  # tokens of this sequence already in the cache
+    num_new: int
+
+
+@dataclass
+class _DecodeMeta:
+    batch: int
+    blocks: torch.Tensor | None  # [B * max_blocks] flat padded block ids (None: contiguous view)
+    first_block: int  # contiguous view start (batch == 1 only)
+    num_blocks: int
+    kv_start: int  # batch == 1: first key position to use (sliding window); else 0
+    kv_len: int  # batch == 1: context length; else padded length
+    mask: torch.Tensor | None  # [B, 1, 1, L] bool (batch > 1)
+
+
+@dataclass
+class _PrefillMeta:
+    row: int
+    num_new: int
+    start: int
+    prefix_blocks: torch.Tensor | None
+    mask: torch.Tensor | None  # [T, S] bool, None -> plain causal
+
+
+class PagedAttentionContext:
+    """Implements the decoder's `AttentionContext` protocol over a KVCachePool."""
+
+    def __init__(
+        self,
+        pool: KVCachePool,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        decode: _DecodeMeta | None,
+        prefills: list[_PrefillMeta],
+        num_tokens: int,
+    ) -> None:
+        self.pool = pool
+        self.slots = slots
+        self.positions = positions
+        self.decode = decode
+        self.prefills = prefills
+        self.num_tokens = num_tokens
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [N, Hq, D], k/v: [N, Hkv, D] (rotary applied) -> [N, Hq, D]."""
+        self.pool.write(layer_idx, self.slots, k, v)
+        parts = []
+        if self.decode is not None:
+            parts.append(self._decode(layer_idx, q[: self.decode.batch]))
+        for p in self.prefills:
+            rows = slice(p.row, p.row + p.num_new)
+            parts.append(self._prefill(layer_idx, p, q[rows], k[rows], v[rows]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def _decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        d = self.decode
+        B, Hq, D = q.shape
+        if d.blocks is None:
+            k, v = self.pool.view_range(layer, d.first_block, d.num_blocks)
+        else:
+            k, v = self.pool.gather(layer, d.blocks)
+        Hkv = k.shape[-2]
+        qg = q.view(B, Hkv, Hq // Hkv, D)  # query heads grouped under their kv head
+        if B == 1:
+            k = k[d.kv_start : d.kv_len].transpose(0, 1).unsqueeze(0)
+            v = v[d.kv_start : d.kv_len].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(qg, k, v)
+        else:
+            k = k.view(B, -1, Hkv, D).transpose(1, 2)
+            v = v.view(B, -1, Hkv, D).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=d.mask)
+        return out.reshape(B, Hq, D)
+
+    def _prefill(self, layer: int, p: _PrefillMeta, q, k, v) -> torch.Tensor:
+        if p.prefix_blocks is not None:
+            pk, pv = self.pool.gather(layer, p.prefix_blocks)
+            k = torch.cat([pk[: p.start], k], dim=0)
+            v = torch.cat([pv[: p.start], v], dim=0)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        if p.mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+def build_paged_context(pool: KVCachePool, items: list[SeqSlice], window: int | None = None) -> PagedAttentionContext:
+    """Precompute a step's index tensors. Items with num_new == 1 must come first (the decode batch)."""
+    bs = pool.block_size
+    n_dec = 0
+    while n_dec < len(items) and items[n_dec].num_new == 1:
+        n_dec += 1
+    slots: list[int] = []
+    positions: list[int] = []
+    for it in items[:n_dec]:
+        slots.append(it.block_table[it.start // bs] * bs + it.start % bs)
+        positions.append(it.start)
+    decode = _decode_meta(pool, items[:n_dec], window) if n_dec else None
+    slot_t = torch.tensor(slots, dtype=torch.long)
+    pos_t = torch.tensor(positions, dtype=torch.long)
+    slot_parts, pos_parts, prefills = [slot_t], [pos_t], []
+    row = n_dec
+    for it in items[n_dec:]:
+        if it.num_new == 1:
+            raise ValueError("single-token items must come first in the step")
+        pos = torch.arange(it.start, it.start + it.num_new)
+        nb_total = (it.start + it.num_new + bs - 1) // bs
+        bt = torch.tensor(it.block_table[:nb_total], dtype=torch.long)
+        slot_parts.append(bt[pos // bs] * bs + pos % bs)
+        pos_parts.append(pos)
+        prefills.append(_prefill_meta(it, row, bs, window))
+        row += it.num_new
+    return PagedAttentionContext(
+        pool,
+        torch.cat(slot_parts) if prefills else slot_t,
+        torch.cat(pos_parts) if prefills else pos_t,
+        decode,
+        prefills,
+        row,
+    )
+
+
+def _decode_meta(pool: KVCachePool, items: list[SeqSlice], window: int | None) -> _DecodeMeta:
+    bs = pool.block_size
+    if len(items) == 1:
+        it = items[0]
+        ctx = it.start + 1
+        nb = (ctx + bs - 1) // bs
+        table = it.block_table[:nb]
+        kv_start = max(0, ctx - window) if window else 0
+        first = table[0]
+        contiguous = not pool.spec.quantized and table[-1] - first == nb - 1 and table == list(range(first, first + nb))
+        blocks = None if contiguous else torch.tensor(table, dtype=torch.long)
+        return _DecodeMeta(1, blocks, first, nb, kv_start, ctx, None)
+    lens = [it.start + 1 for it in items]
+    max_nb = (max(lens) + bs - 1) // bs
+    flat: list[int] = []
+    for it, n in zip(items, lens):
+        nb = (n + bs - 1) // bs
+        flat.extend(it.block_table[:nb])
+        flat.extend([0] * (max_nb - nb))  # padding: any valid block, masked out below
+    L = max_nb * bs
+    lens_t = torch.tensor(lens)
+    kpos = torch.arange(L)
+    mask = kpos[None, :] < lens_t[:, None]
+    if window:
+        mask &= kpos[None, :] > (lens_t[:, None] - 1 - window)
+    return _DecodeMeta(len(items), torch.tensor(flat, dtype=torch.long), 0, max_nb, 0, L, mask[:, None, None, :])
+
+
+def _prefill_meta(it: SeqSlice, row: int, bs: int, window: int | None) -> _PrefillMeta:
+    T, start = it.num_new, it.start
+    prefix = None
+    if start > 0:
+        prefix = torch.tensor(it.block_table[: (start + bs - 1) // bs], dtype=torch.long)
+    mask = None
+    if start > 0 or (window and T > window):
+        qpos = torch.arange(start, start + T)[:, None]
+        kpos = torch.arange(start + T)[None, :]
+        mask = kpos <= qpos
+        if window:
+            mask &= kpos > qpos - window
+    return _PrefillMeta(row, T, start, prefix, mask)
