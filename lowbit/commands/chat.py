@@ -99,7 +99,7 @@ class Conversation:
         if self.show_stats and first is not None:
             n = len(c.token_ids)
             rate = (n - 1) / (time.perf_counter() - first) if n > 1 else float("nan")
-            self._say(f"[prompt {len(prompt)} tokens, {final.num_cached_tokens} from the session cache; "
+            self._say(f"[prompt {len(prompt)} tokens, {final.num_cached_tokens} cached (session or prefix cache); "
                       f"{n} tokens, first after {1000 * (first - t0):.0f} ms, {rate:.1f} tokens/s]")
 
     def _say(self, line: str) -> None:
