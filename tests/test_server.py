@@ -343,6 +343,7 @@ def test_chat_stream_shape(tiny: Server):
     ({"prompt": ""}, None),
     ({"prompt": []}, None),
     ({"prompt": ["x"] * 65}, None),
+    ({"prompt": ["x"] * 17, "n": 16}, None),
     ({"prompt": [1, 2, 300]}, "prompt"),
     ({"prompt": list(range(100)) * 6}, "prompt"),  # 600 tokens > 512 context
     ({"prompt": list(range(100)) * 5, "max_tokens": 100}, "max_tokens"),  # fits, but not with 100 more
@@ -535,3 +536,65 @@ def test_real_greedy_logprobs_and_streaming(real: Server):
     streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model="smollm2-135m", messages=msgs, max_tokens=12, temperature=0, stream=True) if ch.choices)
     assert streamed == r.choices[0].message.content
+
+
+# ---- the `lowbit serve` command ---------------------------------------------------------------------
+
+
+def test_serve_command_fails_fast_on_a_busy_port():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "serve", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_command_end_to_end():
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOWBIT_API_KEY": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "serve", "--port", str(port),
+                             "--kv-cache-memory", "64MiB", "--max-model-len", "1024"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        assert_error(httpx.get(url + "/v1/models"), 401)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+        r = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=3,
+                                      temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0

@@ -17,6 +17,7 @@ from ..errors import LowbitError
 # Bounds on a single request, so one client cannot ask for unbounded work.
 MAX_N = 16
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
+MAX_SEQUENCES = 256  # prompts x n in one request
 MAX_STOP = 16
 MAX_MESSAGES = 1024
 MAX_TOKEN_IDS = 1 << 20  # stop_token_ids / detokenize list length sanity bound
@@ -137,6 +138,8 @@ class CompletionRequest(_SamplingFields):
             raise LowbitError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
         if any(len(x) == 0 for x in prompts):
             raise LowbitError("prompt must not be empty")
+        if len(prompts) * self.n > MAX_SEQUENCES:
+            raise LowbitError(f"{len(prompts)} prompts x n={self.n} exceeds {MAX_SEQUENCES} sequences per request")
         return prompts
 
 
