@@ -421,6 +421,13 @@ def test_api_key(tiny_engine: Any):
         assert ok.completions.create(model="tiny", prompt="x", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        # browser chat UIs: the CORS preflight needs no key, and answers carry the CORS header
+        pre = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+        r = httpx.get(url + "/v1/models", headers={"Origin": "http://ui.example", "Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
 
 
 # ---- sessions and disconnects -----------------------------------------------------------------------

@@ -163,20 +163,3 @@ def run(args: argparse.Namespace) -> int:
         shutdown = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
         if callable(shutdown):
             shutdown()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lowbit.commands.chat`: the same command without the dispatcher."""
-    parser = argparse.ArgumentParser(prog="lowbit chat")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["chat", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except LowbitError as e:
-        print(f"lowbit chat: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

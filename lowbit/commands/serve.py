@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model name clients send (default: the --model argument, or smollm2-135m)")
     p.add_argument("--max-body-bytes", type=parse_bytes, default=8 * 2**20,
                    help="largest accepted request body (default 8MiB)")
+    p.add_argument("--allowed-origins", nargs="+", default=["*"], metavar="ORIGIN",
+                   help="CORS origins allowed to call the API from a browser (default: any, as vLLM)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs CPU under load)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(p)
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncEngine(engine_args_from(args))
     name = args.served_model_name or served_name(args.model)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                     model_root=str(args.model) if args.model else None)
+                     model_root=str(args.model) if args.model else None, allowed_origins=args.allowed_origins)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"lowbit serve: {name} on http://{shown}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'}); Ctrl-C to stop", file=sys.stderr, flush=True)

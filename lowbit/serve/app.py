@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import chat, completions
@@ -140,8 +141,12 @@ async def _send_error(send: Any, status: int, message: str, code: str | None = N
 
 
 def create_app(engine: Any, *, served_model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_root: str | None = None) -> FastAPI:
-    """An OpenAI-compatible app over `engine` (an AsyncEngine or anything with its interface)."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_root: str | None = None,
+               allowed_origins: tuple[str, ...] | list[str] = ("*",)) -> FastAPI:
+    """An OpenAI-compatible app over `engine` (an AsyncEngine or anything with its interface).
+
+    CORS is open by default, as with vLLM, so browser chat UIs can call the API directly.
+    """
     # strict_content_type=False: `curl -d '{...}'` (form content type) works, as with vLLM
     app = FastAPI(title="lowbit", docs_url=None, redoc_url=None, openapi_url=None, strict_content_type=False)
     cfg = engine.model_config
@@ -161,6 +166,9 @@ def create_app(engine: Any, *, served_model_name: str, api_key: str | None = Non
     app.state.lowbit = state
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    if allowed_origins:  # added last = outermost: answers preflights before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
     app.include_router(completions.router)
     app.include_router(chat.router)
     _add_utility_routes(app)
