@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
