@@ -168,3 +168,23 @@ def test_prefix_caching_disabled():
     bm.free_seq(a)
     assert bm.num_cached_blocks() == 0
     assert bm.lookup_prefix(make_seq(list(range(9)))).num_tokens == 0
+
+
+def test_writing_into_a_prefix_cached_block_copies_it():
+    bm = BlockManager(8, BS)
+    a = make_seq(list(range(9)))
+    compute(bm, a)  # blocks 0, 1 full and registered
+    reused = a.block_table[:2]
+    bm.acquire(reused)  # what a session does at the end of a turn
+    bm.free_seq(a)
+    b = make_seq(list(range(6)) + [40, 41, 42])  # diverges at token 6, inside cached block 1
+    plan = ReusePlan(reused, 6, "session")
+    assert bm.blocks_needed(b, 3, plan) == 2  # a copy of block 1 (tokens 6, 7) + a new block (token 8)
+    bm.apply_plan(b, plan)
+    bm.release(reused)  # the session hands over
+    compute(bm, b)
+    assert b.block_table[0] == reused[0] and b.block_table[1] != reused[1]
+    assert bm.take_copies() == [(reused[1], b.block_table[1])]
+    assert bm.lookup_prefix(make_seq(list(range(9)))).blocks == reused  # cached block left intact
+    bm.free_seq(b)
+    assert bm.num_free_blocks == 8

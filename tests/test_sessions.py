@@ -135,3 +135,21 @@ def test_abort_busy_expiry_and_max_sessions(tiny_dir):
     assert engine.sessions.expire(now=time.monotonic() + engine.args.session_ttl + 1) == 2
     assert len(engine.sessions) == 0
     assert_pool_free(engine)
+
+
+def test_diverging_turn_never_writes_into_a_prefix_cached_block(tiny_dir):
+    """Turn 2 diverges inside a FULL block that the prefix cache knows: it must copy, not overwrite."""
+    engine = engine_for(tiny_dir, enable_prefix_caching=True)
+    p1 = prompts_of([30], seed=29)[0]
+    turn(engine, "t1", p1, "s")
+    p2 = p1[:12] + prompts_of([10], seed=30)[0]  # diverges in block 1 (tokens 8..15)
+    out2, _ = turn(engine, "t2", p2, "s")
+    assert out2.num_cached_tokens == 12
+    assert out2.outputs[0].token_ids == dense_greedy(engine.runner.model, p2, 12)
+    # a fresh request for the first prompt hits the cached blocks 0..2, which must be intact
+    p3 = p1 + [7, 7]
+    out3, _ = turn(engine, "t3", p3, None)
+    assert out3.num_cached_tokens >= 24
+    assert out3.outputs[0].token_ids == dense_greedy(engine.runner.model, p3, 12)
+    engine.end_session("s")
+    assert_pool_free(engine)

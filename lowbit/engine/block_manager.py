@@ -7,9 +7,10 @@
 * Prefix caching: a FULL block is identified by hash(parent block's hash, its token ids), a chain,
   so equal hashes mean equal whole prefixes (blake2b, collision-resistant, not Python's hash()).
   Only blocks whose K/V have been computed are registered, and registered blocks are never written.
-* Copy-on-write: a sequence about to write into a block it shares (forked n > 1 samples, or a
-  partially filled block reused from elsewhere) first gets a private copy; the (src, dst) pair is
-  queued in `pending_copies` for the model runner to apply to the pool before the step.
+* Copy-on-write: a sequence about to write into a block it shares (forked n > 1 samples, a block
+  reused from a session) or one registered in the prefix cache (a session turn diverging inside a
+  cached block) first gets a private copy; the (src, dst) pair is queued in `pending_copies` for
+  the model runner to apply to the pool before the step.
 """
 from __future__ import annotations
 
@@ -136,9 +137,14 @@ class BlockManager:
         seq.num_registered_blocks = n_full
 
     # ---- per sequence ------------------------------------------------------------------------
+    def _must_copy(self, block: int, own_refs: int) -> bool:
+        """A block about to be written needs a private copy if someone else holds it, or if the
+        prefix cache knows it (a reused block whose tail is overwritten after a divergence)."""
+        return self.ref[block] > own_refs or self.hash_of[block] is not None
+
     def _needs_cow(self, seq: Sequence) -> bool:
         i = seq.num_computed_tokens // self.block_size
-        return i < len(seq.block_table) and self.ref[seq.block_table[i]] > 1
+        return i < len(seq.block_table) and self._must_copy(seq.block_table[i], 1)
 
     def blocks_needed(self, seq: Sequence, num_new: int, plan: ReusePlan | None = None) -> int:
         """Free blocks that scheduling `num_new` more tokens of seq would consume (plan: a reuse
@@ -148,7 +154,7 @@ class BlockManager:
             total = plan.num_tokens + num_new
             revive = sum(1 for b in plan.blocks if self.ref[b] == 0)
             i = plan.num_tokens // bs
-            cow = i < len(plan.blocks) and self.ref[plan.blocks[i]] > (1 if plan.source == "session" else 0)
+            cow = i < len(plan.blocks) and self._must_copy(plan.blocks[i], 1 if plan.source == "session" else 0)
             return revive + max(0, -(-total // bs) - len(plan.blocks)) + int(cow)
         total = seq.num_computed_tokens + num_new
         return max(0, -(-total // bs) - len(seq.block_table)) + int(self._needs_cow(seq))
