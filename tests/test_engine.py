@@ -31,6 +31,16 @@ from conftest import make_tiny_model
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy machine two OpenMP
+    threads per process make every small op wait for a core (20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
@@ -48,7 +58,9 @@ def wide_dir(tmp_path_factory):
 
 def engine_for(path, **kw) -> LLMEngine:
     kw = {"kv_cache_memory": 2**20, "block_size": 8, **kw}
-    return LLMEngine(EngineArgs(model=str(path), **kw))
+    engine = LLMEngine(EngineArgs(model=str(path), **kw))
+    engine.runner.model._test_source = str(path)
+    return engine
 
 
 def prompts_of(lengths, seed=0, vocab=256):
@@ -69,14 +81,22 @@ def run(engine: LLMEngine, prompts, params=GREEDY, prefix="r") -> dict[str, Requ
     return final
 
 
+_DENSE_CACHE: dict[tuple, list[int]] = {}
+
+
 @torch.no_grad()
 def dense_greedy(model, prompt, n) -> list[int]:
-    ids, out = list(prompt), []
-    for _ in range(n):
-        t = int(model.compute_logits(model(torch.tensor([ids])))[0, -1].argmax())
-        out.append(t)
-        ids.append(t)
-    return out
+    """The reference: full recompute with model(ids) for every token, no KV cache. Memoized per
+    checkpoint (engines loading the same directory hold identical weights)."""
+    key = (getattr(model, "_test_source", id(model)), tuple(prompt), n)
+    if key not in _DENSE_CACHE:
+        ids, out = list(prompt), []
+        for _ in range(n):
+            t = int(model.compute_logits(model(torch.tensor([ids])))[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+        _DENSE_CACHE[key] = out
+    return _DENSE_CACHE[key]
 
 
 @torch.no_grad()
@@ -493,7 +513,7 @@ def test_real_model_generate_matches_dense(real_llm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,tol", [("int8", 0.05), ("int4", 0.3)])
+@pytest.mark.parametrize("dtype,tol", [("int8", 0.03), ("int4", 0.3)])
 def test_real_model_quantized_kv(real_llm, dtype, tol):
     rec = RecordingSampler(real_llm.engine.runner.eos_token_ids)
     loaded = real_llm.engine.runner.loaded

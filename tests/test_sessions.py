@@ -9,7 +9,9 @@ import pytest
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.errors import LowbitError
 
-from test_engine import assert_pool_free, dense_greedy, engine_for, prompts_of, tiny_dir, wide_dir  # noqa: F401
+from test_engine import (  # noqa: F401  (fixtures)
+    assert_pool_free, dense_greedy, engine_for, one_thread, prompts_of, tiny_dir, wide_dir,
+)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
