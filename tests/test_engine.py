@@ -59,7 +59,7 @@ def wide_dir(tmp_path_factory):
 def engine_for(path, **kw) -> LLMEngine:
     kw = {"kv_cache_memory": 2**20, "block_size": 8, **kw}
     engine = LLMEngine(EngineArgs(model=str(path), **kw))
-    engine.runner.model._test_source = str(path)
+    engine.runner.model._test_source = (str(path), bool(kw.get("quantize_lm_head")))  # same weights, same key
     return engine
 
 
@@ -394,6 +394,18 @@ def test_quantized_kv_logits_close_to_dense(tiny_dir, dtype, tol):
         worst = max(worst, float((logits - ref).abs().max() / ref.abs().max()))
     assert worst < tol
     assert engine.stats().kv_cache_dtype == {"auto": "fp32"}.get(dtype, dtype)
+    assert_pool_free(engine)
+
+
+def test_quantize_lm_head_option(tiny_dir):
+    engine = engine_for(tiny_dir, quantize_lm_head=True)
+    model = engine.runner.model
+    assert type(model.lm_head).__name__ == "QuantLinear"
+    assert type(model.model.embed_tokens).__name__ == "QuantEmbedding"
+    ids = prompts_of([20], seed=15)[0]
+    ref = dense_logits(engine_for(tiny_dir).runner.model, ids)
+    assert float((dense_logits(model, ids) - ref).abs().max() / ref.abs().max()) < 0.02
+    assert run(engine, [ids])["r0"].outputs[0].token_ids == dense_greedy(model, ids, 12)
     assert_pool_free(engine)
 
 
