@@ -539,3 +539,26 @@ def test_real_model_quantized_kv(real_llm, dtype, tol):
     if dtype == "int8":
         assert out.outputs[0].token_ids[:4] == dense_greedy(loaded.model, ids, 4)
     assert_pool_free(engine)
+
+
+def test_a_failed_step_leaves_the_engine_consistent(tiny_dir):
+    engine = engine_for(tiny_dir)
+    prompts = prompts_of([13, 6], seed=16)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    engine.step()  # prefill + fork: the next step must copy the shared, partly filled blocks
+    pool = engine.runner.pool
+    pool.copy_blocks = lambda src, dst: (_ for _ in ()).throw(RuntimeError("boom"))  # fails before copying
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step()
+    del pool.copy_blocks  # back to the class method
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    for i, p in enumerate(prompts):
+        for c in final[f"r{i}"].outputs:
+            assert c.token_ids == dense_greedy(engine.runner.model, p, 8)
+    assert_pool_free(engine)

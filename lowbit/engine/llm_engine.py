@@ -186,7 +186,14 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        results = self.runner.execute(sched)
+        try:
+            results = self.runner.execute(sched)
+        except BaseException:
+            # the step's K/V (and any copy-on-write) may be half written: recompute those sequences
+            for s in sched.scheduled:
+                if s.seq.status is SequenceStatus.RUNNING:
+                    self.scheduler.preempt(s.seq)
+            raise
         self.scheduler.step_done(sched)
         now = time.monotonic()
         touched: dict[str, SequenceGroup] = {}

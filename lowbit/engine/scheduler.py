@@ -86,7 +86,7 @@ class Scheduler:
                     continue
                 num_new = min(remaining, budget)
                 if not self._make_room(self.bm.blocks_needed(seq, num_new), seq, picked):
-                    self._preempt(seq)
+                    self.preempt(seq)
                     continue
                 self.bm.allocate_slots(seq, num_new)
                 chosen.append(ScheduledSeq(seq, num_new))
@@ -153,10 +153,11 @@ class Scheduler:
             )
             if victim is None:
                 return False
-            self._preempt(victim)
+            self.preempt(victim)
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks; it waits at the head of the queue to be recomputed from its tokens."""
         self.running.remove(seq)
         self.bm.free_seq(seq)
         seq.reset_for_recompute()
