@@ -122,7 +122,7 @@ class Scheduler:
                 break  # FCFS: later requests wait behind this one
             self.waiting.popleft()
             self.bm.apply_plan(seq, plan)
-            self.sessions.hand_over(seq.group.session_id)
+            self.sessions.hand_over(seq.group.session_id, seq.group.request_id)
             self.bm.prefix_queries += seq.num_tokens
             self.bm.prefix_hits += plan.num_tokens
             if seq.group.first_scheduled_time is None:
@@ -138,7 +138,7 @@ class Scheduler:
 
     def _plan(self, seq: Sequence) -> ReusePlan:
         """The better of the session's cache and the prefix cache (without taking references)."""
-        plan = self.sessions.plan(seq.group.session_id, seq.token_ids)
+        plan = self.sessions.plan(seq.group.session_id, seq.group.request_id, seq.token_ids)
         prefix = self.bm.lookup_prefix(seq)
         return prefix if prefix.num_tokens > plan.num_tokens else plan
 

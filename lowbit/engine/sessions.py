@@ -63,11 +63,11 @@ class SessionManager:
         self._touch(s)
         return s
 
-    def plan(self, session_id: str | None, token_ids: list[int]) -> ReusePlan:
-        """Reusable K/V for a prompt: the longest common prefix with the session's tokens, keeping
-        at least one prompt token to compute."""
+    def plan(self, session_id: str | None, request_id: str, token_ids: list[int]) -> ReusePlan:
+        """Reusable K/V for turn `request_id`: the longest common prefix of its tokens with the
+        session's, keeping at least one token to compute."""
         s = self.sessions.get(session_id) if session_id is not None else None
-        if s is None or not s.blocks:
+        if s is None or not s.blocks or s.busy != request_id:
             return ReusePlan()
         limit = min(len(s.token_ids), len(token_ids) - 1)
         n = 0
@@ -78,10 +78,10 @@ class SessionManager:
         bs = self.bm.block_size
         return ReusePlan(s.blocks[: -(-n // bs)], n, "session")
 
-    def hand_over(self, session_id: str | None) -> None:
-        """The turn's sequence has taken its own references: the session drops all of its."""
+    def hand_over(self, session_id: str | None, request_id: str) -> None:
+        """Turn `request_id`'s sequence has taken its own references: the session drops all of its."""
         s = self.sessions.get(session_id) if session_id is not None else None
-        if s is not None and s.blocks:
+        if s is not None and s.busy == request_id and s.blocks:
             self.bm.release(s.blocks)
             s.blocks = []
             s.token_ids = []
