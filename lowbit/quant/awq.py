@@ -1,0 +1,540 @@
+"""AWQ: activation-aware weight quantization of one decoder layer (Lin et al., MLSys 2024).
+
+Why it works: the weight channels that meet large activations matter most. Multiplying such an
+input channel of W by s > 1 (and dividing the activation by s, folded into the op before it) makes
+its relative rounding error ~s times smaller, at the cost of the other channels. AWQ picks s per
+input channel as mean|x|^ratio, searching the ratio on a grid of 20 against the real output error
+of the block that consumes the weights, then searches a per-group clipping threshold.
+
+Details follow llm-awq (auto_scale.py, auto_clip.py) and AutoAWQ's quantizer:
+  * scale groups of a Llama-family layer (loss measured on the output of `inspect`):
+      input_layernorm          -> q, k, v   (inspect: self_attn, the whole attention)
+      v_proj                   -> o_proj    (only when the two weights have the same shape, i.e. no GQA)
+      post_attention_layernorm -> gate, up  (inspect: mlp)
+      up_proj                  -> down_proj
+  * s = mean|x|^r (optionally / mean_w^(1-r), AutoAWQ's "duo" scaling), r in {0, 1/20, ..., 19/20},
+    normalised by sqrt(max(s) * min(s)); every group is searched against the original fp weights,
+    then all scales are folded in, so the fp function is unchanged before rounding.
+  * clipping: per (output row, group) threshold max|w| * (1 - i/20), i < 10, minimising the error
+    of each group's partial dot product on sampled tokens; skipped for q and k (their error is
+    amplified by the softmax and clipping them hurts).
+  * a group whose search finds no finite loss falls back to no scaling (warning, no NaN).
+
+lowbit's own choices, for speed on a CPU: the per-channel statistics use every calibration
+token, the grid-search losses use the first `search_samples` sequences only, and activations
+carried between layers are stored in float16 when they fit (see ActivationStore).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.rotary import RotaryEmbedding
+from ..models.transformer import DecoderLayer
+from .qweight import QuantizedWeight
+from .rtn import QuantSpec, linear_names, load_dequantized_, rtn_quantize_layer
+
+FP16_SAFE = 6.0e4  # store a chunk in float16 only if all its values are below this in magnitude
+CLIP_SKIP = ("q_proj", "k_proj")
+CLIP_BATCH_ELEMENTS = 1 << 24  # bound on the [groups, tokens, rows] products of one clip step
+
+
+@dataclass
+class AwqConfig:
+    """Search settings (the quantization grid itself is the QuantSpec)."""
+
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    search_samples: int | None = 8  # whole sequences for the attention search and the error report (None: all)
+    search_tokens: int | None = 4096  # tokens sampled from all calibration data for the per-token searches (None: all)
+    chunk_tokens: int = 4096  # tokens per forward call (bounds attention memory)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class ActivationStore:
+    """The calibration hidden states [n_seq, T, H] carried from layer to layer, kept in chunks.
+
+    Chunks are stored in float16 when every value fits (half the memory, and the stored error is
+    far below 3/4-bit weight noise) and in float32 otherwise; they are always served as float32.
+    """
+
+    def __init__(self, compact: bool = True) -> None:
+        self.compact = compact
+        self._chunks: list[torch.Tensor] = []
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.compact and bool(torch.isfinite(x).all()) and float(x.abs().max()) < FP16_SAFE:
+            x = x.to(torch.float16)
+        self._chunks.append(x)
+
+    def __iter__(self):
+        for c in self._chunks:
+            yield c.float()
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(c.shape[0] for c in self._chunks)
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self._chunks)
+
+
+def chunk_sequences(seqlen: int, chunk_tokens: int) -> int:
+    return max(1, chunk_tokens // max(1, seqlen))
+
+
+def positions_for(x: torch.Tensor) -> torch.Tensor:
+    b, t = x.shape[0], x.shape[1]
+    return torch.arange(t).expand(b, t)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class ScaleGroup:
+    name: str
+    prev: str  # the op the inverse scale is folded into (a norm or a linear)
+    linears: tuple[str, ...]
+    inspect: str  # module whose output is the loss; its input is the linears' input
+
+
+@dataclass
+class GroupResult:
+    name: str
+    prev: str
+    linears: list[str]
+    ratio: float | None  # the chosen grid ratio; None when the search fell back to no scaling
+    loss_rtn: float  # plain RTN of the group (no scaling)
+    loss_awq: float  # with the chosen scales
+    losses: list[float] = field(default_factory=list)
+    fallback: bool = False
+
+
+@dataclass
+class ClipResult:
+    name: str
+    mean_ratio: float  # mean of the chosen max_val / original max|w| over all groups
+    clipped_fraction: float  # fraction of groups whose threshold was lowered
+    err_before: float
+    err_after: float
+
+
+@dataclass
+class LayerResult:
+    index: int
+    groups: list[GroupResult]
+    clips: list[ClipResult]
+    err_rtn: float  # layer-output MSE vs fp with plain RTN, on the search inputs
+    err_awq: float  # the same with AWQ
+    seconds: float
+
+
+@dataclass
+class LayerCapture:
+    """What one fp pass over the calibration data leaves behind for the searches."""
+
+    h: torch.Tensor  # layer input of the search sequences [S, T, H]
+    y: torch.Tensor  # fp layer output of the search sequences
+    inputs: dict[str, torch.Tensor]  # module name -> its input on the search sequences
+    targets: dict[str, torch.Tensor]  # module name -> its fp output on the search sequences
+    abs_mean: dict[str, torch.Tensor]  # module name -> mean |input| per channel over ALL tokens
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def scale_groups(layer: DecoderLayer) -> list[ScaleGroup]:
+    attn = layer.self_attn
+    groups = [ScaleGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        groups.append(ScaleGroup("v_o", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+    groups.append(ScaleGroup("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
+    groups.append(ScaleGroup("up_down", "mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+    return groups
+
+
+def input_key(linear: str) -> str:
+    """The captured input a linear reads: q/k/v read the attention input, gate/up the MLP input."""
+    if linear.endswith(("q_proj", "k_proj", "v_proj")):
+        return "self_attn"
+    if linear.endswith(("gate_proj", "up_proj")):
+        return "mlp"
+    return linear
+
+
+CAPTURED = ("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
+SEQUENCE_CAPTURED = ("self_attn",)  # attention mixes tokens: captured as whole sequences
+
+
+def run_module(layer: DecoderLayer, name: str, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    if name == "self_attn":
+        return layer.self_attn(x, positions_for(x), rotary, None)
+    return layer.get_submodule(name)(x)
+
+
+def run_layer(layer: DecoderLayer, h: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    return layer(h, positions_for(h), rotary)
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+@torch.no_grad()
+def capture(
+    layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, n_search: int, n_tokens: int | None
+) -> LayerCapture:
+    """One fp pass over all calibration chunks. Keeps: the per-channel mean |x| of every scaled
+    input over all tokens; the attention's inputs/outputs (and the layer's) for the first n_search
+    sequences, since attention needs whole sequences; and for the per-token modules (o_proj, MLP,
+    down_proj) about n_tokens tokens sampled evenly from all calibration tokens."""
+    total = sum(h.shape[0] * h.shape[1] for h in store._chunks)
+    stride = 1 if not n_tokens else max(1, math.ceil(total / n_tokens))
+    sums: dict[str, torch.Tensor] = {}
+    keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
+    state: dict = {"seq": False, "sel": None}
+
+    def hook(name: str):
+        def fn(module, args, output):
+            x = args[0]
+            flat = x.reshape(-1, x.shape[-1])
+            s = flat.float().abs().sum(0).double()
+            sums[name] = sums[name] + s if name in sums else s
+            if name in SEQUENCE_CAPTURED:
+                if state["seq"]:
+                    keep[name].append(x.detach().float())
+                    outs[name].append(output.detach().float())
+            elif state["sel"].numel():
+                keep[name].append(flat[state["sel"]].float())
+                outs[name].append(output.reshape(-1, output.shape[-1])[state["sel"]].float())
+
+        return fn
+
+    def run(h: torch.Tensor, keep_seq: bool, offset: int) -> torch.Tensor:
+        idx = torch.arange(offset, offset + h.shape[0] * h.shape[1])
+        state["seq"], state["sel"] = keep_seq, (idx % stride == 0).nonzero().squeeze(1)
+        return run_layer(layer, h, rotary)
+
+    handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in CAPTURED]
+    hs, ys, seen, offset = [], [], 0, 0
+    try:
+        for h in store:
+            take = max(0, min(h.shape[0], n_search - seen))
+            if take:  # the chunk's first `take` sequences are search sequences
+                hs.append(h[:take])
+                ys.append(run(h[:take], True, offset))
+            if take < h.shape[0]:
+                run(h[take:], False, offset + take * h.shape[1])
+            seen += h.shape[0]
+            offset += h.shape[0] * h.shape[1]
+    finally:
+        for hd in handles:
+            hd.remove()
+    return LayerCapture(
+        h=torch.cat(hs),
+        y=torch.cat(ys),
+        inputs={k: torch.cat(v) for k, v in keep.items()},
+        targets={k: torch.cat(v) for k, v in outs.items()},
+        abs_mean={k: (v / total).float() for k, v in sums.items()},
+    )
+
+
+# ----------------------------------------------------------------------------- scale search
+
+
+class _SqErr:
+    """Running mean of squared error in float64 (chunked evaluation)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.total += float(F.mse_loss(a.float(), b.float(), reduction="sum"))
+        self.count += a.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(1, self.count)
+
+
+def _chunked_loss(layer, name, x, target, rotary, chunk_tokens: int) -> float:
+    """Loss over sequences [S, T, d] or tokens [n, d], about chunk_tokens tokens per call."""
+    rows = max(1, chunk_tokens // x.shape[1]) if x.dim() == 3 else chunk_tokens
+    err = _SqErr()
+    for i in range(0, x.shape[0], rows):
+        err.add(run_module(layer, name, x[i : i + rows], rotary), target[i : i + rows])
+    return err.mean
+
+
+def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, x: torch.Tensor):
+    """Output MSE of a lone linear through the Gram matrix of its inputs: with D = W_q - W,
+    mean ||x D^T||^2 = tr(D G D^T) / (n out), G = X^T X. Exact, and for wide inputs several times
+    cheaper per grid point than running the linear over every token (the bias cancels)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    gram = flat.t() @ flat
+    n = flat.shape[0]
+
+    def measure() -> float:
+        d = lin.weight.data.float() - w_fp.float()
+        v = float(((d @ gram) * d).sum())
+        return max(0.0, v) / (n * d.shape[0]) if math.isfinite(v) else math.inf
+
+    return measure
+
+
+def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """AutoAWQ's duo term: mean over rows of |w| normalised by its group's max |w|."""
+    w = torch.cat(weights, dim=0).float()
+    g = spec.validate(w.shape[1])
+    grouped = w.reshape(-1, g).abs()
+    grouped = grouped / (grouped.amax(dim=1, keepdim=True) + 1e-6)
+    return grouped.reshape(w.shape).mean(0)
+
+
+def grid_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float) -> torch.Tensor:
+    if w_mean is not None:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def search_scales(
+    layer: DecoderLayer, group: ScaleGroup, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig,
+    rotary: RotaryEmbedding,
+) -> tuple[torch.Tensor, GroupResult]:
+    """Grid search of the scale ratio for one group; the layer is restored before returning."""
+    linears = [layer.get_submodule(n) for n in group.linears]
+    originals = [lin.weight.data.clone() for lin in linears]
+    x, target = cap.inputs[group.inspect], cap.targets[group.inspect]
+    x_mean = cap.abs_mean[group.inspect].float()
+    w_mean = weight_mean(originals, spec) if cfg.duo_scaling else None
+
+    measure = _linear_loss(linears[0], originals[0], x) if len(linears) == 1 and group.inspect == group.linears[0] else None
+
+    def loss_with(scales: torch.Tensor | None) -> float:
+        for lin, w in zip(linears, originals):
+            if scales is None:
+                lin.weight.data = spec.fake(w)
+            else:
+                lin.weight.data = spec.fake(w * scales.view(1, -1)) / scales.view(1, -1)
+        loss = measure() if measure is not None else _chunked_loss(layer, group.inspect, x, target, rotary, cfg.chunk_tokens)
+        return loss if math.isfinite(loss) else math.inf
+
+    try:
+        loss_rtn = loss_with(None)
+        best, best_ratio, best_scales, losses = math.inf, None, None, []
+        for i in range(cfg.n_grid):
+            ratio = i / cfg.n_grid
+            scales = grid_scales(x_mean, w_mean, ratio)
+            loss = loss_with(scales)
+            losses.append(loss)
+            if loss < best:
+                best, best_ratio, best_scales = loss, ratio, scales
+    finally:
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
+    fallback = best_scales is None
+    if fallback:
+        warnings.warn(
+            f"AWQ: layer {layer.self_attn.layer_idx} group {group.name}: no finite loss in the scale search; "
+            "this group is quantized without scaling",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        best_scales = torch.ones_like(x_mean)
+        best = loss_rtn
+    return best_scales, GroupResult(
+        group.name, group.prev, list(group.linears), best_ratio, _finite(loss_rtn), _finite(best),
+        [_finite(v) for v in losses], fallback,
+    )
+
+
+def _finite(v: float) -> float:
+    """JSON-safe loss: inf/NaN are recorded as -1."""
+    return v if math.isfinite(v) else -1.0
+
+
+@torch.no_grad()
+def apply_scales(layer: DecoderLayer, group: ScaleGroup, scales: torch.Tensor, cap: LayerCapture | None = None) -> None:
+    """Fold 1/s into the op before the group and s into the group's weight columns.
+
+    Exact in fp arithmetic: prev(x)/s @ (W*s)^T == prev(x) @ W^T. The captured inputs of the
+    group are divided too, so the clip search sees what the scaled weights will see.
+    """
+    s = scales.float()
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        prev.weight.data[-s.numel():].div_(s.view(-1, 1).to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.data[-s.numel():].div_(s.to(prev.bias.dtype))
+    else:  # RMSNorm: y = weight * normalised(x)
+        prev.weight.data.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data.div_(s.to(prev.bias.dtype))
+    for name in group.linears:
+        lin = layer.get_submodule(name)
+        lin.weight.data.mul_(s.view(1, -1).to(lin.weight.dtype))
+    if cap is not None:
+        cap.inputs[group.inspect].div_(s)
+
+
+# ----------------------------------------------------------------------------- clip search
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfig) -> tuple[torch.Tensor, float, float]:
+    """Best per-(row, group) clip threshold for weight w [out, in] on tokens x [n, in].
+
+    Returns (max_val [out, n_groups], error before, error after), errors being the mean squared
+    error of the per-group partial outputs, as llm-awq's auto_clip measures it.
+    """
+    out_f, in_f = w.shape
+    g = spec.validate(in_f)
+    n_groups = in_f // g
+    wg = w.float().reshape(out_f, n_groups, g)
+    xg = x.float().reshape(-1, n_groups, g).transpose(0, 1).contiguous()  # [G, n, g]
+    n_tok = xg.shape[1]
+    org_max = wg.abs().amax(dim=-1)  # [out, G]
+    best_max = org_max.clone()
+    rows = max(1, min(out_f, CLIP_BATCH_ELEMENTS // max(1, n_groups * n_tok)))
+    err_first, err_best = 0.0, 0.0
+    for r0 in range(0, out_f, rows):
+        w_b = wg[r0 : r0 + rows]  # [b, G, g]
+        ref = torch.bmm(xg, w_b.permute(1, 2, 0))  # [G, n, b]
+        min_err = torch.full((w_b.shape[0], n_groups), math.inf)
+        first = None
+        for i in range(int(cfg.max_shrink * cfg.clip_grid)):
+            max_val = org_max[r0 : r0 + rows] * (1 - i / cfg.clip_grid)
+            q = spec.fake(w_b.reshape(w_b.shape[0], -1), max_val=max_val).reshape_as(w_b)
+            out = torch.bmm(xg, q.permute(1, 2, 0))
+            err = (out - ref).pow(2).mean(dim=1).t()  # [b, G]
+            err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+            if first is None:
+                first = err.clone()
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_max[r0 : r0 + rows] = torch.where(better, max_val, best_max[r0 : r0 + rows])
+        finite = torch.isfinite(min_err)
+        err_best += float(min_err[finite].sum())
+        err_first += float(first[torch.isfinite(first)].sum())
+    n = out_f * n_groups
+    return best_max, err_first / n, err_best / n
+
+
+@torch.no_grad()
+def clip_layer(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig) -> tuple[dict[str, torch.Tensor], list[ClipResult]]:
+    """Clip thresholds for every linear but q/k, on up to cfg.clip_tokens evenly spaced tokens."""
+    thresholds: dict[str, torch.Tensor] = {}
+    results: list[ClipResult] = []
+    for name in linear_names(layer):
+        if name.endswith(CLIP_SKIP):
+            continue
+        lin = layer.get_submodule(name)
+        x = cap.inputs[input_key(name)]
+        x = x.reshape(-1, x.shape[-1])
+        step = max(1, x.shape[0] // cfg.clip_tokens)
+        x = x[::step][: cfg.clip_tokens]
+        max_val, before, after = search_clip(lin.weight.data, x, spec, cfg)
+        org = lin.weight.data.float().reshape(max_val.shape[0], max_val.shape[1], -1).abs().amax(-1)
+        ratio = (max_val / org.clamp(min=1e-12)).clamp(max=1.0)
+        thresholds[name] = max_val
+        results.append(ClipResult(name, float(ratio.mean()), float((ratio < 1).float().mean()), before, after))
+    return thresholds, results
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+@torch.no_grad()
+def layer_output_error(layer: DecoderLayer, cap: LayerCapture, rotary: RotaryEmbedding, chunk_seq: int) -> float:
+    err = _SqErr()
+    for i in range(0, cap.h.shape[0], chunk_seq):
+        err.add(run_layer(layer, cap.h[i : i + chunk_seq], rotary), cap.y[i : i + chunk_seq])
+    return _finite(err.mean)
+
+
+@torch.no_grad()
+def rtn_layer_error(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, rotary: RotaryEmbedding, chunk_seq: int) -> float:
+    """The layer-output error plain RTN would give on the same inputs (for the RTN-vs-AWQ report)."""
+    originals = {n: layer.get_submodule(n).weight.data.clone() for n in linear_names(layer)}
+    try:
+        load_dequantized_(layer, rtn_quantize_layer(layer, spec))
+        return layer_output_error(layer, cap, rotary, chunk_seq)
+    finally:
+        for n, w in originals.items():
+            layer.get_submodule(n).weight.data = w
+
+
+@torch.no_grad()
+def awq_quantize_layer(
+    layer: DecoderLayer,
+    rotary: RotaryEmbedding,
+    store: ActivationStore,
+    spec: QuantSpec,
+    cfg: AwqConfig,
+    index: int = 0,
+) -> tuple[dict[str, QuantizedWeight], LayerResult]:
+    """Search scales and clips for one layer, fold them in and quantize it.
+
+    On return the layer's Linear weights hold their dequantized values (the module computes what
+    the quantized checkpoint will), ready to carry the calibration activations to the next layer.
+    """
+    t0 = time.perf_counter()
+    seqlen = next(iter(store)).shape[1]
+    chunk_seq = chunk_sequences(seqlen, cfg.chunk_tokens)
+    n_search = store.n_sequences if cfg.search_samples is None else min(cfg.search_samples, store.n_sequences)
+    cap = capture(layer, rotary, store, n_search, cfg.search_tokens)
+    err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
+
+    groups = scale_groups(layer)
+    found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
+    for g, (scales, _) in zip(groups, found):
+        apply_scales(layer, g, scales, cap)
+
+    thresholds, clips = clip_layer(layer, cap, spec, cfg) if cfg.clip else ({}, [])
+    qweights: dict[str, QuantizedWeight] = {}
+    for name in linear_names(layer):
+        lin = layer.get_submodule(name)
+        if name in thresholds:
+            lin.weight.data = clamp_groups(lin.weight.data, thresholds[name])
+        qweights[name] = spec.quantize(lin.weight.data)
+    load_dequantized_(layer, qweights)
+    err_awq = layer_output_error(layer, cap, rotary, chunk_seq)
+    result = LayerResult(index, [r for _, r in found], clips, err_rtn, err_awq, time.perf_counter() - t0)
+    return qweights, result
+
+
+def clamp_groups(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """Clamp each (row, group) of w [out, in] to +-max_val [out, n_groups]."""
+    out_f, n_groups = max_val.shape
+    mv = max_val.to(w.dtype).unsqueeze(-1)
+    return torch.clamp(w.reshape(out_f, n_groups, -1), -mv, mv).reshape(w.shape)
+
+
+@torch.no_grad()
+def propagate(layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, compact: bool = True) -> ActivationStore:
+    """Run the (quantized) layer over every calibration chunk: the next layer's inputs."""
+    out = ActivationStore(compact)
+    for h in store:
+        out.append(run_layer(layer, h, rotary))
+    return out

@@ -1,0 +1,454 @@
+"""quantize(): model in, quantized checkpoint out, one decoder layer at a time.
+
+Why layer by layer: only one layer's fp32 weights, the calibration activations and the
+quantized results are ever in memory. Weights are read per layer from the safetensors files
+(each file opened only while its tensors are read, so its pages leave the process again), the
+calibration tokens' embedding rows are read in blocks, and finished layers are spilled to a
+scratch folder until the checkpoint writer packs them. A model larger than RAM can therefore be
+quantized; the checkpoint writer itself still holds the packed output (see the report).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..errors import LowbitError, ModelLoadError, QuantizationError
+from ..layers.rotary import RotaryEmbedding
+from ..models.config import ModelConfig
+from ..models.loader import load_tokenizer, read_hf_config, resolve_model_dir
+from ..models.registry import resolve_config
+from ..models.transformer import DecoderLayer
+from ..models.weights import safetensors_files
+from .awq import ActivationStore, AwqConfig, LayerResult, awq_quantize_layer, propagate
+from .calibration import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQLEN,
+    CalibrationData,
+    build_calibration,
+    calibration_from_ids,
+)
+from .qweight import QuantizedWeight
+from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
+
+METHODS = ("awq", "rtn")
+FORMATS = ("awq", "compressed-tensors")
+REPORT_JSON = "quant_report.json"
+REPORT_PNG = "quant_report.png"
+EMBED = "model.embed_tokens.weight"
+EMBED_BLOCK_ROWS = 4096
+
+
+# ----------------------------------------------------------------------------- reading lazily
+
+
+class LazyCheckpoint:
+    """Tensor name -> shard file, read on demand; a file is mapped only while it is being read."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.where: dict[str, Path] = {}
+        self.dtypes: dict[str, str] = {}
+        for f in safetensors_files(model_dir):
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for name in st.keys():
+                        self.where[name] = f
+            except Exception as e:  # safetensors raises its own error type for bad headers
+                raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.where:
+                raise ModelLoadError(f"{self.model_dir}: checkpoint has no tensor {n}")
+            by_file.setdefault(self.where[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for f, group in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for n in group:
+                        out[n] = st.get_tensor(n)
+            except ModelLoadError:
+                raise
+            except Exception as e:
+                raise ModelLoadError(f"{f}: cannot read tensors ({e})") from None
+        return out
+
+    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding vectors of token_ids (any shape) as float32, read in row blocks."""
+        if EMBED not in self.where:
+            raise ModelLoadError(f"{self.model_dir}: checkpoint has no {EMBED}")
+        flat = token_ids.reshape(-1)
+        with safe_open(str(self.where[EMBED]), framework="pt") as st:
+            sl = st.get_slice(EMBED)
+            vocab, hidden = sl.get_shape()
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
+                raise QuantizationError(f"calibration token ids must lie in [0, {vocab}); got {int(flat.max())}")
+            out = torch.empty(flat.numel(), hidden, dtype=torch.float32)
+            for start in range(0, vocab, EMBED_BLOCK_ROWS):
+                sel = ((flat >= start) & (flat < start + EMBED_BLOCK_ROWS)).nonzero().squeeze(1)
+                if sel.numel():
+                    block = sl[start : start + EMBED_BLOCK_ROWS]
+                    out[sel] = block[flat[sel] - start].float()
+        return out.reshape(*token_ids.shape, hidden)
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def build_layer(cfg: ModelConfig, ckpt: LazyCheckpoint, i: int) -> DecoderLayer:
+    """One fp32 DecoderLayer from the checkpoint (built on the meta device, weights assigned)."""
+    prefix = layer_prefix(i)
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, i)
+    expected = list(layer.state_dict())
+    tensors = ckpt.read([prefix + k for k in expected])
+    state = {k[len(prefix):]: t.to(torch.float32) for k, t in tensors.items()}
+    for k, t in state.items():
+        want = tuple(layer.get_parameter(k).shape)
+        if tuple(t.shape) != want:
+            raise ModelLoadError(f"tensor {prefix + k} has shape {tuple(t.shape)}, config implies {want}")
+    layer.load_state_dict(state, strict=True, assign=True)
+    layer.requires_grad_(False)
+    return layer.eval()
+
+
+# ----------------------------------------------------------------------------- scratch output
+
+
+class SpilledWeights(Mapping):
+    """name -> QuantizedWeight, kept on disk in a scratch folder (one file per layer) and
+    materialised on access, so finished layers do not accumulate in RAM."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.where: dict[str, tuple[Path, int, int, bool]] = {}
+        folder.mkdir(parents=True)
+
+    def add_layer(self, index: int, weights: dict[str, QuantizedWeight]) -> None:
+        path = self.folder / f"layer-{index:05d}.safetensors"
+        tensors = {}
+        for name, qw in weights.items():
+            tensors[f"{name}.q"] = qw.q.contiguous()
+            tensors[f"{name}.scales"] = qw.scales.contiguous()
+            tensors[f"{name}.zeros"] = qw.zeros.contiguous()
+        save_file(tensors, str(path))
+        for name, qw in weights.items():
+            self.where[name] = (path, qw.bits, qw.group_size, qw.sym)
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        path, bits, group_size, sym = self.where[name]
+        with safe_open(str(path), framework="pt") as st:
+            q, s, z = (st.get_tensor(f"{name}.{k}") for k in ("q", "scales", "zeros"))
+        return QuantizedWeight(q=q, scales=s, zeros=z, bits=bits, group_size=group_size, sym=sym)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class FpTensors(Mapping):
+    """Every checkpoint tensor that is not a quantized weight: changed ones (AWQ-folded norms and
+    biases) from memory, the rest (embeddings, final norm, lm_head) read from the source on access."""
+
+    def __init__(self, ckpt: LazyCheckpoint, quantized_weights: set[str], overrides: dict[str, torch.Tensor]) -> None:
+        self.ckpt = ckpt
+        self.names = [n for n in ckpt.keys() if n not in quantized_weights]
+        self._known = set(self.names)
+        self.overrides = overrides
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        if name in self.overrides:
+            return self.overrides[name]
+        return self.ckpt.read([name])[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class QuantizeReport:
+    """What quantize() did; written to quant_report.json next to the checkpoint."""
+
+    model: str
+    out_dir: str
+    method: str
+    fmt: str
+    bits: int
+    group_size: int
+    sym: bool
+    num_layers: int
+    quantized_linears: int
+    modules_to_not_convert: list[str]
+    calibration: dict[str, Any] | None = None
+    awq: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    quantize_seconds: float = 0.0
+    save_seconds: float = 0.0
+    total_seconds: float = 0.0
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, allow_nan=False) + "\n"
+
+
+def _layer_dict(r: LayerResult) -> dict[str, Any]:
+    d = asdict(r)
+    d["seconds"] = round(d["seconds"], 3)
+    return d
+
+
+def _totals(layers: list[LayerResult]) -> dict[str, Any]:
+    if not layers:
+        return {}
+    rtn = [r.err_rtn for r in layers]
+    awq = [r.err_awq for r in layers]
+    fallbacks = [f"{r.index}:{g.name}" for r in layers for g in r.groups if g.fallback]
+    better = sum(1 for a, b in zip(awq, rtn) if 0 <= a <= b)
+    return {
+        "layer_error_rtn_sum": float(sum(max(0.0, v) for v in rtn)),
+        "layer_error_awq_sum": float(sum(max(0.0, v) for v in awq)),
+        "layers_awq_better_than_rtn": better,
+        "scale_fallbacks": fallbacks,
+        "mean_ratio": {
+            name: float(sum(g.ratio for r in layers for g in r.groups if g.name == name and g.ratio is not None)
+                        / max(1, sum(1 for r in layers for g in r.groups if g.name == name and g.ratio is not None)))
+            for name in sorted({g.name for r in layers for g in r.groups})
+        },
+    }
+
+
+def report_png(layers: list[LayerResult], title: str) -> bytes:
+    """Per-layer output error of RTN vs AWQ on the same inputs (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [r.index for r in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(idx) + 3), 4))
+    width = 0.4
+    ax.bar([i - width / 2 for i in idx], [max(r.err_rtn, 1e-12) for r in layers], width, label="RTN")
+    ax.bar([i + width / 2 for i in idx], [max(r.err_awq, 1e-12) for r in layers], width, label="AWQ")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("layer output MSE vs fp (calibration inputs)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str) -> None:
+    """Everything that can be refused is refused here, before any weight is read."""
+    if method not in METHODS:
+        raise QuantizationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if fmt not in FORMATS:
+        raise QuantizationError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "awq" and spec.bits != 4:
+        raise QuantizationError(
+            f"the awq checkpoint format stores 4-bit weights only; use --format compressed-tensors for {spec.bits} bits"
+        )
+    shapes = {  # linear -> (in_features, out_features)
+        "self_attn.q_proj": (cfg.hidden_size, cfg.q_size),
+        "self_attn.k_proj": (cfg.hidden_size, cfg.kv_size),
+        "self_attn.v_proj": (cfg.hidden_size, cfg.kv_size),
+        "self_attn.o_proj": (cfg.q_size, cfg.hidden_size),
+        "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size),
+    }
+    for name, (fin, fout) in shapes.items():
+        spec.validate(fin, name)
+        if fmt == "awq" and fout % 8:
+            raise QuantizationError(f"{name}: the awq format needs out_features divisible by 8, got {fout}")
+
+
+def check_out_dir(out_dir: Path, model_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise LowbitError(f"output folder {out_dir} already exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LowbitError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.resolve() == model_dir.resolve():
+        raise LowbitError(f"output folder {out_dir} is the source model's folder; choose another one")
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def quantize(
+    model_spec: str | os.PathLike | None = None,
+    method: str = "awq",
+    w_bit: int = 4,
+    group_size: int = 128,
+    sym: bool = False,
+    calib: str | os.PathLike | None = None,
+    calib_samples: int = DEFAULT_SAMPLES,
+    calib_seqlen: int = DEFAULT_SEQLEN,
+    fmt: str = "awq",
+    out_dir: str | os.PathLike = "quantized",
+    force: bool = False,
+    *,
+    awq_config: AwqConfig | None = None,
+    calib_ids: torch.Tensor | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> QuantizeReport:
+    """Quantize a model (AWQ or RTN) and write a checkpoint in `fmt` to out_dir.
+
+    calib_ids: token ids to calibrate on instead of text (a stream or [n, seqlen] blocks), for
+    models without a tokenizer. Returns the report also saved as out_dir/quant_report.json.
+    """
+    from .checkpoint import save_quantized, storage_scale_dtype
+
+    t_start = time.perf_counter()
+    model_dir = resolve_model_dir(model_spec)
+    hf = read_hf_config(model_dir)
+    if hf.get("quantization_config"):
+        raise QuantizationError(f"{model_dir} is already quantized; start from a full-precision model")
+    cfg = resolve_config(hf)
+    out = Path(out_dir).expanduser().absolute()
+    spec = QuantSpec(w_bit, group_size, sym, scale_dtype=storage_scale_dtype(fmt, hf) if fmt in FORMATS else None)
+    check_request(cfg, method, spec, fmt)
+    check_out_dir(out, model_dir, force)
+    awq_cfg = awq_config or AwqConfig()
+
+    ckpt = LazyCheckpoint(model_dir)
+    calib_data: CalibrationData | None = None
+    if method == "awq":
+        if calib_ids is not None:
+            calib_data = calibration_from_ids(calib_ids, calib_samples, calib_seqlen)
+        else:
+            calib_data = build_calibration(calib, load_tokenizer(model_dir), calib_samples, calib_seqlen, seed)
+
+    report = QuantizeReport(
+        model=str(model_dir), out_dir=str(out), method=method, fmt=fmt, bits=w_bit,
+        group_size=group_size, sym=sym, num_layers=cfg.num_layers, quantized_linears=0,
+        modules_to_not_convert=["model.embed_tokens", *MODULES_NOT_CONVERTED],
+        calibration=None if calib_data is None else {
+            "source": calib_data.source, "samples": calib_data.n_samples, "seqlen": calib_data.seqlen,
+            "documents": calib_data.n_documents,
+        },
+        awq=asdict(awq_cfg) if method == "awq" else None,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spill = SpilledWeights(out.parent / f".{out.name}.layers-{uuid.uuid4().hex[:8]}")
+    try:
+        layer_results, overrides = _quantize_layers(cfg, ckpt, spec, method, awq_cfg, calib_data, spill, progress, report)
+        report.quantize_seconds = round(time.perf_counter() - t_start, 2)
+        report.quantized_linears = len(spill)
+        report.totals = _totals(layer_results)
+        fp = FpTensors(ckpt, {f"{n}.weight" for n in spill}, overrides)
+        extra = {REPORT_JSON: b""}
+        if layer_results:
+            title = f"{cfg.architecture} W{w_bit} g{group_size}{' sym' if sym else ''}: per-layer output error"
+            extra[REPORT_PNG] = report_png(layer_results, title)
+        t_save = time.perf_counter()
+        report.total_seconds = round(t_save - t_start, 2)  # updated below; the file records up to the save
+        extra[REPORT_JSON] = report.to_json().encode()
+        save_quantized(
+            out, hf_config=hf, fp_tensors=fp, quantized=spill, fmt=fmt, copy_files_from=model_dir,
+            force=force, extra_files=extra, scale_dtype=spec.scale_dtype,
+        )
+        report.save_seconds = round(time.perf_counter() - t_save, 2)
+        report.total_seconds = round(time.perf_counter() - t_start, 2)
+    finally:
+        spill.cleanup()
+    return report
+
+
+def _quantize_layers(
+    cfg: ModelConfig, ckpt: LazyCheckpoint, spec: QuantSpec, method: str, awq_cfg: AwqConfig,
+    calib: CalibrationData | None, spill: SpilledWeights, progress: bool, report: QuantizeReport,
+) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
+    """Quantize layer after layer into `spill`; returns AWQ's per-layer results and the
+    non-quantized layer tensors AWQ changed (folded norms and biases)."""
+    rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
+    store: ActivationStore | None = None
+    if calib is not None:
+        store = ActivationStore()
+        chunk = max(1, awq_cfg.chunk_tokens // calib.seqlen)
+        for i in range(0, calib.n_samples, chunk):
+            store.append(ckpt.embedding_rows(calib.input_ids[i : i + chunk]))
+    overrides: dict[str, torch.Tensor] = {}
+    results: list[LayerResult] = []
+    bar = tqdm(range(cfg.num_layers), desc=method.upper(), unit="layer", disable=not progress, dynamic_ncols=True)
+    for i in bar:
+        t0 = time.perf_counter()
+        layer = build_layer(cfg, ckpt, i)
+        prefix = layer_prefix(i)
+        if method == "awq":
+            assert store is not None
+            qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
+            results.append(res)
+            store = propagate(layer, rotary, store) if i + 1 < cfg.num_layers else None
+            if progress:
+                bar.set_postfix(err_awq=f"{res.err_awq:.2e}", err_rtn=f"{res.err_rtn:.2e}")
+            # norms and biases changed by folding the scales: written instead of the source's
+            src_dtypes = _source_dtypes(ckpt, prefix)
+            for k, t in layer.state_dict().items():
+                if not any(k == f"{n}.weight" for n in qweights):
+                    overrides[prefix + k] = t.detach().to(src_dtypes.get(prefix + k, torch.float32)).clone()
+        else:
+            qweights = rtn_quantize_layer(layer, spec)
+            report.layers.append({"index": i, "seconds": round(time.perf_counter() - t0, 3)})
+        spill.add_layer(i, {prefix + n: qw for n, qw in qweights.items()})
+        if method == "awq":
+            report.layers.append(_layer_dict(results[-1]))
+        del layer, qweights
+    return results, overrides
+
+
+def _source_dtypes(ckpt: LazyCheckpoint, prefix: str) -> dict[str, torch.dtype]:
+    """dtype of each source tensor under prefix (read from the file headers, no data)."""
+    out: dict[str, torch.dtype] = {}
+    names = [n for n in ckpt.keys() if n.startswith(prefix)]
+    for f in {ckpt.where[n] for n in names}:
+        with safe_open(str(f), framework="pt") as st:
+            for n in names:
+                if ckpt.where[n] == f:
+                    out[n] = _DTYPES.get(st.get_slice(n).get_dtype(), torch.float32)
+    return out
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

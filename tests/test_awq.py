@@ -1,0 +1,255 @@
+"""AWQ / RTN on tiny random models: exact scale folding, AWQ beats RTN where it should, guards,
+and the quantize pipeline end to end (checkpoint loadable, report written, errors up front)."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lowbit.errors import LowbitError, QuantizationError
+from lowbit.layers.rotary import RotaryEmbedding
+from lowbit.models.loader import load_model, read_hf_config
+from lowbit.models.registry import resolve_config
+from lowbit.quant import awq as A
+from lowbit.quant.pipeline import LazyCheckpoint, build_layer, quantize
+from lowbit.quant.rtn import QuantSpec, fake_quantize_model_, linear_names
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_layer(tmp_path: Path, arch: str, **overrides):
+    d = tmp_path / arch
+    make_tiny_model(arch, d, **overrides)
+    cfg = resolve_config(read_hf_config(d))
+    layer = build_layer(cfg, LazyCheckpoint(d), 0)
+    rotary = RotaryEmbedding(cfg.head_dim, 512, cfg.rope)
+    return layer, rotary, cfg
+
+
+def store_of(h: torch.Tensor, per_chunk: int = 2) -> A.ActivationStore:
+    s = A.ActivationStore()
+    for i in range(0, h.shape[0], per_chunk):
+        s.append(h[i : i + per_chunk])
+    return s
+
+
+# ----------------------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kv_heads", [2, 4])  # 4 == num_heads: the v -> o group exists too
+def test_scale_folding_leaves_the_fp_function_unchanged(tmp_path, arch, kv_heads):
+    layer, rotary, cfg = tiny_layer(tmp_path, arch, num_key_value_heads=kv_heads)
+    groups = A.scale_groups(layer)
+    names = [g.name for g in groups]
+    has_vo = kv_heads == cfg.num_heads and cfg.q_size == cfg.hidden_size
+    assert names == (["qkv", "v_o", "gate_up", "up_down"] if has_vo else ["qkv", "gate_up", "up_down"])
+    h = torch.randn(2, 16, cfg.hidden_size)
+    ref = A.run_layer(layer, h, rotary)
+    before_down = layer.mlp.down_proj.weight.clone()
+    g = torch.Generator().manual_seed(1)
+    for grp in groups:
+        n_in = layer.get_submodule(grp.linears[0]).in_features
+        A.apply_scales(layer, grp, torch.rand(n_in, generator=g) * 4 + 0.25)
+    out = A.run_layer(layer, h, rotary)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # not vacuous: the weights did change
+    assert not torch.allclose(layer.mlp.down_proj.weight, before_down)
+
+
+def test_folding_changes_weights(tmp_path):
+    layer, rotary, cfg = tiny_layer(tmp_path, "qwen2", num_key_value_heads=4)
+    before = {n: p.clone() for n, p in layer.state_dict().items()}
+    for k, grp in enumerate(A.scale_groups(layer)):  # a different scale per group: 2, 3, 4, 5
+        n_in = layer.get_submodule(grp.linears[0]).in_features
+        A.apply_scales(layer, grp, torch.full((n_in,), 2.0 + k))
+    after = layer.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.v_proj.bias",
+            "self_attn.q_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"} <= changed
+    torch.testing.assert_close(after["self_attn.q_proj.weight"], before["self_attn.q_proj.weight"] * 2)
+    torch.testing.assert_close(after["self_attn.v_proj.bias"], before["self_attn.v_proj.bias"] / 3)
+    torch.testing.assert_close(after["mlp.up_proj.weight"], before["mlp.up_proj.weight"] * 4 / 5)
+
+
+# ----------------------------------------------------------------------------- search quality
+
+
+def outlier_setup(tmp_path, arch="llama"):
+    """A layer whose inputs have a few large channels (what AWQ exploits)."""
+    layer, rotary, cfg = tiny_layer(tmp_path, arch)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight[:4] *= 25.0
+    h = torch.randn(8, 32, cfg.hidden_size)
+    return layer, rotary, cfg, h
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_awq_output_error_is_at_most_rtn_with_outlier_channels(tmp_path, arch, bits):
+    layer, rotary, cfg, h = outlier_setup(tmp_path, arch)
+    spec = QuantSpec(bits=bits, group_size=32)
+    cfg_awq = A.AwqConfig(search_samples=None, chunk_tokens=128)
+    qweights, res = A.awq_quantize_layer(layer, rotary, store_of(h), spec, cfg_awq)
+    assert set(qweights) == set(linear_names(layer))
+    assert 0 < res.err_awq <= res.err_rtn
+    assert res.err_awq < 0.8 * res.err_rtn  # with outliers the gain is substantial
+    for g in res.groups:
+        assert g.loss_awq <= g.loss_rtn + 1e-12 and len(g.losses) == 20 and not g.fallback
+    # the layer now computes what the checkpoint will: its weights are the dequantized ones
+    for n, qw in qweights.items():
+        assert torch.equal(layer.get_submodule(n).weight, qw.dequantize())
+
+
+def test_clip_search_never_increases_the_group_error():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    w[:, 5] *= 8  # a few large weights make clipping worthwhile
+    x = torch.randn(200, 64)
+    spec = QuantSpec(bits=3, group_size=32)
+    max_val, before, after = A.search_clip(w, x, spec, A.AwqConfig())
+    assert max_val.shape == (16, 2)
+    assert after <= before and after < before  # some group benefits
+    org = w.reshape(16, 2, 32).abs().amax(-1)
+    assert bool((max_val <= org + 1e-7).all()) and bool((max_val >= 0.5 * org - 1e-7).all())
+
+
+def test_grid_scales_are_normalised_and_finite():
+    x_mean = torch.tensor([0.0, 1.0, 4.0, float("inf")])
+    s = A.grid_scales(x_mean, None, 0.5)
+    assert torch.isfinite(s).all()
+    s = A.grid_scales(torch.tensor([1.0, 4.0, 16.0]), None, 0.5)
+    assert float(s.max() * s.min()) == pytest.approx(1.0)
+    assert torch.equal(A.grid_scales(torch.tensor([1.0, 4.0]), None, 0.0), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def test_nan_activations_fall_back_to_no_scaling_with_a_warning(tmp_path):
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    h = torch.randn(4, 16, cfg.hidden_size)
+    h[0, 3, 7] = float("nan")
+    with pytest.warns(RuntimeWarning, match="no finite loss"):
+        qweights, res = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), A.AwqConfig(search_samples=None))
+    assert all(g.fallback and g.ratio is None for g in res.groups)
+    for qw in qweights.values():
+        assert torch.isfinite(qw.scales).all()
+    json.dumps([g.__dict__ for g in res.groups], allow_nan=False)  # report stays valid JSON
+
+
+def test_activation_store_keeps_fp32_for_values_fp16_cannot_hold():
+    s = A.ActivationStore()
+    s.append(torch.ones(1, 2, 3))
+    s.append(torch.full((1, 2, 3), 1e6))
+    chunks = list(s._chunks)
+    assert chunks[0].dtype == torch.float16 and chunks[1].dtype == torch.float32
+    assert [float(c.max()) for c in s] == [1.0, 1e6]
+
+
+def test_group_size_that_does_not_divide_is_refused_before_any_work(tmp_path):
+    make_tiny_model("llama", tmp_path / "m")
+    out = tmp_path / "out"
+    with pytest.raises(QuantizationError, match="group size 48 does not divide"):
+        quantize(tmp_path / "m", "rtn", 4, 48, fmt="compressed-tensors", out_dir=out, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "m"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(w_bit=3, fmt="awq"), "4-bit weights only"),
+    (dict(w_bit=9, fmt="compressed-tensors"), "bits must be"),
+    (dict(method="gptq"), "unknown method"),
+    (dict(fmt="gguf"), "unknown format"),
+])
+def test_bad_requests_are_clear_errors(tmp_path, kw, match):
+    make_tiny_model("llama", tmp_path / "m")
+    args = dict(method="rtn", w_bit=4, group_size=32, fmt="awq", out_dir=tmp_path / "out", progress=False) | kw
+    with pytest.raises(LowbitError, match=match):
+        quantize(tmp_path / "m", **args)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def calib_ids(n=8, t=32, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch,fmt,bits,gs", [
+    ("llama", "awq", 4, 32),
+    ("qwen2", "compressed-tensors", 3, 16),
+    ("qwen3", "compressed-tensors", 8, -1),
+])
+def test_awq_end_to_end_writes_a_loadable_checkpoint(tmp_path, arch, fmt, bits, gs):
+    src = tmp_path / "m"
+    make_tiny_model(arch, src, num_key_value_heads=4)
+    out = tmp_path / "q"
+    rep = quantize(src, "awq", bits, gs, fmt=fmt, out_dir=out, calib_ids=calib_ids(), calib_samples=8,
+                   calib_seqlen=32, progress=False, awq_config=A.AwqConfig(search_samples=4))
+    assert rep.quantized_linears == 2 * 7 and len(rep.layers) == 2
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["method"] == "awq" and report["layers"][0]["groups"][0]["name"] == "qkv"
+    vo = {"v_o"} if arch != "qwen3" else set()  # qwen3's tiny config has q_size != hidden: no v -> o group
+    assert {g["name"] for g in report["layers"][0]["groups"]} == {"qkv", "gate_up", "up_down"} | vo
+    assert "model.embed_tokens" in report["modules_to_not_convert"] and "lm_head" in report["modules_to_not_convert"]
+    assert (out / "quant_report.png").read_bytes()[:4] == b"\x89PNG"
+
+    q = load_model(out, with_tokenizer=False)
+    assert q.quantization is not None
+    fp = load_model(src, with_tokenizer=False)
+    x = calib_ids(1, 24, seed=5)
+    a = fp.model.compute_logits(fp.model(x))
+    b = q.model.compute_logits(q.model(x))
+    rel = float((a - b).norm() / a.norm())
+    assert torch.isfinite(b).all() and rel < {3: 0.5, 4: 0.3, 8: 0.02}[bits]
+
+    with pytest.raises(LowbitError, match="already exists"):
+        quantize(src, "awq", bits, gs, fmt=fmt, out_dir=out, calib_ids=calib_ids(), calib_samples=8, calib_seqlen=32, progress=False)
+    assert json.loads((out / "quant_report.json").read_text()) == report  # untouched
+
+
+def test_rtn_checkpoint_equals_rtn_of_the_source_weights(tmp_path):
+    src = tmp_path / "m"
+    make_tiny_model("llama", src)
+    out = tmp_path / "q"
+    rep = quantize(src, "rtn", 4, 32, fmt="compressed-tensors", out_dir=out, progress=False)
+    assert rep.calibration is None and not (out / "quant_report.png").exists()
+    q = load_model(out, with_tokenizer=False).model
+    ref = load_model(src, with_tokenizer=False).model
+    fake_quantize_model_(ref, QuantSpec(4, 32, scale_dtype=torch.float32))
+    x = calib_ids(2, 16)
+    torch.testing.assert_close(q.compute_logits(q(x)), ref.compute_logits(ref(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_force_replaces_and_no_scratch_is_left(tmp_path):
+    src = tmp_path / "m"
+    make_tiny_model("mistral", src)
+    out = tmp_path / "q"
+    quantize(src, "rtn", 4, 32, out_dir=out, progress=False)
+    quantize(src, "awq", 4, 32, out_dir=out, force=True, calib_ids=calib_ids(), calib_samples=8,
+             calib_seqlen=32, progress=False)
+    assert json.loads((out / "quant_report.json").read_text())["method"] == "awq"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "q"]
+
+
+@pytest.mark.slow
+def test_real_model_awq_w4_g64_beats_rtn(tmp_path, shared_data):
+    from lowbit.eval.perplexity import perplexity, read_eval_text, tokenize_stream
+
+    text = read_eval_text(shared_data / "wikitext-2-raw" / "wiki.test.raw")
+    ppl = {}
+    for method in ("rtn", "awq"):
+        out = tmp_path / method
+        quantize(None, method, 4, 64, fmt="awq", out_dir=out, calib_samples=32, progress=False,
+                 awq_config=A.AwqConfig(search_samples=8))
+        lm = load_model(out)
+        ppl[method] = perplexity(lm.model, tokenize_stream(lm.tokenizer, text), 2048, max_windows=2).ppl
+    assert ppl["awq"] < ppl["rtn"]
