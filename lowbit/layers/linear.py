@@ -1,0 +1,297 @@
+"""Weight-only quantized linear and embedding layers for fast CPU decode.
+
+Why this exists: at decode time (one token, M = 1) a linear layer is a matrix-vector product
+whose cost is the bytes of weight streamed from memory. Storing W as 4-bit (or 8-bit) integers
+cuts those bytes 8x (4x), but only if the kernel turns integers back into fp32 products faster
+than memory delivers them. PyTorch's own packed-int matmuls vectorize only bf16/fp16 inputs on
+x86 and fall back to a scalar loop for fp32 (10-100x slower than fp32 BLAS; see
+benchmarks/bench_kernels.py), so we repack into layouts read by our AVX2 kernels
+(lowbit/layers/csrc/qgemm.cpp) and keep a pure-torch path for machines without a compiler.
+
+Containers: 2/3/4-bit weights are stored one value per nibble (exact: q < 16), 5..8-bit one
+value per byte. No fp32 copy of W is ever kept; the pure-torch path dequantizes a bounded block
+of rows at a time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.errors import QuantizationError
+from lowbit.layers import kernels
+from lowbit.quant.qweight import QuantizedWeight
+
+#: From this many activation rows on the kernel hands a dequantized fp32 tile to MKL's sgemm
+#: instead of its own register-tiled loop. The blocked kernel matched or beat sgemm at every M
+#: we measured (up to 256, AVX2, 2 threads), so the tiled path is only reachable via
+#: forward_mode(x, 3); lower this if a BLAS with a faster sgemm ever makes it worthwhile.
+TILE_MIN_M = 1 << 30
+
+#: Pure-torch fallback: rows dequantized at once (bounds its transient fp32 memory) and the
+#: largest M for which PyTorch's int8 weight-only matmul beats dequantize + sgemm.
+_FALLBACK_ROWS_BYTES = 4 << 20
+_FALLBACK_INT8PACK_MAX_M = 4
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _validate(qw: QuantizedWeight) -> None:
+    """Rejects parameters no kernel can represent, with a message a user can act on."""
+    if not 2 <= qw.bits <= 8:
+        raise QuantizationError(f"QuantLinear supports 2..8-bit weights, got bits={qw.bits}")
+    if qw.q.dim() != 2 or qw.q.numel() == 0:
+        raise QuantizationError(f"quantized weight must be a non-empty 2-D tensor, got shape {tuple(qw.q.shape)}")
+    n, k = qw.q.shape
+    g = qw.group_size
+    if g <= 0 or k % g:
+        raise QuantizationError(f"group_size {g} does not divide in_features {k}")
+    if g != k and g % 8:
+        raise QuantizationError(
+            f"group_size {g} must be a multiple of 8 (or equal in_features for per-channel); "
+            "the kernels process 8 weights per vector"
+        )
+    expect = (n, k // g)
+    if tuple(qw.scales.shape) != expect or tuple(qw.zeros.shape) != expect:
+        raise QuantizationError(
+            f"scales/zeros must have shape {expect}, got {tuple(qw.scales.shape)} / {tuple(qw.zeros.shape)}"
+        )
+    qmax = (1 << qw.bits) - 1
+    if int(qw.q.max()) > qmax or int(qw.zeros.max()) > qmax:
+        raise QuantizationError(f"quantized values exceed the {qw.bits}-bit range [0, {qmax}]")
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] (K % 64 == 0, values < 16) -> uint8 [N, K/2] in the kernel's chunk layout.
+
+    Each 64-weight chunk becomes 8 little-endian uint32 words; nibble i of word j holds weight
+    8*i + j of the chunk, so one mask (or shift) gives 8 consecutive weights in SIMD lane order.
+    Byte b of word j therefore holds nibble 2b (low half) and 2b+1 (high half).
+    """
+    n, k = q.shape
+    c = q.reshape(n, k // 64, 4, 2, 8)  # [N, chunk, b, half, j]
+    packed = c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)  # [N, chunk, b, j]
+    return packed.transpose(2, 3).reshape(n, k // 2).contiguous()  # bytes ordered (j, b)
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [N, k] (first k weights), pure torch, uint8 arithmetic."""
+    n = packed.shape[0]
+    b = packed.view(n, -1, 8, 4).transpose(2, 3)  # [N, chunk, b, j]
+    q = torch.stack((b & 0xF, b >> 4), dim=3)  # [N, chunk, b, half, j]
+    return q.reshape(n, -1)[:, :k]
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W stored as 2..8-bit integers, group-wise scale and zero point.
+
+    Build it with QuantLinear.from_quantized(qw, bias). Activations are fp32 (the fast CPU
+    path); other float dtypes are computed in fp32 and cast back.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        offset: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.container_bits = 4 if bits <= 4 else 8
+        self.k8 = _round_up(in_features, 8)
+        # Per-channel groups cover the padded row so the padding never starts a new group.
+        self.kernel_group = self.k8 if group_size == in_features else group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offset", offset)
+        self.register_buffer("bias", bias)
+        self._handle: object | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Repacks a QuantizedWeight into the kernel layout (the input tensors are not kept).
+
+        4-bit container: nibbles in the chunk layout, offset = -zero.
+        5..8-bit container: int8 (q - 2^(bits-1)), offset = 2^(bits-1) - zero (0 when symmetric);
+        signed storage lets PyTorch's int8 weight-only matmul (the fallback) and a tied embedding
+        read the same bytes.
+        """
+        _validate(qw)
+        n, k = qw.q.shape
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise QuantizationError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        q = qw.q.to(torch.uint8)
+        zeros = qw.zeros.to(torch.float32)
+        if qw.bits <= 4:
+            packed = pack_nibbles(F.pad(q, (0, _round_up(k, 64) - k)))
+            offset = -zeros
+        else:
+            center = 1 << (qw.bits - 1)  # centring keeps (stored + offset) free of cancellation
+            packed = F.pad((q.to(torch.int16) - center).to(torch.int8), (0, _round_up(k, 8) - k)).contiguous()
+            offset = center - zeros
+        # One shared offset (symmetric quantization) costs no per-group memory traffic.
+        if bool((offset == offset.flatten()[0]).all()):
+            offset = offset.flatten()[:1]
+        scales = qw.scales.to(torch.float32).contiguous().clone()
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous().clone()
+        return cls(k, n, qw.bits, qw.group_size, packed, scales, offset.contiguous(), b)
+
+    # ---------------------------------------------------------------- inspection
+    def weight_bytes(self) -> int:
+        """Resident bytes of this layer: packed weight + scales + offsets + bias."""
+        tensors = (self.packed, self.scales, self.offset, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+    def _stored_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Stored integers of rows [r0, r1) as float32 [rows, k8] (pure torch)."""
+        if self.container_bits == 4:
+            return unpack_nibbles(self.packed[r0:r1], self.k8).to(torch.float32)
+        return self.packed[r0:r1].to(torch.float32)
+
+    def _dequant_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """fp32 W[r0:r1, :k8] via pure torch: (stored + offset) * scale per group."""
+        rows = r1 - r0
+        g = self.kernel_group
+        q = self._stored_rows(r0, r1).view(rows, self.k8 // g, g)
+        offset = self.offset if self.offset.numel() == 1 else self.offset[r0:r1].unsqueeze(-1)
+        w = (q + offset) * self.scales[r0:r1].unsqueeze(-1)
+        return w.view(rows, self.k8)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 W [out, in] (for checks and export; never kept by the layer)."""
+        ext = kernels.get()
+        if ext is not None:
+            w = ext.dequantize(self.packed, self.scales, self.offset, self.container_bits, self.k8, self.kernel_group)
+        else:
+            w = self._dequant_rows(0, self.out_features)
+        return w[:, : self.in_features].contiguous()
+
+    # ---------------------------------------------------------------- compute
+    def _bind(self) -> object:
+        """The compiled layer handle, or False for the pure-torch path.
+
+        Cached in a plain attribute: looking buffers up through nn.Module.__getattr__ and
+        converting eleven arguments would cost microseconds per call, paid by ~200 linears per
+        token in a small model.
+        """
+        ext = kernels.get()
+        self._handle = False if ext is None else ext.QLinear(
+            self.packed, self.scales, self.offset, self.bias,
+            self.container_bits, self.in_features, self.k8, self.kernel_group, TILE_MIN_M,
+        )
+        return self._handle
+
+    def _apply(self, fn, recurse=True):  # noqa: D401 - torch API
+        """Module.to()/float() may replace buffers: drop the bound handle."""
+        self._handle = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch API
+        """Loading may swap buffers of another shape: drop the bound handle."""
+        self._handle = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] (computed in fp32, returned in x.dtype)."""
+        handle = self._handle or self._bind()
+        if handle is not False:
+            return handle.forward(x)
+        return self._forward_fallback(x)
+
+    def forward_mode(self, x: torch.Tensor, mode: int) -> torch.Tensor:
+        """forward with a forced kernel (benchmarks, tests): 0 auto, 1 gemv, 2 blocked, 3 tiled sgemm."""
+        handle = self._handle or self._bind()
+        if handle is not False:
+            return handle.forward_mode(x, mode)
+        return self._forward_fallback(x)
+
+    def _forward_fallback(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure torch, exact. Per-channel 8-bit at small M uses PyTorch's int8 weight-only
+        matmul on our int8 bytes; everything else dequantizes a bounded block of rows at a time
+        and calls sgemm (slow at M = 1: the reason the extension exists)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with {self.in_features} features, got {tuple(x.shape)}")
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.k8 != self.in_features:
+            x2 = F.pad(x2, (0, self.k8 - self.in_features))
+        per_channel8 = self.container_bits == 8 and self.scales.shape[1] == 1
+        if per_channel8 and x2.shape[0] <= _FALLBACK_INT8PACK_MAX_M:
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.packed, self.scales[:, 0])
+            if bool((self.offset != 0).any()):
+                out += x2.sum(dim=1, keepdim=True) * (self.offset.view(-1) * self.scales[:, 0])
+        else:
+            rows = max(1, _FALLBACK_ROWS_BYTES // (4 * self.k8))
+            out = x2.new_empty(x2.shape[0], self.out_features)
+            for r0 in range(0, self.out_features, rows):
+                r1 = min(self.out_features, r0 + rows)
+                out[:, r0:r1] = x2 @ self._dequant_rows(r0, r1).t()
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def __getstate__(self) -> dict:
+        """Pickle/deepcopy without the bound extension handle (not picklable)."""
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        return state
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table stored as per-row symmetric int8; lookup dequantizes only the rows used.
+
+    When built by quantize_embedding it shares its int8 storage with the quantized LM head, so
+    a tied embedding costs its int8 bytes once.
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = q.shape[0]
+        self.embedding_dim = embedding_dim
+        self.register_buffer("q", q)  # int8 [vocab, >= dim]
+        self.register_buffer("scales", scales)  # float32 [vocab, 1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.q[ids, : self.embedding_dim].to(torch.float32)
+        return rows * self.scales[ids]
+
+    def weight_bytes(self) -> int:
+        """Resident bytes (shared with the tied LM head when built by quantize_embedding)."""
+        return self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+def quantize_embedding(weight: torch.Tensor) -> tuple[QuantEmbedding, QuantLinear]:
+    """fp32 [vocab, hidden] -> (int8 embedding, int8 LM head) sharing one int8 table.
+
+    Per-row symmetric int8 (scale = absmax / 127) keeps logits within ~0.5% of fp32 while
+    cutting the LM head's bytes per token 4x; for small models the tied head dominates decode.
+    """
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise QuantizationError(f"embedding weight must be a non-empty 2-D tensor, got {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    vocab, hidden = w.shape
+    scales = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    q = (torch.round(w / scales).clamp_(-127, 127) + 128).to(torch.uint8)
+    qw = QuantizedWeight(
+        q=q, scales=scales, zeros=torch.full((vocab, 1), 128, dtype=torch.uint8),
+        bits=8, group_size=hidden, sym=True,
+    )
+    head = QuantLinear.from_quantized(qw, None)
+    emb = QuantEmbedding(head.packed, head.scales, hidden)  # same tensors: no second copy
+    return emb, head

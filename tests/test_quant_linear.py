@@ -1,0 +1,219 @@
+"""QuantLinear / QuantEmbedding: exactness against the dequantized reference, every code path.
+
+The reference is float64 `x @ qw.dequantize().T + bias`; the kernels must match it to ~1e-4
+relative (they reorder fp32 sums, nothing else). Every kernel path (M = 1 gemv, blocked small/
+large M, tiled sgemm) and the pure-torch fallback are checked, since which one runs depends on M
+and on whether the C++ extension could be built.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lowbit.errors import QuantizationError
+from lowbit.layers import kernels
+from lowbit.layers.linear import QuantEmbedding, QuantLinear, quantize_embedding
+from lowbit.quant.qweight import QuantizedWeight
+
+RTOL = 1e-4
+
+
+def make_qweight(n: int, k: int, bits: int, group: int | None, sym: bool, seed: int = 0) -> QuantizedWeight:
+    """Random codes with realistic scales; group=None means per-channel."""
+    gen = torch.Generator().manual_seed(seed)
+    g = k if group is None else group
+    ng = k // g
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, ng, generator=gen) * 0.02 + 1e-3
+    if sym:
+        zeros = torch.full((n, ng), 1 << (bits - 1), dtype=torch.uint8)
+    else:
+        zeros = torch.randint(0, 1 << bits, (n, ng), dtype=torch.uint8, generator=gen)
+    return QuantizedWeight(q, scales, zeros, bits, g, sym)
+
+
+def reference(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ qw.dequantize(torch.float64).t()
+    return y if bias is None else y + bias.double()
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape
+    err = (y.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= RTOL * scale, f"max abs err {err:.3e} > {RTOL} * {scale:.3e}"
+
+
+@pytest.fixture(params=["ext", "fallback"])
+def backend(request, monkeypatch):
+    """Runs a test once with the compiled kernels and once with LOWBIT_NO_EXT=1."""
+    if request.param == "fallback":
+        monkeypatch.setenv("LOWBIT_NO_EXT", "1")
+    else:
+        monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
+    kernels.reset()
+    if request.param == "ext" and not kernels.available():
+        pytest.skip("C++ extension unavailable on this machine")
+    yield request.param
+    monkeypatch.undo()
+    kernels.reset()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, None])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_matches_dequantized_reference(backend, bits, group, sym, m):
+    n, k = 37, 256  # odd out_features on purpose
+    qw = make_qweight(n, k, bits, group, sym, seed=bits * 100 + m)
+    bias = torch.randn(n) * 0.1
+    layer = QuantLinear.from_quantized(qw, bias)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    assert_matches(layer(x), reference(qw, x, bias))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mode", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 2, 5, 7, 64, 70])
+def test_every_kernel_path(bits, mode, m):
+    """Forced kernels agree with the reference, including tails of every register tile."""
+    kernels.reset()
+    if not kernels.available():
+        pytest.skip("C++ extension unavailable")
+    qw = make_qweight(41, 576, bits, 64, sym=False, seed=m)
+    layer = QuantLinear.from_quantized(qw, torch.randn(41))
+    x = torch.randn(m, 576)
+    assert_matches(layer.forward_mode(x, mode), reference(qw, x, layer.bias))
+
+
+@pytest.mark.parametrize("k", [100, 200, 520])
+def test_per_channel_with_in_features_not_multiple_of_64(backend, k):
+    """Per-channel weights with K that needs padding to the kernel's 8/64-wide blocks."""
+    for bits in (4, 8):
+        qw = make_qweight(13, k, bits, None, sym=False)
+        layer = QuantLinear.from_quantized(qw, None)
+        for m in (1, 9):
+            x = torch.randn(m, k)
+            assert_matches(layer(x), reference(qw, x, None))
+
+
+def test_model_shapes_and_leading_dims(backend):
+    """Default-model shapes, [batch, seq, hidden] input and a bf16 input (computed in fp32)."""
+    qw = make_qweight(192, 576, 4, 64, sym=True)
+    layer = QuantLinear.from_quantized(qw, None)
+    x = torch.randn(2, 3, 576)
+    y = layer(x)
+    assert y.shape == (2, 3, 192)
+    assert_matches(y.reshape(6, 192), reference(qw, x.reshape(6, 576), None))
+    yb = layer(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
+
+
+def test_dequantize_roundtrip(backend):
+    qw = make_qweight(9, 192, 3, 32, sym=False)
+    layer = QuantLinear.from_quantized(qw, None)
+    assert torch.allclose(layer.dequantize(), qw.dequantize(), rtol=1e-6, atol=1e-7)
+
+
+def test_attributes_and_resident_memory():
+    n, k = 1536, 576
+    fp32_bytes = n * k * 4
+    for bits, group in ((4, 32), (4, 64), (3, None), (2, 64)):
+        layer = QuantLinear.from_quantized(make_qweight(n, k, bits, group, sym=False), torch.zeros(n))
+        assert (layer.in_features, layer.out_features, layer.bits) == (k, n, bits)
+        assert layer.group_size == (k if group is None else group)
+        assert layer.weight_bytes() <= 0.40 * fp32_bytes
+        # No fp32 copy of W anywhere in the module.
+        assert all(b.numel() < n * k or b.dtype == torch.uint8 for b in layer.buffers())
+    layer8 = QuantLinear.from_quantized(make_qweight(n, k, 8, None, sym=True))
+    assert layer8.weight_bytes() <= 0.27 * fp32_bytes
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=1), "2..8-bit"),
+        (dict(bits=9), "2..8-bit"),
+        (dict(group=48), "does not divide"),
+        (dict(k=96, group=12), "multiple of 8"),
+    ],
+)
+def test_impossible_parameters_raise_quantization_error(kwargs, match):
+    bits = kwargs.get("bits", 4)
+    k = kwargs.get("k", 128)
+    group = kwargs.get("group", 32)
+    q = torch.zeros(8, k, dtype=torch.uint8)
+    ng = max(1, k // group)
+    qw = QuantizedWeight(q, torch.ones(8, ng), torch.zeros(8, ng, dtype=torch.uint8), bits, group, False)
+    with pytest.raises(QuantizationError, match=match):
+        QuantLinear.from_quantized(qw)
+
+
+def test_out_of_range_codes_and_bad_shapes_raise():
+    qw = make_qweight(8, 64, 4, 32, sym=False)
+    qw.q[0, 0] = 16
+    with pytest.raises(QuantizationError, match="range"):
+        QuantLinear.from_quantized(qw)
+    qw = make_qweight(8, 64, 4, 32, sym=False)
+    qw.scales = qw.scales[:, :1]
+    with pytest.raises(QuantizationError, match="shape"):
+        QuantLinear.from_quantized(qw)
+    with pytest.raises(QuantizationError, match="bias"):
+        QuantLinear.from_quantized(make_qweight(8, 64, 4, 32, sym=False), torch.zeros(9))
+
+
+def test_quantized_embedding_and_lm_head(backend):
+    gen = torch.Generator().manual_seed(0)
+    vocab, hidden = 1000, 576
+    w = torch.randn(vocab, hidden, generator=gen) * 0.05
+    emb, head = quantize_embedding(w)
+    assert isinstance(emb, QuantEmbedding)
+    assert emb.q.data_ptr() == head.packed.data_ptr()  # tied: the int8 table exists once
+    ids = torch.tensor([[0, 5, 999], [3, 3, 1]])
+    rows = emb(ids)
+    assert rows.shape == (2, 3, hidden) and rows.dtype == torch.float32
+    step = w.abs().amax(dim=1) / 127
+    assert ((rows - w[ids]).abs() <= step[ids].unsqueeze(-1) * 0.5 + 1e-7).all()
+    x = torch.randn(4, hidden, generator=gen)
+    logits = head(x)
+    ref = x @ w.t()
+    rel = (logits - ref).norm() / ref.norm()
+    assert rel < 1e-2
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+    # The head is exactly the dequantized int8 table.
+    assert_matches(logits, x.double() @ emb(torch.arange(vocab)).double().t())
+    assert head.weight_bytes() < 0.26 * w.numel() * 4
+
+
+def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
+    """A failed build must not break inference: warn once, then use the torch path."""
+    monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
+    kernels.reset()
+
+    def broken_load():
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(kernels, "_load", broken_load)
+    qw = make_qweight(16, 128, 4, 32, sym=False)
+    layer = QuantLinear.from_quantized(qw, None)
+    x = torch.randn(3, 128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = layer(x)
+        y2 = QuantLinear.from_quantized(qw, None)(x)
+    assert sum(issubclass(c.category, RuntimeWarning) for c in caught) == 1
+    assert_matches(y1, reference(qw, x, None))
+    assert torch.equal(y1, y2)
+    monkeypatch.undo()
+    kernels.reset()
+
+
+def test_no_ext_env_var_forces_fallback(monkeypatch):
+    monkeypatch.setenv("LOWBIT_NO_EXT", "1")
+    kernels.reset()
+    assert kernels.get() is None and not kernels.available()
+    monkeypatch.undo()
+    kernels.reset()
