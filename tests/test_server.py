@@ -469,7 +469,7 @@ def test_stream_disconnect_frees_blocks(tiny: Server):
 def test_non_streamed_disconnect_aborts(tiny: Server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tiny.url + "/v1/completions", json={"prompt": "long", "max_tokens": 450, "ignore_eos": True},
-                   timeout=httpx.Timeout(60, read=0.5))
+                   timeout=httpx.Timeout(60, read=0.1))
     m = wait_idle(tiny)
     assert m["lowbit:num_requests_running"] == 0
     assert m["lowbit:kv_cache_free_blocks"] == m["lowbit:kv_cache_total_blocks"]
