@@ -17,6 +17,7 @@ Run:  python benchmarks/bench_kernels.py [--threads 2] [--m 1,8,64] [--cold]
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -119,8 +120,8 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,64", help="comma-separated activation rows")
     ap.add_argument("--layers", default=",".join(name for _, _, name in SHAPES), help="subset of layer names")
     ap.add_argument("--group", type=int, default=64, help="4-bit group size (128 does not divide 576)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--budget-ms", type=float, default=4.0, help="time per path per round")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--budget-ms", type=float, default=2.0, help="time per path per round")
     ap.add_argument("--bw-mb", type=int, default=1024, help="buffer for the bandwidth test (beyond LLC)")
     ap.add_argument("--cold", action="store_true", help="overflow the cache between calls (fp32 and ours only)")
     ap.add_argument("--cold-mb", type=int, default=1024)
@@ -194,9 +195,7 @@ def main() -> None:
 
 def _clone_layer(layer: QuantLinear) -> QuantLinear:
     """An independent copy (own storage) of a QuantLinear, for the cold-cache rotation."""
-    return QuantLinear(layer.in_features, layer.out_features, layer.bits, layer.group_size,
-                       layer.packed.clone(), layer.scales.clone(), layer.zneg.clone(),
-                       None if layer.bias is None else layer.bias.clone())
+    return copy.deepcopy(layer)
 
 
 def _cycler(call: Callable[[object], object], items: list) -> Fn:

@@ -126,10 +126,13 @@ def test_attributes_and_resident_memory():
         assert (layer.in_features, layer.out_features, layer.bits) == (k, n, bits)
         assert layer.group_size == (k if group is None else group)
         assert layer.weight_bytes() <= 0.40 * fp32_bytes
-        # No fp32 copy of W anywhere in the module.
+        # No fp32 copy of W anywhere in the module, and no buffer pins a larger storage.
         assert all(b.numel() < n * k or b.dtype == torch.uint8 for b in layer.buffers())
-    layer8 = QuantLinear.from_quantized(make_qweight(n, k, 8, None, sym=True))
-    assert layer8.weight_bytes() <= 0.27 * fp32_bytes
+        assert all(b.untyped_storage().nbytes() == b.numel() * b.element_size() for b in layer.buffers())
+    for bits in (4, 8):  # symmetric: one shared offset, which must not pin the zeros tensor
+        sym = QuantLinear.from_quantized(make_qweight(n, k, bits, 64, sym=True))
+        assert sym.offset.numel() == 1 and sym.offset.untyped_storage().nbytes() == 4
+        assert sym.weight_bytes() <= (0.16 if bits == 4 else 0.27) * fp32_bytes
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,7 @@ class QuantLinear(nn.Module):
             offset = center - zeros
         # One shared offset (symmetric quantization) costs no per-group memory traffic.
         if bool((offset == offset.flatten()[0]).all()):
-            offset = offset.flatten()[:1]
+            offset = offset.flatten()[:1].clone()  # clone: a view would pin the [N, ng] tensor
         scales = qw.scales.to(torch.float32).contiguous().clone()
         b = None if bias is None else bias.detach().to(torch.float32).contiguous().clone()
         return cls(k, n, qw.bits, qw.group_size, packed, scales, offset.contiguous(), b)

@@ -142,10 +142,19 @@ struct Gemv {
     end_piece();
   }
 
+  // Software prefetch of the row block kPrefetchBlocks ahead (rows are contiguous, so that is
+  // one sequential stream): one block is ~0.1 us of work, shorter than a DRAM round trip.
+  static constexpr int kPrefetchBlocks = 4;
+  inline const char* prefetch_base() const {
+    return reinterpret_cast<const char*>(wr[0] + kPrefetchBlocks * R * L.row_bytes);
+  }
+
   void run4() {
     const int64_t full = L.np / 8;
+    const char* pf = prefetch_base();
     __m256i v[R];
     for (int64_t c = 0; c < full; ++c) {
+      for (int o = 0; o < R * 32; o += 64) _mm_prefetch(pf + c * R * 32 + o, _MM_HINT_T0);
       for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * c));
       const int64_t p = 8 * c;
       step4<0>(v, p + 0);
@@ -171,7 +180,10 @@ struct Gemv {
   }
 
   void run8() {
+    const char* pf = prefetch_base();
     for (int64_t p = 0; p < L.np; ++p) {
+      if ((p & 7) == 0)
+        for (int o = 0; o < R * 64; o += 64) _mm_prefetch(pf + p * R * 8 + o, _MM_HINT_T0);
       const __m256 xv = _mm256_loadu_ps(x + 8 * p);
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(byte8(wr[r] + 8 * p), xv, acc[r]);
       end_piece();
