@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +23,8 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
 _ext: ModuleType | None = None
 _tried = False
 _warned = False
+_disabled: bool | None = None  # LOWBIT_NO_EXT, read once (reset() re-reads it)
+_lock = threading.Lock()  # one build even if several threads hit the first forward at once
 
 
 def disabled() -> bool:
@@ -85,9 +88,6 @@ def reset() -> None:
     _ext, _tried, _warned, _disabled = None, False, False, None
 
 
-_disabled: bool | None = None
-
-
 def get() -> ModuleType | None:
     """The compiled module, or None (with one warning) when it cannot be used.
 
@@ -99,17 +99,26 @@ def get() -> ModuleType | None:
     if _disabled:
         return None
     if not _tried:
-        _tried = True
-        if not _cpu_has_avx2_fma():
-            _warn_once("CPU lacks AVX2/FMA/F16C")
-        elif not _SOURCE.exists():
-            _warn_once(f"missing kernel source {_SOURCE}")
-        else:
-            try:
-                _ext = _load()
-            except Exception as exc:  # compiler missing, headers missing, link error...
-                _warn_once(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+        with _lock:
+            if not _tried:
+                _ext = _resolve()
+                _tried = True
     return _ext
+
+
+def _resolve() -> ModuleType | None:
+    """Builds/loads the extension, or returns None after warning why it cannot be used."""
+    if not _cpu_has_avx2_fma():
+        _warn_once("CPU lacks AVX2/FMA/F16C")
+    elif not _SOURCE.exists():
+        _warn_once(f"missing kernel source {_SOURCE}")
+    else:
+        try:
+            return _load()
+        except Exception as exc:  # compiler missing, headers missing, link error...
+            lines = str(exc).strip().splitlines()
+            _warn_once(f"{type(exc).__name__}: {lines[-1] if lines else ''}")
+    return None
 
 
 def available() -> bool:

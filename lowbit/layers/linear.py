@@ -30,7 +30,7 @@ TILE_MIN_M = 1 << 30
 
 #: Pure-torch fallback: rows dequantized at once (bounds its transient fp32 memory) and the
 #: largest M for which PyTorch's int8 weight-only matmul beats dequantize + sgemm.
-_FALLBACK_ROWS_BYTES = 4 << 20
+_FALLBACK_ROWS_BYTES = 1 << 20
 _FALLBACK_INT8PACK_MAX_M = 4
 
 
@@ -76,14 +76,6 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return packed.transpose(2, 3).reshape(n, k // 2).contiguous()  # bytes ordered (j, b)
 
 
-def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of pack_nibbles: uint8 [N, k] (first k weights), pure torch, uint8 arithmetic."""
-    n = packed.shape[0]
-    b = packed.view(n, -1, 8, 4).transpose(2, 3)  # [N, chunk, b, j]
-    q = torch.stack((b & 0xF, b >> 4), dim=3)  # [N, chunk, b, half, j]
-    return q.reshape(n, -1)[:, :k]
-
-
 class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored as 2..8-bit integers, group-wise scale and zero point.
 
@@ -116,6 +108,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("offset", offset)
         self.register_buffer("bias", bias)
         self._handle: object | None = None
+        self._order: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -159,28 +152,52 @@ class QuantLinear(nn.Module):
             f"group_size={self.group_size}, bias={self.bias is not None}"
         )
 
-    def _stored_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Stored integers of rows [r0, r1) as float32 [rows, k8] (pure torch)."""
-        if self.container_bits == 4:
-            return unpack_nibbles(self.packed[r0:r1], self.k8).to(torch.float32)
-        return self.packed[r0:r1].to(torch.float32)
+    # ---------------------------------------------------------------- pure-torch path
+    # The fallback works in "storage order": 4-bit weights are unpacked byte by byte (low nibble,
+    # high nibble) with no transpose, and the activations are permuted to match instead, which
+    # is M x K work rather than N x K.
+    def _storage_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column of x for each stored position, group of each stored position), cached."""
+        if self._order is None:
+            if self.container_bits == 4:
+                k64 = self.packed.shape[1] * 2
+                c, j, b, h = torch.meshgrid(
+                    torch.arange(k64 // 64), torch.arange(8), torch.arange(4), torch.arange(2), indexing="ij"
+                )
+                cols = (64 * c + 8 * (2 * b + h) + j).flatten()
+            else:
+                cols = torch.arange(self.k8)
+            groups = (cols // self.kernel_group).clamp_(max=self.scales.shape[1] - 1)
+            self._order = (cols, groups)
+        return self._order
 
     def _dequant_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """fp32 W[r0:r1, :k8] via pure torch: (stored + offset) * scale per group."""
-        rows = r1 - r0
-        g = self.kernel_group
-        q = self._stored_rows(r0, r1).view(rows, self.k8 // g, g)
-        offset = self.offset if self.offset.numel() == 1 else self.offset[r0:r1].unsqueeze(-1)
-        w = (q + offset) * self.scales[r0:r1].unsqueeze(-1)
-        return w.view(rows, self.k8)
+        """fp32 W[r0:r1] in storage order: (stored + offset) * scale, via pure torch."""
+        p = self.packed[r0:r1]
+        if self.container_bits == 4:
+            p = torch.stack((p & 0xF, p >> 4), dim=-1).view(r1 - r0, -1)
+        _, groups = self._storage_order()
+        s = self.scales[r0:r1].index_select(1, groups)
+        if self.offset.numel() == 1:
+            return (p.to(torch.float32) + self.offset) * s
+        off = (self.offset[r0:r1] * self.scales[r0:r1]).index_select(1, groups)
+        return torch.addcmul(off, p.to(torch.float32), s)
+
+    def _x_storage_order(self, x2: torch.Tensor) -> torch.Tensor:
+        """Activations [M, in] padded and permuted to the storage order of the weights."""
+        cols, _ = self._storage_order()
+        x2 = F.pad(x2, (0, cols.numel() - x2.shape[1]))
+        return x2 if self.container_bits == 8 else x2.index_select(1, cols)
 
     def dequantize(self) -> torch.Tensor:
         """fp32 W [out, in] (for checks and export; never kept by the layer)."""
         ext = kernels.get()
         if ext is not None:
             w = ext.dequantize(self.packed, self.scales, self.offset, self.container_bits, self.k8, self.kernel_group)
-        else:
-            w = self._dequant_rows(0, self.out_features)
+            return w[:, : self.in_features].contiguous()
+        cols, _ = self._storage_order()
+        w = torch.zeros(self.out_features, cols.numel())
+        w[:, cols] = self._dequant_rows(0, self.out_features)
         return w[:, : self.in_features].contiguous()
 
     # ---------------------------------------------------------------- compute
@@ -228,16 +245,14 @@ class QuantLinear(nn.Module):
         and calls sgemm (slow at M = 1: the reason the extension exists)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got {tuple(x.shape)}")
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        if self.k8 != self.in_features:
-            x2 = F.pad(x2, (0, self.k8 - self.in_features))
+        x2 = self._x_storage_order(x.reshape(-1, self.in_features).to(torch.float32)).contiguous()
         per_channel8 = self.container_bits == 8 and self.scales.shape[1] == 1
         if per_channel8 and x2.shape[0] <= _FALLBACK_INT8PACK_MAX_M:
-            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.packed, self.scales[:, 0])
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.scales[:, 0])
             if bool((self.offset != 0).any()):
                 out += x2.sum(dim=1, keepdim=True) * (self.offset.view(-1) * self.scales[:, 0])
         else:
-            rows = max(1, _FALLBACK_ROWS_BYTES // (4 * self.k8))
+            rows = max(1, _FALLBACK_ROWS_BYTES // (4 * x2.shape[1]))
             out = x2.new_empty(x2.shape[0], self.out_features)
             for r0 in range(0, self.out_features, rows):
                 r1 = min(self.out_features, r0 + rows)
