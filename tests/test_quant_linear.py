@@ -112,6 +112,17 @@ def test_model_shapes_and_leading_dims(backend):
     assert torch.allclose(yb.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
 
 
+def test_module_dtype_casts_keep_kernel_buffers(backend):
+    """model.half()/bfloat16() must not round the scales: the layer computes in fp32 anyway."""
+    qw = make_qweight(16, 128, 4, 32, sym=False)
+    layer = QuantLinear.from_quantized(qw, torch.randn(16))
+    x = torch.randn(2, 128)
+    y = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float32 and layer.packed.dtype == torch.uint8
+    assert torch.equal(layer(x), y)
+
+
 def test_dequantize_roundtrip(backend):
     qw = make_qweight(9, 192, 3, 32, sym=False)
     layer = QuantLinear.from_quantized(qw, None)

@@ -22,10 +22,10 @@ from lowbit.errors import QuantizationError
 from lowbit.layers import kernels
 from lowbit.quant.qweight import QuantizedWeight
 
-#: From this many activation rows on the kernel hands a dequantized fp32 tile to MKL's sgemm
-#: instead of its own register-tiled loop. The blocked kernel matched or beat sgemm at every M
-#: we measured (up to 256, AVX2, 2 threads), so the tiled path is only reachable via
-#: forward_mode(x, 3); lower this if a BLAS with a faster sgemm ever makes it worthwhile.
+#: From this many activation rows on, the kernel would hand a dequantized fp32 tile to MKL's
+#: sgemm instead of running its own blocked, register-tiled loop. Measured (AVX2, M = 8..256)
+#: the two were within noise of each other and of fp32 sgemm, so the simpler blocked kernel is
+#: always used; the tiled path stays reachable via forward_mode(x, 3) for re-measurement.
 TILE_MIN_M = 1 << 30
 
 #: Pure-torch fallback: rows dequantized at once (bounds its transient fp32 memory) and the
@@ -216,9 +216,16 @@ class QuantLinear(nn.Module):
         return self._handle
 
     def _apply(self, fn, recurse=True):  # noqa: D401 - torch API
-        """Module.to()/float() may replace buffers: drop the bound handle."""
+        """Module.to()/half()/bfloat16() move buffers but must not change their dtypes: the
+        kernels read int codes and fp32 scales whatever the activation dtype. Also drops the
+        bound handle, whose raw pointers would dangle."""
         self._handle = None
-        return super()._apply(fn, recurse)
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))  # where fn would send t
+            return t if target.device == t.device else t.to(device=target.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch API
         """Loading may swap buffers of another shape: drop the bound handle."""
