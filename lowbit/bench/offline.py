@@ -101,3 +101,45 @@ def engine_summary(engine: LLMEngine) -> dict:
         "kv_capacity_tokens": s.kv_capacity_tokens,
         "model_bytes": model_nbytes(runner.model),
     }
+
+
+@dataclass
+class SessionResult:
+    history_tokens: int
+    new_tokens: int
+    ttft_session_ms: float  # new turn with the session's KV cache kept on the engine
+    ttft_resend_ms: float  # the whole history re-sent, no prefix caching
+    speedup: float
+
+
+def _ttft(engine: LLMEngine, prompt: list[int], session_id: str | None = None) -> tuple[float, list[int]]:
+    t0 = time.perf_counter()
+    engine.add_request(f"ses-{t0}", prompt, SamplingParams(temperature=0.0, max_tokens=1), session_id=session_id)
+    ttft, out = None, []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if ttft is None and o.outputs[0].token_ids:
+                ttft = time.perf_counter() - t0
+            out = o.outputs[0].token_ids
+    return 1000 * ttft, out
+
+
+def run_session_ttft(engine: LLMEngine, history: int = 1500, new: int = 20, repeats: int = 3) -> SessionResult:
+    """TTFT of a `new`-token turn after `history` tokens, with a stateful session vs re-sending it all.
+
+    The engine must have prefix caching disabled so the re-send really recomputes the history.
+    """
+    vocab = engine.model_config.vocab_size
+    with_session, resend = [], []
+    for r in range(repeats):
+        hist = random_prompts(1, history, vocab, seed=100 + r)[0]
+        turn = random_prompts(1, new, vocab, seed=200 + r)[0]
+        sid = f"bench-session-{time.perf_counter()}"
+        _, reply = _ttft(engine, hist, session_id=sid)
+        t_session, _ = _ttft(engine, hist + reply + turn, session_id=sid)
+        engine.end_session(sid)
+        t_resend, _ = _ttft(engine, hist + reply + turn)
+        with_session.append(t_session)
+        resend.append(t_resend)
+    a, b = statistics.median(with_session), statistics.median(resend)
+    return SessionResult(history, new, a, b, b / a)

@@ -12,7 +12,7 @@ from .engine_flags import add_engine_args, add_model_arg, engine_args_from
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: latency, throughput (offline engine), serve (any OpenAI server)")
-    bsub = p.add_subparsers(dest="bench_command", metavar="{latency,throughput,serve}")
+    bsub = p.add_subparsers(dest="bench_command", metavar="{latency,throughput,session,serve}")
     bsub.required = True
 
     lat = bsub.add_parser("latency", help="batch-1 time to first token and decode tokens/s")
@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     thr.add_argument("--output-len", type=int, default=128)
     thr.add_argument("--prompts-file", default=None, help="JSON list of token-id lists (overrides random prompts)")
     thr.set_defaults(func=run_throughput)
+
+    ses = bsub.add_parser("session", help="TTFT of a new turn after a long history: session vs re-sending it")
+    _offline_args(ses)
+    ses.add_argument("--history", type=int, default=1500)
+    ses.add_argument("--new-tokens", type=int, default=20)
+    ses.set_defaults(func=run_session, no_prefix_caching=True)
 
     from ..bench.serving import add_serve_bench_args, run_serve_bench
 
@@ -79,3 +85,12 @@ def run_throughput(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts_file) if args.prompts_file else None
     result = bench(engine, args.num_prompts, args.input_len, args.output_len, args.repeats, prompts)
     return _report("throughput", engine, result, args)
+
+
+def run_session(args: argparse.Namespace) -> int:
+    from ..bench.offline import run_session_ttft
+    from ..engine.llm_engine import LLMEngine
+
+    args.no_prefix_caching = True  # the re-send must recompute the history
+    engine = LLMEngine(engine_args_from(args))
+    return _report("session", engine, run_session_ttft(engine, args.history, args.new_tokens, args.repeats), args)
