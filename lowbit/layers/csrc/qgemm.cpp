@@ -110,6 +110,12 @@ struct Gemv {
       zr[r] = L.off + (n0 + r) * L.off_row;
       tot[r] = _mm256_setzero_ps();
     }
+    // The block kPrefetchBlocks ahead also needs its scales/offsets (rows are contiguous).
+    const int64_t ahead = kPrefetchBlocks * R;
+    for (int64_t o = 0; o < R * L.ng; o += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(sr[0] + ahead * L.ng + o), _MM_HINT_T0);
+      if (L.off_row) _mm_prefetch(reinterpret_cast<const char*>(zr[0] + ahead * L.off_row + o), _MM_HINT_T0);
+    }
     start_group();
   }
 
