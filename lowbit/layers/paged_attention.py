@@ -5,8 +5,10 @@ decode batch), then the prefill chunks. Everything that does not depend on the l
 mapping, padded block tables, masks) is built once per step in `build_paged_context`; `attend`
 then costs a handful of tensor ops per layer:
 
-* decode: one padded gather of all sequences' blocks + one masked SDPA call (GQA by viewing the
-  query heads as [Hkv, group]); a single sequence whose blocks are contiguous reads a view, no copy;
+* decode: one call of the fused kernel (lowbit/layers/ops.py `paged_decode_attention`) that reads
+  every sequence's blocks in place through an int32 block table built once per step; without the
+  extension, one padded gather of all sequences' blocks + one masked SDPA call (GQA by viewing the
+  query heads as [Hkv, group]), a single sequence whose blocks are contiguous reading a view;
 * prefill chunk: SDPA of the chunk's queries over (cached prefix + the chunk's own exact k/v) with
   an offset causal mask; a chunk starting at position 0 needs no cache read at all.
 """
@@ -14,10 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ..engine import kv_cache
 from ..engine.kv_cache import KVCachePool
+from . import ops
 
 
 @dataclass
@@ -38,6 +44,9 @@ class _DecodeMeta:
     kv_start: int  # batch == 1: first key position to use (sliding window); else 0
     kv_len: int  # batch == 1: context length; else padded length
     mask: torch.Tensor | None  # [B, 1, 1, L] bool (batch > 1)
+    tables: torch.Tensor | None = None  # int32 [B, max_blocks]: set when the fused kernel runs the step
+    lens: torch.Tensor | None = None  # int32 [B] context lengths (the new token included)
+    window: int = 0
 
 
 @dataclass
@@ -50,7 +59,13 @@ class _PrefillMeta:
 
 
 class PagedAttentionContext:
-    """Implements the decoder's `AttentionContext` protocol over a KVCachePool."""
+    """Implements the decoder's `AttentionContext` protocol over a KVCachePool.
+
+    `fuses_rotary`: the decoder may call `attend_rotary` with q/k before rotary, so rotary and
+    the KV write happen in one kernel call; `max_position` lets it size the rotary table once.
+    """
+
+    fuses_rotary = True
 
     def __init__(
         self,
@@ -67,10 +82,25 @@ class PagedAttentionContext:
         self.decode = decode
         self.prefills = prefills
         self.num_tokens = num_tokens
+        self.max_position: int | None = None  # set by build_paged_context
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, Hq, D], k/v: [N, Hkv, D] (rotary applied) -> [N, Hq, D]."""
         self.pool.write(layer_idx, self.slots, k, v)
+        return self._attend_written(layer_idx, q, k, v)
+
+    def attend_rotary(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary) -> torch.Tensor:
+        """attend() for q/k before rotary: rotates them in place and writes k/v to the pool (one
+        fused call for an fp32 pool; a quantized pool quantizes through its own write)."""
+        pool = self.pool
+        if pool.spec.quantized:
+            rotary.apply_(self.positions, q, k)
+            pool.write(layer_idx, self.slots, k, v)
+        else:
+            ops.rotary_and_cache(q, k, v, self.positions, rotary.cos_sin, self.slots, pool.k[layer_idx], pool.v[layer_idx])
+        return self._attend_written(layer_idx, q, k, v)
+
+    def _attend_written(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         parts = []
         if self.decode is not None:
             parts.append(self._decode(layer_idx, q[: self.decode.batch]))
@@ -82,6 +112,12 @@ class PagedAttentionContext:
     def _decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         d = self.decode
         B, Hq, D = q.shape
+        if d.tables is not None:
+            p = self.pool
+            sz = (p.k_sz[layer], p.v_sz[layer]) if p.spec.quantized else (None, None)
+            return ops.paged_decode_attention(
+                q, p.k[layer], p.v[layer], d.tables, d.lens, 1.0 / math.sqrt(D), d.window, *sz, kv_dtype=p.spec.dtype
+            )
         if d.blocks is None:
             k, v = self.pool.view_range(layer, d.first_block, d.num_blocks)
         else:
@@ -123,6 +159,7 @@ def build_paged_context(pool: KVCachePool, items: list[SeqSlice], window: int | 
         slots.append(it.block_table[it.start // bs] * bs + it.start % bs)
         positions.append(it.start)
     decode = _decode_meta(pool, items[:n_dec], window) if n_dec else None
+    top = max((it.start + it.num_new - 1 for it in items), default=None)
     slot_t = torch.tensor(slots, dtype=torch.long)
     pos_t = torch.tensor(positions, dtype=torch.long)
     slot_parts, pos_parts, prefills = [slot_t], [pos_t], []
@@ -137,7 +174,7 @@ def build_paged_context(pool: KVCachePool, items: list[SeqSlice], window: int | 
         pos_parts.append(pos)
         prefills.append(_prefill_meta(it, row, bs, window))
         row += it.num_new
-    return PagedAttentionContext(
+    ctx = PagedAttentionContext(
         pool,
         torch.cat(slot_parts) if prefills else slot_t,
         torch.cat(pos_parts) if prefills else pos_t,
@@ -145,10 +182,49 @@ def build_paged_context(pool: KVCachePool, items: list[SeqSlice], window: int | 
         prefills,
         row,
     )
+    ctx.max_position = top
+    return ctx
+
+
+_LAYOUT_OK: dict[str, bool] = {}
+
+
+def _kernel_reads(pool: KVCachePool) -> bool:
+    """Whether the fused decode kernel can read this pool in place: fp32 always; int8/int4 when
+    kv_cache's dequantize is `code * scale + zero` in the layout the kernel assumes, checked once
+    per dtype on a probe, so a change of the pool's scheme falls back instead of misreading it."""
+    dtype = pool.spec.dtype
+    if not ops.paged_decode_supported(pool.spec.head_dim, dtype):
+        return False
+    if dtype == "fp32":
+        return True
+    if dtype not in _LAYOUT_OK:
+        _LAYOUT_OK[dtype] = _probe_layout(dtype)
+    return _LAYOUT_OK[dtype] and pool.k_sz[0].shape[-1] == 2
+
+
+def _probe_layout(dtype: str) -> bool:
+    try:
+        x = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(0))
+        q, sz = kv_cache.quantize(x, dtype)
+        want = kv_cache.dequantize(q, sz, dtype)
+        codes = q if dtype == "int8" else torch.cat([q & 15, q >> 4], dim=-1)
+        got = codes.float() * sz[..., :1] + sz[..., 1:]
+        return q.dtype == torch.uint8 and sz.shape[-1] == 2 and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    except Exception:  # the pool's helpers changed shape or name: use the torch path
+        return False
 
 
 def _decode_meta(pool: KVCachePool, items: list[SeqSlice], window: int | None) -> _DecodeMeta:
     bs = pool.block_size
+    if _kernel_reads(pool):  # the kernel reads blocks in place: only block tables and lengths
+        lens = [it.start + 1 for it in items]
+        max_nb = (max(lens) + bs - 1) // bs
+        rows = [it.block_table[: (n + bs - 1) // bs] for it, n in zip(items, lens)]
+        tables = torch.tensor([r + [0] * (max_nb - len(r)) for r in rows], dtype=torch.int32)
+        meta = _DecodeMeta(len(items), None, 0, max_nb, 0, max(lens), None)
+        meta.tables, meta.lens, meta.window = tables, torch.tensor(lens, dtype=torch.int32), window or 0
+        return meta
     if len(items) == 1:
         it = items[0]
         ctx = it.start + 1

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..models.config import RopeConfig
+from . import ops
 
 
 def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -39,16 +40,19 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, self.inv_freq)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
+    def ensure(self, max_position: int) -> None:
+        """Grow the table (doubling) so it covers `max_position`; call once per model forward."""
+        if max_position >= self.cos_sin.shape[0]:
+            self._build(max(max_position + 1, 2 * self.cos_sin.shape[0]))
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [..., Hq, D], k: [..., Hk, D]; positions has q's leading shape."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
-        if need > self.cos_sin.shape[0]:
-            self._build(max(need, 2 * self.cos_sin.shape[0]))
+        """q: [..., Hq, D], k: [..., Hk, D]; positions has q's leading shape. Out of place (the
+        reference path: calibration and evaluation keep their inputs)."""
+        if positions.numel():
+            self.ensure(int(positions.max()))
         cos, sin = self.cos_sin[positions].unsqueeze(-2).chunk(2, dim=-1)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+        return ops.rotate_ref(q, cos, sin), ops.rotate_ref(k, cos, sin)
 
-
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+    def apply_(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotate q and k in place (the engine path; the table must already cover positions)."""
+        ops.rotary_(q, k, positions, self.cos_sin)

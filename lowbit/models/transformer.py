@@ -3,6 +3,11 @@
 Module and parameter names follow Hugging Face checkpoints (model.layers.N.self_attn.q_proj, ...)
 so weights, quantizers and checkpoint formats all address layers by the same names. After loading,
 `fuse_projections` may merge q/k/v and gate/up into single matmuls for speed.
+
+The residual stream runs vLLM-style: each layer gets the previous sublayer's output and the
+running residual, adds them in place fused with its input norm (lowbit/layers/ops.py), and hands
+back (mlp output, residual). Module outputs are never modified in place (calibration hooks keep
+references to them), and `DecoderLayer.forward(h)` leaves `h` untouched.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import ops
 from ..layers.attention import AttentionContext, causal_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -49,10 +55,14 @@ class Attention(nn.Module):
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
         if ctx is None:
+            q, k = rotary(positions, q, k)
             o = causal_attention(q, k, v, self.window)
+        elif getattr(ctx, "fuses_rotary", False):
+            # rotary, the KV-cache write and attention in as few kernel calls as the context can
+            o = ctx.attend_rotary(self.layer_idx, q, k, v, rotary)
         else:
+            rotary.apply_(positions, q, k)  # q/k are this layer's fresh projections: safe in place
             o = ctx.attend(self.layer_idx, q, k, v)
         return self.o_proj(o.reshape(*lead, self.num_heads * self.head_dim))
 
@@ -68,10 +78,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -85,8 +93,30 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, ctx: AttentionContext | None = None
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """h -> h + attn + mlp as a new tensor; h itself is not modified (calibration keeps it)."""
+        x, residual = self.forward_residual(h, None, positions, rotary, ctx, owns_x=False)
+        return residual.add_(x)
+
+    def forward_residual(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        ctx: AttentionContext | None = None,
+        owns_x: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output not yet added to `residual`, or (residual None) the
+        stream itself. Returns (this layer's mlp output, residual); residual is updated in place,
+        and so is x when it starts the stream and owns_x says the caller owns it."""
+        if residual is None:
+            residual = x if owns_x else x.clone()
+            x = self.input_layernorm(residual)
+        else:
+            x = self.input_layernorm.forward_add(x, residual)
+        x = self.self_attn(x, positions, rotary, ctx)
+        x = self.post_attention_layernorm.forward_add(x, residual)
+        return self.mlp(x), residual
 
 
 class Decoder(nn.Module):
@@ -124,10 +154,20 @@ class CausalLM(nn.Module):
         """input_ids: [B, T] without ctx (positions default to 0..T-1), or [N] flat tokens with ctx."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
-        h = self.embed(input_ids)
+        if ctx is not None:  # grow the rotary table once per step, not once per layer
+            top = getattr(ctx, "max_position", None)
+            if top is None and positions.numel():
+                top = int(positions.max())
+            if top is not None:
+                self.rotary.ensure(top)
+        # The engine (ctx given, no hooks) lets the stream update the fresh embedding in place;
+        # other callers get a copy, so a hooked embedding output is never modified.
+        x, residual, owns = self.embed(input_ids), None, ctx is not None
         for layer in self.model.layers:
-            h = layer(h, positions, self.rotary, ctx)
-        return self.model.norm(h)
+            x, residual = layer.forward_residual(x, residual, positions, self.rotary, ctx, owns_x=owns)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm.forward_add(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,522 @@
+// Fused CPU ops for the decode hot path (AVX2 + FMA, fp32 activations).
+//
+// Why: at batch-1 decode a small model spends more time dispatching tiny tensor ops than
+// streaming weights. RMSNorm alone is ~6 aten ops, rotary ~10, paged attention a gather copy plus
+// SDPA; each costs microseconds of dispatcher + Python time while the arithmetic is nanoseconds.
+// Every op here does one of those chains in one call, reading its inputs once.
+//
+// Conventions: tensors are fp32 unless noted; "rows" may be strided (stride(-1) must be 1), so
+// views into a fused qkv / gate_up output are read in place. Work is split with at::parallel_for
+// (torch's own OpenMP pool, so there is one pool, not two) only when it is large enough to pay for
+// waking the second thread; tiny decode-step work runs on the calling thread.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kParallelWork = 1 << 15;  // ~32K multiply-adds: below this, stay on one thread
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work_per_item));
+}
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float hmax(__m256 v) {
+  __m128 lo = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// exp(x) for 8 floats: range reduction x = n ln2 + r (ln2 split in two for exactness), a degree-5
+// minimax polynomial for e^r on |r| <= ln2/2 (the classic Cephes coefficients), then 2^n through
+// the exponent bits. Relative error ~1e-7, i.e. fp32 rounding level; inputs clamped to the finite
+// range (softmax feeds x <= 0, SiLU any value).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float exp1(float x) {
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, exp8(_mm256_set1_ps(x)));
+  return buf[0];
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [rows, n] with unit last stride");
+}
+
+// ------------------------------------------------------------------------------- RMSNorm
+// out = w * (x * rsqrt(mean(x^2) + eps)), the reference order (normalise, then scale).
+inline void rms_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(u, u, a0);
+    a1 = _mm256_fmadd_ps(v, v, a1);
+  }
+  float ss = hsum(_mm256_add_ps(a0, a1));
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), rv)));
+  for (; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(1), "bad norm weight");
+  const int64_t M = x.size(0), n = x.size(1), xs = x.stride(0);
+  auto out = at::empty({M, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, grain_for(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_row(xp + r * xs, wp, op + r * n, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// residual += x (in place), returns rms_norm(residual): the residual add of one sublayer fused
+// with the norm that opens the next.
+at::Tensor fused_add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& w, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual shapes differ: ", x.sizes(), " vs ", residual.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x.size(1), "bad norm weight");
+  const int64_t M = x.size(0), n = x.size(1), xs = x.stride(0), rs = residual.stride(0);
+  auto out = at::empty({M, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, grain_for(2 * n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* h = rp + r * rs;
+      const float* a = xp + r * xs;
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(h + i, _mm256_add_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(a + i)));
+      for (; i < n; ++i) h[i] += a[i];
+      rms_row(h, wp, op + r * n, n, static_cast<float>(eps));
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------- SiLU * up
+// x [M, 2I] = [gate | up] -> silu(gate) * up, silu(g) = g / (1 + e^-g).
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul needs an even last dimension, got ", x.size(1));
+  const int64_t M = x.size(0), I = x.size(1) / 2, xs = x.stride(0);
+  auto out = at::empty({M, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, grain_for(8 * I), [&](int64_t r0, int64_t r1) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = xp + r * xs;
+      const float* u = g + I;
+      float* o = op + r * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) o[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------- rotary + KV write
+// Non-interleaved ("rotate half") rotary: for i < D/2, (x_i, x_{i+D/2}) is rotated by the angle of
+// frequency i. cos_sin[p] = [cos(p f_0..f_{D/2-1}) | sin(...)], the table RotaryEmbedding builds.
+struct Heads {
+  float* p;
+  int64_t s_tok, s_head, n_heads;
+};
+
+Heads heads_of(const at::Tensor& t, int64_t D, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.dim() == 3 && t.size(2) == D && t.stride(2) == 1, name, " must be [N, H, ", D,
+              "] with unit last stride, got ", t.sizes(), " strides ", t.strides());
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.size(1)};
+}
+
+inline void rotate(float* x, const float* cs, int64_t half) {
+  const float* c = cs;
+  const float* s = cs + half;
+  float* x2 = x + half;
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x2 + i);
+    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+    _mm256_storeu_ps(x + i, _mm256_fmsub_ps(a, cv, _mm256_mul_ps(b, sv)));
+    _mm256_storeu_ps(x2 + i, _mm256_fmadd_ps(b, cv, _mm256_mul_ps(a, sv)));
+  }
+  for (; i < half; ++i) {
+    const float a = x[i], b = x2[i];
+    x[i] = a * c[i] - b * s[i];
+    x2[i] = b * c[i] + a * s[i];
+  }
+}
+
+// Rotates q and k in place; when k_pool/v_pool are given ([rows, Hkv, D] fp32 views of the
+// paged pool, row = slot), also stores the rotated k and v at slots[n].
+void rotary_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin,
+                 const at::Tensor* v, const at::Tensor* slots, at::Tensor* k_pool, at::Tensor* v_pool) {
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.is_contiguous(), "bad cos_sin");
+  const int64_t D = cos_sin.size(1), half = D / 2, P = cos_sin.size(0);
+  TORCH_CHECK(D % 2 == 0, "rotary needs an even head_dim");
+  Heads hq = heads_of(q, D, "q"), hk = heads_of(k, D, "k");
+  const int64_t N = q.size(0);
+  TORCH_CHECK(k.size(0) == N, "q and k token counts differ");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == N,
+              "positions must be a contiguous int64 [N] tensor");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* table = cos_sin.data_ptr<float>();
+  Heads hv{};
+  const int64_t* slot = nullptr;
+  float *kp = nullptr, *vp = nullptr;
+  int64_t rows = 0;
+  const int64_t H = hk.n_heads;
+  if (slots != nullptr) {
+    hv = heads_of(*v, D, "v");
+    TORCH_CHECK(v->size(0) == N && v->size(1) == H, "v must match k's shape");
+    TORCH_CHECK(slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->numel() == N,
+                "slots must be a contiguous int64 [N] tensor");
+    for (at::Tensor* pool : {k_pool, v_pool})
+      TORCH_CHECK(pool->scalar_type() == at::kFloat && pool->is_contiguous() && pool->numel() % (H * D) == 0,
+                  "KV pool must be contiguous fp32 with ", H, " heads of ", D);
+    TORCH_CHECK(k_pool->numel() == v_pool->numel(), "K and V pools differ in size");
+    slot = slots->data_ptr<int64_t>();
+    kp = k_pool->data_ptr<float>();
+    vp = v_pool->data_ptr<float>();
+    rows = k_pool->numel() / (H * D);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < P, "position ", pos[n], " outside the rotary table (", P, " rows)");
+    if (slot != nullptr) TORCH_CHECK(slot[n] >= 0 && slot[n] < rows, "slot ", slot[n], " outside the KV pool");
+  }
+  const int64_t heads = hq.n_heads + H;
+  at::parallel_for(0, N, grain_for(heads * D * 2), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* cs = table + pos[n] * D;
+      for (int64_t h = 0; h < hq.n_heads; ++h) rotate(hq.p + n * hq.s_tok + h * hq.s_head, cs, half);
+      for (int64_t h = 0; h < H; ++h) {
+        float* kr = hk.p + n * hk.s_tok + h * hk.s_head;
+        rotate(kr, cs, half);
+        if (slot != nullptr) {
+          std::copy(kr, kr + D, kp + (slot[n] * H + h) * D);
+          const float* vr = hv.p + n * hv.s_tok + h * hv.s_head;
+          std::copy(vr, vr + D, vp + (slot[n] * H + h) * D);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin) {
+  rotary_impl(q, k, positions, cos_sin, nullptr, nullptr, nullptr, nullptr);
+}
+
+void rotary_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                      const at::Tensor& cos_sin, const at::Tensor& slots, at::Tensor k_pool, at::Tensor v_pool) {
+  rotary_impl(q, k, positions, cos_sin, &v, &slots, &k_pool, &v_pool);
+}
+
+// ------------------------------------------------------------------------------- paged decode attention
+// One query token per sequence against its cached keys/values, read block by block in place.
+// Per (sequence, kv head) task: scores for the G query heads that share the kv head (GQA: the K/V
+// rows are read once for all G), an exact softmax, then the weighted sum of V. Scores are kept
+// (G x context floats, a few KiB) rather than rescaled online: two passes over K and V each, one
+// exp per score, no per-block rescale of the accumulators.
+//
+// Pool element types. int8/int4 rows dequantize as code * scale + zero with (scale, zero) per
+// token and head (kv_cache.py's scheme); folded into the math, so no dequantized copy:
+//   q . k = scale * (q . codes) + zero * sum(q);   sum_t p_t v_t = sum_t (p_t scale_t) codes_t + sum_t p_t zero_t.
+enum class Kv { F32, U8, U4 };
+
+template <Kv T>
+struct KvRow;
+
+template <>
+struct KvRow<Kv::F32> {
+  static inline __m256 load(const void* base, int64_t i, int64_t /*half*/) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
+};
+
+template <>
+struct KvRow<Kv::U8> {
+  static inline __m256 load(const void* base, int64_t i, int64_t /*half*/) {
+    const uint8_t* p = static_cast<const uint8_t*>(base) + i;
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// int4: byte j holds element j (low nibble) and element j + D/2 (high nibble).
+template <>
+struct KvRow<Kv::U4> {
+  static inline __m256 load(const void* base, int64_t i, int64_t half) {
+    const uint8_t* p = static_cast<const uint8_t*>(base) + (i < half ? i : i - half);
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i v = i < half ? _mm256_and_si256(b, _mm256_set1_epi32(15)) : _mm256_srli_epi32(b, 4);
+    return _mm256_cvtepi32_ps(v);
+  }
+};
+
+struct PagedArgs {
+  const float* q;
+  int64_t q_s_tok, q_s_head;
+  const uint8_t* k;  // pool base, bytes
+  const uint8_t* v;
+  const float* k_sz;  // [rows, Hkv, 2] (scale, zero) or nullptr
+  const float* v_sz;
+  int64_t row_bytes;  // bytes of one (token, head) row
+  const int32_t* tables;
+  int64_t max_blocks;
+  const int32_t* lens;
+  int64_t bs, Hkv, G, D;
+  int64_t window;
+  float scale;
+  float* out;  // [B, Hq, D] contiguous
+};
+
+template <Kv T>
+void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& buf) {
+  const int64_t D = a.D, G = a.G, half = D / 2;
+  const int64_t len = a.lens[b];
+  const int64_t start = a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
+  const int64_t n = len - start;
+  float* out0 = a.out + (b * a.Hkv * G + h * G) * D;
+  if (n <= 0) {
+    std::fill(out0, out0 + G * D, 0.0f);
+    return;
+  }
+  buf.resize(static_cast<size_t>(G * n + G * D + 3 * G));
+  float* sc = buf.data();     // [G, n] scores, then softmax weights
+  float* acc = sc + G * n;    // [G, D] weighted sums of V
+  float* qsum = acc + G * D;  // [G] sum of q (quantized pools: the zero-point term)
+  float* inv = qsum + G;      // [G] 1 / softmax denominator
+  float* zterm = inv + G;     // [G] sum_t p_t zero_t (quantized V)
+  const int32_t* table = a.tables + b * a.max_blocks;
+  const float* q0 = a.q + b * a.q_s_tok + h * G * a.q_s_head;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q0 + g * a.q_s_head;
+    float s = 0;
+    for (int64_t i = 0; i < D; ++i) s += qg[i];
+    qsum[g] = s;
+    zterm[g] = 0.0f;
+  }
+  // Pass 1: scores, up to 8 query heads per sweep over K.
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    const int64_t gn = std::min<int64_t>(8, G - g0);
+    for (int64_t t = start; t < len;) {
+      const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
+      const int64_t row0 = static_cast<int64_t>(table[t / a.bs]) * a.bs + off;
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int64_t row = (row0 + j) * a.Hkv + h;
+        const uint8_t* kr = a.k + row * a.row_bytes;
+        __m256 accs[8];
+        for (int64_t g = 0; g < gn; ++g) accs[g] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < D; i += 8) {
+          const __m256 kv = KvRow<T>::load(kr, i, half);
+          for (int64_t g = 0; g < gn; ++g)
+            accs[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + (g0 + g) * a.q_s_head + i), kv, accs[g]);
+        }
+        for (int64_t g = 0; g < gn; ++g) {
+          float d = hsum(accs[g]);
+          if constexpr (T != Kv::F32) d = a.k_sz[row * 2] * d + a.k_sz[row * 2 + 1] * qsum[g0 + g];
+          sc[(g0 + g) * n + (t - start) + j] = d * a.scale;
+        }
+      }
+      t += cnt;
+    }
+  }
+  // Softmax (unnormalised weights; the denominator divides at the end).
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc + g * n;
+    __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
+    float m = hmax(mv);
+    for (; i < n; ++i) m = std::max(m, s[i]);
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mb));
+      _mm256_storeu_ps(s + i, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; i < n; ++i) {
+      s[i] = exp1(s[i] - m);
+      sum += s[i];
+    }
+    inv[g] = 1.0f / sum;
+  }
+  // Pass 2: weighted sum of V, 16 output floats x up to 4 heads in registers per sweep.
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const bool two = d0 + 8 < D;
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const int64_t gn = std::min<int64_t>(4, G - g0);
+      __m256 r0[4], r1[4];
+      for (int64_t g = 0; g < gn; ++g) r0[g] = r1[g] = _mm256_setzero_ps();
+      for (int64_t t = start; t < len;) {
+        const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
+        const int64_t row0 = static_cast<int64_t>(table[t / a.bs]) * a.bs + off;
+        for (int64_t j = 0; j < cnt; ++j) {
+          const int64_t row = (row0 + j) * a.Hkv + h;
+          const uint8_t* vr = a.v + row * a.row_bytes;
+          const __m256 v0 = KvRow<T>::load(vr, d0, half);
+          const __m256 v1 = two ? KvRow<T>::load(vr, d0 + 8, half) : _mm256_setzero_ps();
+          float vs = 1.0f;
+          if constexpr (T != Kv::F32) vs = a.v_sz[row * 2];
+          const float* p = sc + g0 * n + (t - start) + j;
+          for (int64_t g = 0; g < gn; ++g) {
+            const float pg = p[g * n];
+            const __m256 w = _mm256_set1_ps(pg * vs);
+            r0[g] = _mm256_fmadd_ps(w, v0, r0[g]);
+            r1[g] = _mm256_fmadd_ps(w, v1, r1[g]);
+            if constexpr (T != Kv::F32) {
+              if (d0 == 0) zterm[g0 + g] += pg * a.v_sz[row * 2 + 1];
+            }
+          }
+        }
+        t += cnt;
+      }
+      for (int64_t g = 0; g < gn; ++g) {
+        _mm256_storeu_ps(acc + (g0 + g) * D + d0, r0[g]);
+        if (two) _mm256_storeu_ps(acc + (g0 + g) * D + d0 + 8, r1[g]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 iv = _mm256_set1_ps(inv[g]), zv = _mm256_set1_ps(zterm[g]);
+    for (int64_t i = 0; i < D; i += 8)
+      _mm256_storeu_ps(out0 + g * D + i, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(acc + g * D + i), zv), iv));
+  }
+}
+
+// q [B, Hq, D]; pools [blocks, block_size, Hkv, D or D/2] (fp32 or uint8 codes, with k_sz/v_sz
+// [blocks, block_size, Hkv, 2] for the quantized ones); block_tables int32 [B, max_blocks];
+// context_lens int32 [B]. kv_dtype: 0 fp32, 1 int8, 2 int4. window > 0 keeps the last `window` keys.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const c10::optional<at::Tensor>& k_sz, const c10::optional<at::Tensor>& v_sz,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window, int64_t kv_dtype) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be fp32 [B, Hq, D]");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(k_pool.dim() == 4 && k_pool.sizes() == v_pool.sizes() && k_pool.is_contiguous() && v_pool.is_contiguous(),
+              "K/V pools must be contiguous [blocks, block_size, Hkv, d] tensors of one shape");
+  const int64_t bs = k_pool.size(1), Hkv = k_pool.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads (", Hq, ") must be a multiple of kv heads (", Hkv, ")");
+  const int64_t G = Hq / Hkv;
+  TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
+  TORCH_CHECK(kv_dtype >= 0 && kv_dtype <= 2, "kv_dtype must be 0 (fp32), 1 (int8) or 2 (int4)");
+  const Kv kind = static_cast<Kv>(kv_dtype);
+  if (kind == Kv::F32) {
+    TORCH_CHECK(k_pool.scalar_type() == at::kFloat && k_pool.size(3) == D, "fp32 pool must hold [.., ", D, "]");
+  } else {
+    TORCH_CHECK(k_pool.scalar_type() == at::kByte && v_pool.scalar_type() == at::kByte, "quantized pools are uint8");
+    TORCH_CHECK(k_pool.size(3) == (kind == Kv::U8 ? D : D / 2), "quantized pool has the wrong row width");
+    TORCH_CHECK(kind != Kv::U4 || D % 16 == 0, "int4 pools need head_dim % 16 == 0");
+    TORCH_CHECK(k_sz.has_value() && v_sz.has_value(), "quantized pools need k_sz and v_sz");
+    for (const at::Tensor& t : {*k_sz, *v_sz})
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == k_pool.size(0) * bs * Hkv * 2,
+                  "scale/zero tensors must be contiguous fp32 [blocks, block_size, Hkv, 2]");
+  }
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.is_contiguous(), "block_tables must be contiguous int32 [B, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.numel() == B && context_lens.is_contiguous(),
+              "context_lens must be contiguous int32 [B]");
+  const int64_t max_blocks = block_tables.size(1), num_blocks = k_pool.size(0);
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= max_blocks * bs, "context length ", lens[b], " exceeds the block table");
+    const int64_t used = (lens[b] + bs - 1) / bs;
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(tables[b * max_blocks + j] >= 0 && tables[b * max_blocks + j] < num_blocks, "block id ",
+                  tables[b * max_blocks + j], " outside the pool");
+    total += lens[b];
+  }
+  auto out = at::empty({B, Hq, D}, q.options());
+  PagedArgs a{};
+  a.q = q.data_ptr<float>();
+  a.q_s_tok = q.stride(0);
+  a.q_s_head = q.stride(1);
+  a.k = static_cast<const uint8_t*>(k_pool.data_ptr());
+  a.v = static_cast<const uint8_t*>(v_pool.data_ptr());
+  a.k_sz = kind == Kv::F32 ? nullptr : k_sz->data_ptr<float>();
+  a.v_sz = kind == Kv::F32 ? nullptr : v_sz->data_ptr<float>();
+  a.row_bytes = k_pool.size(3) * k_pool.element_size();
+  a.tables = tables;
+  a.max_blocks = max_blocks;
+  a.lens = lens;
+  a.bs = bs;
+  a.Hkv = Hkv;
+  a.G = G;
+  a.D = D;
+  a.window = window;
+  a.scale = static_cast<float>(scale);
+  a.out = out.data_ptr<float>();
+  const int64_t tasks = B * Hkv;
+  const int64_t per_task = std::max<int64_t>(1, (total / std::max<int64_t>(1, B)) * 2 * G * D);
+  at::parallel_for(0, tasks, grain_for(per_task), [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv;
+      if (kind == Kv::F32) attend_one<Kv::F32>(a, b, h, buf);
+      else if (kind == Kv::U8) attend_one<Kv::U8>(a, b, h, buf);
+      else attend_one<Kv::U4>(a, b, h, buf);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "w * x / rms(x) over rows of a [M, n] fp32 tensor");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x (in place); return rms_norm(residual)");
+  m.def("silu_and_mul", &silu_and_mul, "[M, 2I] -> silu(x[:, :I]) * x[:, I:]");
+  m.def("rotary_", &rotary_, "rotary on q [N, Hq, D] and k [N, Hkv, D] in place");
+  m.def("rotary_and_cache", &rotary_and_cache, "rotary on q, k in place; store k, v at slots of fp32 pools");
+  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention over paged K/V blocks");
+}

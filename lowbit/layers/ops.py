@@ -1,0 +1,168 @@
+"""Fused decode-path ops (csrc/ops.cpp) with pure-torch fallbacks that compute the same thing.
+
+Why: a decode step of a small model is dominated by per-op dispatch, not arithmetic. Each function
+here replaces a chain of small aten ops by one call into the extension when it is available
+(`kernels.OPS`; LOWBIT_NO_EXT=1 forces the fallback) and the inputs are what the kernels handle
+(fp32, unit stride on the last dimension); anything else takes the torch path, which is the
+reference math written out, so results agree to fp32 rounding either way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+
+#: paged_decode_attention's kv_dtype codes (the pool's dtype name -> the kernel's element type).
+KV_CODES = {"fp32": 0, "int8": 1, "int4": 2}
+
+
+def _ext():
+    return kernels.OPS.get()
+
+
+def _fp32(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+# ----------------------------------------------------------------------------- norms
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference RMSNorm (HF order: normalise in fp32, cast back, then scale)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * x / sqrt(mean(x^2) + eps) over the last dimension; x is not modified."""
+    ext = _ext()
+    if ext is None or not _fp32(x, w) or x.dim() == 0 or x.numel() == 0:
+        return rms_norm_ref(x, w, eps)
+    n = x.shape[-1]
+    return ext.rms_norm(x.reshape(-1, n), w, eps).view(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x in place (the residual stream), then returns rms_norm(residual, w, eps)."""
+    ext = _ext()
+    if (
+        ext is None or not _fp32(x, residual, w) or x.shape != residual.shape or x.numel() == 0
+        or not residual.is_contiguous()
+    ):
+        residual.add_(x)
+        return rms_norm_ref(residual, w, eps)
+    n = x.shape[-1]
+    return ext.fused_add_rms_norm(x.reshape(-1, n), residual.view(-1, n), w, eps).view(x.shape)
+
+
+# ----------------------------------------------------------------------------- MLP activation
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] = [gate | up] -> silu(gate) * up, [..., I]."""
+    ext = _ext()
+    if ext is None or not _fp32(x) or x.numel() == 0 or x.shape[-1] % 2:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    n = x.shape[-1]
+    return ext.silu_and_mul(x.reshape(-1, n)).view(*x.shape[:-1], n // 2)
+
+
+# ----------------------------------------------------------------------------- rotary + KV write
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary of x [..., H, D] with cos/sin [..., 1, D/2] (out of place)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _flat_heads(t: torch.Tensor) -> torch.Tensor | None:
+    """[..., H, D] as an [N, H, D] view (no copy: callers rotate in place), or None."""
+    if t.dim() == 3:
+        return t
+    try:
+        return t.view(-1, *t.shape[-2:])
+    except RuntimeError:
+        return None
+
+
+def _ext_rotary_ok(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    ext = _ext()
+    if ext is None or not _fp32(q, k, cos_sin) or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return None, None, None
+    qf, kf = _flat_heads(q), _flat_heads(k)
+    if qf is None or kf is None or q.shape[-1] != cos_sin.shape[-1] or positions.dtype != torch.long:
+        return None, None, None
+    return ext, qf, kf
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """Rotates q [..., Hq, D] and k [..., Hkv, D] in place; positions has their leading shape;
+    cos_sin [P, D] = [cos | sin] per position (RotaryEmbedding.cos_sin)."""
+    ext, qf, kf = _ext_rotary_ok(q, k, positions, cos_sin)
+    if ext is not None:
+        ext.rotary_(qf, kf, positions.reshape(-1).contiguous(), cos_sin)
+        return
+    cos, sin = cos_sin[positions].unsqueeze(-2).chunk(2, dim=-1)
+    q.copy_(rotate_ref(q, cos, sin))
+    k.copy_(rotate_ref(k, cos, sin))
+
+
+def rotary_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    slots: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+) -> None:
+    """rotary_(q, k) and store k, v [N, Hkv, D] at flat `slots` of fp32 pools [blocks, bs, Hkv, D]."""
+    ext, qf, kf = _ext_rotary_ok(q, k, positions, cos_sin)
+    if (
+        ext is not None and q.dim() == 3 and _fp32(v, k_pool, v_pool) and v.stride(-1) == 1
+        and slots.dtype == torch.long and k_pool.is_contiguous() and v_pool.is_contiguous()
+    ):
+        ext.rotary_and_cache(qf, kf, v, positions.contiguous(), cos_sin, slots.contiguous(), k_pool, v_pool)
+        return
+    rotary_(q, k, positions, cos_sin)
+    k_pool.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_pool.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+# ----------------------------------------------------------------------------- paged decode attention
+def paged_decode_supported(head_dim: int, kv_dtype: str) -> bool:
+    """Whether paged_decode_attention can run (extension built, head_dim a multiple of 8 (16 for
+    int4), a known pool dtype); otherwise callers keep their gather + SDPA path."""
+    if kv_dtype not in KV_CODES or head_dim % (16 if kv_dtype == "int4" else 8):
+        return False
+    return _ext() is not None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    k_sz: torch.Tensor | None = None,
+    v_sz: torch.Tensor | None = None,
+    kv_dtype: str = "fp32",
+) -> torch.Tensor:
+    """One new token per sequence attending to its cached keys/values, read from the blocks in place.
+
+    q [B, Hq, D] fp32; pools [blocks, block_size, Hkv, D] fp32, or uint8 codes [.., D] (int8) /
+    [.., D/2] (int4: element j in the low nibble of byte j, j + D/2 in the high one) with k_sz/v_sz
+    [blocks, block_size, Hkv, 2] = (scale, zero), value = code * scale + zero (kv_cache.py's
+    scheme); block_tables int32 [B, max_blocks]; context_lens int32 [B] (keys 0..len-1, the new
+    token's included); window > 0 keeps only the last `window` keys. Returns [B, Hq, D].
+    Call only where paged_decode_supported() says so (there is no torch fallback here: the
+    caller's gather + SDPA path is the reference).
+    """
+    ext = _ext()
+    if ext is None:
+        raise RuntimeError("paged_decode_attention needs the lowbit ops extension")
+    return ext.paged_decode_attention(
+        q, k_pool, v_pool, k_sz, v_sz, block_tables, context_lens, float(scale), int(window or 0), KV_CODES[kv_dtype]
+    )

@@ -1,0 +1,255 @@
+"""Fused decode ops (lowbit/layers/ops.py + csrc/ops.cpp): each against its torch reference, on
+the extension and on the pure-torch fallback, plus the paged decode kernel against an explicit
+float64 softmax over the blocks every sequence owns."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec
+from lowbit.layers import kernels, ops
+from lowbit.layers.paged_attention import SeqSlice, build_paged_context
+from lowbit.layers.rotary import RotaryEmbedding
+from lowbit.models.config import RopeConfig
+from lowbit.models.loader import load_model
+
+from conftest import make_tiny_model
+
+
+@pytest.fixture(params=["ext", "torch"])
+def mode(request, monkeypatch):
+    """Runs a test on the compiled ops and again on the pure-torch fallback."""
+    if request.param == "ext":
+        if not kernels.OPS.available():
+            pytest.skip("ops extension unavailable")
+    else:
+        monkeypatch.setattr(kernels.OPS, "_disabled", True)
+        assert kernels.OPS.get() is None
+    return request.param
+
+
+@pytest.fixture
+def ext():
+    if not kernels.OPS.available():
+        pytest.skip("ops extension unavailable")
+    return kernels.OPS.get()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-6) -> None:
+    a, b = a.double(), b.double()
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    assert a.shape == b.shape and err <= tol * scale, f"max abs err {err} (scale {scale})"
+
+
+# ----------------------------------------------------------------------------- norms, activation
+@pytest.mark.parametrize("shape", [(1, 576), (64, 576), (3, 5, 64), (7, 100), (2, 13)])
+def test_rms_norm_matches_reference(mode, shape):
+    x = torch.randn(*shape, generator=gen(1)) * 3
+    w = torch.randn(shape[-1], generator=gen(2))
+    before = x.clone()
+    close(ops.rms_norm(x, w, 1e-5), ops.rms_norm_ref(x.double(), w.double(), 1e-5))
+    assert torch.equal(x, before)
+
+
+def test_rms_norm_reads_strided_rows(mode):
+    qkv = torch.randn(4, 3 * 64, generator=gen(3))
+    q = qkv[:, :128].view(4, 2, 64)  # per-head norm (qwen3 q_norm) on a view of a fused projection
+    w = torch.randn(64, generator=gen(4))
+    close(ops.rms_norm(q, w, 1e-6), ops.rms_norm_ref(q.double(), w.double(), 1e-6))
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_fused_add_rms_norm_updates_residual_in_place(mode, rows):
+    x = torch.randn(rows, 576, generator=gen(5))
+    residual = torch.randn(rows, 576, generator=gen(6))
+    w = torch.randn(576, generator=gen(7))
+    want_sum = residual + x
+    x_before = x.clone()
+    out = ops.fused_add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(residual, want_sum)  # the add is exact, the same single rounding as torch
+    assert torch.equal(x, x_before)
+    close(out, ops.rms_norm_ref(want_sum.double(), w.double(), 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(1, 2 * 1536), (64, 2 * 100), (2, 3, 2 * 8), (5, 2 * 3)])
+def test_silu_and_mul_matches_reference(mode, shape):
+    x = torch.randn(*shape, generator=gen(8)) * 4
+    x.view(-1)[:4] = torch.tensor([-100.0, 100.0, -20.0, 0.0])  # exp range clamps, exact zero
+    gate, up = x.double().chunk(2, dim=-1)
+    close(ops.silu_and_mul(x), torch.nn.functional.silu(gate) * up)
+
+
+def test_silu_and_mul_reads_a_row_strided_view(mode):
+    big = torch.randn(6, 64, generator=gen(9))
+    x = big[:, :32]  # rows strided by 64
+    gate, up = x.double().chunk(2, dim=-1)
+    close(ops.silu_and_mul(x), torch.nn.functional.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------- rotary + KV write
+def rotary_table(D: int, n: int = 512) -> RotaryEmbedding:
+    return RotaryEmbedding(D, n, RopeConfig(theta=10000.0))
+
+
+@pytest.mark.parametrize("D,Hq,Hkv", [(64, 9, 3), (128, 4, 1), (64, 4, 4)])
+def test_rotary_in_place_matches_reference(mode, D, Hq, Hkv):
+    N = 7
+    rot = rotary_table(D)
+    qkv = torch.randn(N, (Hq + 2 * Hkv) * D, generator=gen(10))
+    q, k, _ = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k = q.view(N, Hq, D), k.view(N, Hkv, D)  # strided views into the fused projection
+    positions = torch.tensor([0, 1, 5, 100, 511, 3, 3])
+    want_q, want_k = rot(positions, q.clone(), k.clone())
+    rot.apply_(positions, q, k)
+    close(q, want_q)
+    close(k, want_k)
+
+
+def test_rotary_in_place_on_batched_4d_inputs(mode):
+    rot = rotary_table(64)
+    q = torch.randn(2, 5, 3, 64, generator=gen(11))
+    k = torch.randn(2, 5, 1, 64, generator=gen(12))
+    positions = torch.arange(5).expand(2, 5) + torch.tensor([[0], [40]])
+    want_q, want_k = rot(positions, q, k)
+    ops.rotary_(q, k, positions, rot.cos_sin)
+    close(q, want_q)
+    close(k, want_k)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_rotary_and_cache_writes_rotated_k_and_v_at_slots(mode, D):
+    N, Hq, Hkv, blocks, bs = 5, 6, 2, 4, 16
+    rot = rotary_table(D)
+    qkv = torch.randn(N, (Hq + 2 * Hkv) * D, generator=gen(13))
+    q, k, v = (t.view(N, -1, D) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1))
+    positions = torch.tensor([3, 17, 18, 40, 2])
+    slots = torch.tensor([5, 33, 34, 60, 0])
+    want_q, want_k = rot(positions, q.clone(), k.clone())
+    want_v = v.clone()
+    k_pool = torch.zeros(blocks, bs, Hkv, D)
+    v_pool = torch.zeros(blocks, bs, Hkv, D)
+    ops.rotary_and_cache(q, k, v, positions, rot.cos_sin, slots, k_pool, v_pool)
+    close(q, want_q)
+    close(k, want_k)
+    close(k_pool.view(-1, Hkv, D)[slots], want_k)
+    assert torch.equal(v_pool.view(-1, Hkv, D)[slots], want_v)
+    others = torch.ones(blocks * bs, dtype=torch.bool)
+    others[slots] = False
+    assert not k_pool.view(-1, Hkv, D)[others].any() and not v_pool.view(-1, Hkv, D)[others].any()
+
+
+def test_rotary_rejects_positions_outside_the_table(ext):
+    rot = rotary_table(64, n=8)
+    q, k = torch.randn(1, 2, 64), torch.randn(1, 1, 64)
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        ops.rotary_(q, k, torch.tensor([8]), rot.cos_sin)
+
+
+# ----------------------------------------------------------------------------- paged decode attention
+def fill_pool(pool: KVCachePool, tables: list[list[int]], lens: list[int], Hkv: int, D: int, seed: int) -> None:
+    g = gen(seed)
+    for table, n in zip(tables, lens):
+        slots = torch.tensor([table[t // pool.block_size] * pool.block_size + t % pool.block_size for t in range(n)])
+        pool.write(0, slots, torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g))
+
+
+def reference_decode(pool, q, tables, lens, window):
+    """float64 softmax(q k^T / sqrt(D)) v over each sequence's (dequantized) cached keys."""
+    B, Hq, D = q.shape
+    outs = []
+    for b in range(B):
+        blocks = torch.tensor(tables[b][: (lens[b] + pool.block_size - 1) // pool.block_size])
+        k, v = pool.gather(0, blocks)
+        start = max(0, lens[b] - window) if window else 0
+        k, v = k[start : lens[b]].double(), v[start : lens[b]].double()  # [L, Hkv, D]
+        G = Hq // k.shape[1]
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[b].double(), k) / math.sqrt(D)
+        outs.append(torch.einsum("hl,lhd->hd", s.softmax(-1), v))
+    return torch.stack(outs)
+
+
+def random_tables(B: int, lens: list[int], bs: int, num_blocks: int, seed: int) -> list[list[int]]:
+    """Each sequence gets its own shuffled (non-contiguous) blocks."""
+    perm = torch.randperm(num_blocks, generator=gen(seed)).tolist()
+    tables, i = [], 0
+    for n in lens:
+        nb = (n + bs - 1) // bs
+        tables.append(perm[i : i + nb])
+        i += nb
+    return tables
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("B", [1, 64])
+@pytest.mark.parametrize("Hq,Hkv,D", [(3, 3, 64), (9, 3, 64), (8, 2, 128), (4, 1, 64)])
+def test_paged_decode_attention_matches_reference(ext, kv_dtype, B, Hq, Hkv, D):
+    bs = 16
+    lens = torch.randint(1, 70, (B,), generator=gen(B + Hq)).tolist()
+    lens[0] = 37  # never a multiple of the block size
+    if B > 1:
+        lens[1] = 1  # a sequence with only the new token
+        lens[2] = 48  # exactly three blocks
+    num_blocks = sum((n + bs - 1) // bs for n in lens) + 3
+    pool = KVCachePool(KVCacheSpec(1, Hkv, D, bs, kv_dtype), num_blocks)
+    tables = random_tables(B, lens, bs, num_blocks, seed=B)
+    fill_pool(pool, tables, lens, Hkv, D, seed=D)
+    max_nb = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (max_nb - len(t)) for t in tables], dtype=torch.int32)
+    q_big = torch.randn(B, Hq + 2 * Hkv, D, generator=gen(20))
+    q = q_big[:, :Hq]  # a strided view, as the decoder passes it
+    for window in (0, 5):
+        sz = (pool.k_sz[0], pool.v_sz[0]) if pool.spec.quantized else (None, None)
+        got = ops.paged_decode_attention(q, pool.k[0], pool.v[0], bt, torch.tensor(lens, dtype=torch.int32),
+                                         1 / math.sqrt(D), window, *sz, kv_dtype=kv_dtype)
+        close(got, reference_decode(pool, q, tables, lens, window), tol=1e-5)
+
+
+def test_paged_decode_attention_rejects_blocks_outside_the_pool(ext):
+    pool = KVCachePool(KVCacheSpec(1, 1, 64, 16, "fp32"), 2)
+    q = torch.randn(1, 2, 64)
+    bad = torch.tensor([[5]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.paged_decode_attention(q, pool.k[0], pool.v[0], bad, torch.tensor([3], dtype=torch.int32), 0.125)
+    with pytest.raises(RuntimeError, match="exceeds the block table"):
+        ops.paged_decode_attention(q, pool.k[0], pool.v[0], torch.tensor([[0]], dtype=torch.int32),
+                                   torch.tensor([17], dtype=torch.int32), 0.125)
+
+
+# ----------------------------------------------------------------------------- through the model
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatch, kv_dtype):
+    """A mixed step (two decodes + a prefill chunk with a cached prefix) through the paged context:
+    fused ops and the torch fallback give the same hidden states."""
+    if not kernels.OPS.available():
+        pytest.skip("ops extension unavailable")
+    make_tiny_model("llama", tmp_path, num_key_value_heads=2)
+    model = load_model(tmp_path, with_tokenizer=False).model
+    model.fuse_projections()
+    cfg = model.config
+
+    def run(disabled: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(kernels.OPS, "_disabled", disabled)
+        pool = KVCachePool(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8, kv_dtype), 32)
+        tables = [[3, 9, 1, 4], [7, 2], [5, 6, 8, 10]]
+        prompts = [torch.randint(0, 256, (n,), generator=gen(30 + n)) for n in (27, 11, 20)]
+        outs = []
+        with torch.inference_mode():
+            # prefill the first two sequences and the first 13 tokens of the third
+            steps = [[(0, 0, 26), (1, 0, 10)], [(2, 0, 13)], [(0, 26, 1), (1, 10, 1), (2, 13, 7)]]
+            for step in steps:
+                items = [SeqSlice(tables[s], start, n) for s, start, n in step]
+                ids = torch.cat([prompts[s][start : start + n] for s, start, n in step])
+                ctx = build_paged_context(pool, items, cfg.sliding_window)
+                outs.append(model(ids, ctx.positions, ctx))
+        return outs
+
+    for a, b in zip(run(False), run(True)):
+        close(a, b, tol=1e-5)
