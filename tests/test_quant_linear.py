@@ -207,7 +207,7 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
     kernels.reset()
 
-    def broken_load():
+    def broken_load(*_args):
         raise RuntimeError("Error building extension: c++: command not found")
 
     monkeypatch.setattr(kernels, "_load", broken_load)
