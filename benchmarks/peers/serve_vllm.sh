@@ -12,7 +12,7 @@ if [ $# -lt 2 ]; then sed -n 2,11p "$0" >&2; exit 2; fi
 PORT=$1; HF_DIR=$2; shift 2
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 VENV=${PEER_VENVS:-$ROOT/.bench-venvs}/vllm
-[ -x "$VENV/bin/vllm" ] || { echo "no $VENV/bin/vllm: run benchmarks/peers/setup_peers.sh vllm" >&2; exit 2; }
+[ -x "$VENV/bin/python" ] || { echo "no $VENV: run benchmarks/peers/setup_peers.sh vllm" >&2; exit 2; }
 [ -f "$HF_DIR/config.json" ] || { echo "no HF model dir: $HF_DIR" >&2; exit 2; }
 export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
@@ -32,5 +32,9 @@ if [ ${#pre[@]} -gt 0 ]; then
 fi
 name=()
 [ -n "${SERVED_MODEL_NAME:-}" ] && name=(--served-model-name "$SERVED_MODEL_NAME")
-exec "$VENV/bin/vllm" serve "$HF_DIR" --host 127.0.0.1 --port "$PORT" --dtype float32 \
+# Not `vllm serve`: vllm-cpu 0.32.0's CLI asks importlib.metadata for a distribution named "vllm" and dies
+# with PackageNotFoundError (its distribution is "vllm-cpu"). The OpenAI server module is the same server
+# (vLLM marks this entry point deprecated, with a DeprecationWarning).
+exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" \
+  --host 127.0.0.1 --port "$PORT" --dtype float32 \
   --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" "${name[@]}" "$@"

