@@ -253,3 +253,48 @@ def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatc
 
     for a, b in zip(run(False), run(True)):
         close(a, b, tol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
+def test_lean_decode_loop_equals_the_module_path(tmp_path, kv_dtype):
+    """Pure decode steps skip nn.Module dispatch; the result must be bit-identical to the module
+    path (forced here by a no-op hook, which the lean loop must notice)."""
+    if not kernels.OPS.available():
+        pytest.skip("ops extension unavailable")
+    make_tiny_model("qwen2", tmp_path, num_key_value_heads=2)
+    model = load_model(tmp_path, with_tokenizer=False).model
+    model.fuse_projections()
+    cfg = model.config
+    calls = []
+    real_lean = model._forward_lean
+    model._forward_lean = lambda *a: calls.append(1) or real_lean(*a)
+
+    def run(hooked: bool) -> list[torch.Tensor]:
+        handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None) if hooked else None
+        pool = KVCachePool(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8, kv_dtype), 16)
+        tables = [[3, 9, 1], [7, 2, 0]]
+        prompts = [torch.randint(0, 256, (n,), generator=gen(40 + n)) for n in (9, 14)]
+        outs = []
+        with torch.inference_mode():
+            ctx = build_paged_context(pool, [SeqSlice(tables[0], 0, 9), SeqSlice(tables[1], 0, 14)])
+            assert not ctx.lean  # a prefill step
+            model(torch.cat(prompts), ctx.positions, ctx)
+            lens = [9, 14]
+            for step in range(4):
+                items = [SeqSlice(t, n, 1) for t, n in zip(tables, lens)]
+                ctx = build_paged_context(pool, items)
+                assert ctx.lean
+                ids = torch.tensor([(17 * step + i) % 256 for i in range(2)])
+                outs.append(model(ids, ctx.positions, ctx))
+                lens = [n + 1 for n in lens]
+        if handle is not None:
+            handle.remove()
+        return outs
+
+    lean = run(False)
+    assert len(calls) == 4
+    calls.clear()
+    module_path = run(True)
+    assert calls == []  # the hook sent every step down the module path
+    for a, b in zip(lean, module_path):
+        assert torch.equal(a, b)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..engine import kv_cache
 from ..engine.kv_cache import KVCachePool
-from . import ops
+from . import kernels, ops
 
 
 @dataclass
@@ -83,6 +83,11 @@ class PagedAttentionContext:
         self.prefills = prefills
         self.num_tokens = num_tokens
         self.max_position: int | None = None  # set by build_paged_context
+        # `lean`: a pure decode step the fused kernels run whole, so the decoder may hand its fused
+        # qkv projection to attend_qkv (three kernel calls per layer, no Python-side views).
+        self._ext = kernels.OPS.get()
+        self.lean = self._ext is not None and decode is not None and decode.tables is not None and not prefills
+        self.scale = 1.0 / math.sqrt(pool.spec.head_dim)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, Hq, D], k/v: [N, Hkv, D] (rotary applied) -> [N, Hq, D]."""
@@ -99,6 +104,25 @@ class PagedAttentionContext:
         else:
             ops.rotary_and_cache(q, k, v, self.positions, rotary.cos_sin, self.slots, pool.k[layer_idx], pool.v[layer_idx])
         return self._attend_written(layer_idx, q, k, v)
+
+    def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                   cos_sin: torch.Tensor) -> torch.Tensor:
+        """Pure decode steps only (`lean`): rotary, the KV write and attention straight from the
+        fused projection qkv [B, (Hq + 2 Hkv) D] (q, k before rotary) -> [B, Hq * D]."""
+        ext, pool, d = self._ext, self.pool, self.decode
+        if pool.spec.quantized:
+            ext.rotary_qkv_(qkv, num_heads, num_kv_heads, self.positions, cos_sin)
+            D = pool.spec.head_dim
+            _, k, v = qkv.view(-1, num_heads + 2 * num_kv_heads, D).split([num_heads, num_kv_heads, num_kv_heads], 1)
+            pool.write(layer_idx, self.slots, k, v)
+            sz = (pool.k_sz[layer_idx], pool.v_sz[layer_idx])
+        else:
+            ext.rotary_and_cache_qkv(qkv, num_heads, num_kv_heads, self.positions, cos_sin, self.slots,
+                                     pool.k[layer_idx], pool.v[layer_idx])
+            sz = (None, None)
+        return ext.paged_decode_attention_qkv(qkv, num_heads, num_kv_heads, d.batch, pool.k[layer_idx],
+                                              pool.v[layer_idx], *sz, d.tables, d.lens, self.scale, d.window,
+                                              ops.KV_CODES[pool.spec.dtype])
 
     def _attend_written(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         parts = []

@@ -510,6 +510,48 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   return out;
 }
 
+// ------------------------------------------------------------------------------- fused-projection entry points
+// The decoder's fused qkv projection is one [N, (Hq + 2 Hkv) D] tensor. These take it whole and
+// slice q/k/v here, saving the engine's decode loop the Python-side split + views per layer.
+struct Qkv {
+  at::Tensor q, k, v;
+};
+
+Qkv split_qkv(const at::Tensor& qkv, int64_t Hq, int64_t Hkv) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [N, (Hq + 2 Hkv) * D] with unit last stride");
+  TORCH_CHECK(Hq > 0 && Hkv > 0 && qkv.size(1) % (Hq + 2 * Hkv) == 0, "qkv width ", qkv.size(1),
+              " is not (Hq + 2 Hkv) * D for Hq=", Hq, ", Hkv=", Hkv);
+  const int64_t N = qkv.size(0), D = qkv.size(1) / (Hq + 2 * Hkv), S = qkv.stride(0);
+  const int64_t o = qkv.storage_offset();
+  return {qkv.as_strided({N, Hq, D}, {S, D, 1}, o), qkv.as_strided({N, Hkv, D}, {S, D, 1}, o + Hq * D),
+          qkv.as_strided({N, Hkv, D}, {S, D, 1}, o + (Hq + Hkv) * D)};
+}
+
+void rotary_qkv_(const at::Tensor& qkv, int64_t Hq, int64_t Hkv, const at::Tensor& positions,
+                 const at::Tensor& cos_sin) {
+  Qkv t = split_qkv(qkv, Hq, Hkv);
+  rotary_impl(t.q, t.k, positions, cos_sin, nullptr, nullptr, nullptr, nullptr);
+}
+
+void rotary_and_cache_qkv(const at::Tensor& qkv, int64_t Hq, int64_t Hkv, const at::Tensor& positions,
+                          const at::Tensor& cos_sin, const at::Tensor& slots, at::Tensor k_pool, at::Tensor v_pool) {
+  Qkv t = split_qkv(qkv, Hq, Hkv);
+  rotary_impl(t.q, t.k, positions, cos_sin, &t.v, &slots, &k_pool, &v_pool);
+}
+
+// Attention for the first B rows of qkv (the decode batch); returns [B, Hq * D], o_proj's input.
+at::Tensor paged_decode_attention_qkv(const at::Tensor& qkv, int64_t Hq, int64_t Hkv, int64_t B,
+                                      const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                      const c10::optional<at::Tensor>& k_sz, const c10::optional<at::Tensor>& v_sz,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                      int64_t window, int64_t kv_dtype) {
+  TORCH_CHECK(B >= 0 && B <= qkv.size(0), "decode batch ", B, " exceeds the ", qkv.size(0), " rows of qkv");
+  Qkv t = split_qkv(qkv, Hq, Hkv);
+  at::Tensor out = paged_decode_attention(t.q.narrow(0, 0, B), k_pool, v_pool, k_sz, v_sz, block_tables,
+                                          context_lens, scale, window, kv_dtype);
+  return out.view({B, -1});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -519,4 +561,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotary on q [N, Hq, D] and k [N, Hkv, D] in place");
   m.def("rotary_and_cache", &rotary_and_cache, "rotary on q, k in place; store k, v at slots of fp32 pools");
   m.def("paged_decode_attention", &paged_decode_attention, "one-token attention over paged K/V blocks");
+  m.def("rotary_qkv_", &rotary_qkv_, "rotary_ on the q and k parts of a fused [N, (Hq + 2 Hkv) D] qkv");
+  m.def("rotary_and_cache_qkv", &rotary_and_cache_qkv, "rotary_and_cache on a fused qkv");
+  m.def("paged_decode_attention_qkv", &paged_decode_attention_qkv,
+        "paged_decode_attention for the first B rows of a fused qkv -> [B, Hq * D]");
 }
