@@ -253,3 +253,53 @@ def test_real_model_awq_w4_g64_beats_rtn(tmp_path, shared_data):
         lm = load_model(out)
         ppl[method] = perplexity(lm.model, tokenize_stream(lm.tokenizer, text), 2048, max_windows=2).ppl
     assert ppl["awq"] < ppl["rtn"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_byte_tokenizer(model_dir: Path) -> None:
+    """A 256-token byte-level tokenizer, so tiny random models can take text (calibration, eval)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(model_dir)
+
+
+def test_cli_quantize_then_eval(tmp_path, capsys):
+    from lowbit.cli import main
+
+    src = tmp_path / "m"
+    make_tiny_model("llama", src)
+    add_byte_tokenizer(src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(40)))
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", str(src), "--method", "awq", "--w-bit", "4", "--group-size", "32",
+               "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "64", "--search-samples", "2",
+               "--format", "compressed-tensors", "--out", str(out), "--quiet"])
+    assert rc == 0 and (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["calibration"]["samples"] == 4 and report["calibration"]["source"] == str(calib)
+
+    text = tmp_path / "eval.txt"
+    text.write_text(" = Title = \n \n" + " some words here .\n" * 60)
+    capsys.readouterr()
+    assert main(["eval", "ppl", "--model", str(out), "--dataset", str(text), "--seqlen", "64", "--quiet"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    plot = tmp_path / "cmp.png"
+    assert main(["eval", "compare", "--models", str(src), str(out), "--labels", "FP", "AWQ", "--dataset", str(text),
+                 "--seqlen", "64", "--max-windows", "2", "--plot", str(plot), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "FP" in table and "AWQ" in table and "compressed-tensors W4 g32" in table
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+    # bad input: one line on stderr, exit code 2, nothing overwritten
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--out", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["eval", "compare", "--models", str(src), str(out), "--labels", "one"]) == 2
+    assert "labels" in capsys.readouterr().err
