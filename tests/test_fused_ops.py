@@ -199,6 +199,8 @@ def test_paged_decode_attention_matches_reference(ext, kv_dtype, B, Hq, Hkv, D):
         lens[2] = 48  # exactly three blocks
     num_blocks = sum((n + bs - 1) // bs for n in lens) + 3
     pool = KVCachePool(KVCacheSpec(1, Hkv, D, bs, kv_dtype), num_blocks)
+    if kv_dtype == "int4" and not getattr(pool.spec, "channel_keys", False):
+        pytest.skip("the kernel reads int4 pools with per-channel keys (kv_cache.py's scheme)")
     tables = random_tables(B, lens, bs, num_blocks, seed=B)
     fill_pool(pool, tables, lens, Hkv, D, seed=D)
     max_nb = max(len(t) for t in tables)
@@ -298,3 +300,22 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, kv_dtype):
     assert calls == []  # the hook sent every step down the module path
     for a, b in zip(lean, module_path):
         assert torch.equal(a, b)
+
+
+def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch):
+    """The decode path probes each quantized pool scheme once: if the pool's own dequantization
+    disagrees with what the kernel assumes, the torch path is used instead of misreading it."""
+    from lowbit.engine import kv_cache
+    from lowbit.layers import paged_attention as pa
+
+    if not kernels.OPS.available():
+        pytest.skip("ops extension unavailable")
+    monkeypatch.setattr(pa, "_LAYOUT_OK", {})
+    assert pa._probe_layout("int8")
+    real = kv_cache.dequantize
+    monkeypatch.setattr(kv_cache, "dequantize", lambda q, sz, dtype: real(q, sz, dtype) * 1.5)  # "a new scheme"
+    assert not pa._probe_layout("int8")
+    pool = KVCachePool(KVCacheSpec(1, 2, 32, 4, "int8"), 4)
+    assert not pa._kernel_reads(pool)
+    ctx = build_paged_context(pool, [SeqSlice([0], 2, 1)])
+    assert ctx.decode.tables is None and not ctx.lean  # decode falls back to gather + SDPA

@@ -152,13 +152,14 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One new token per sequence attending to its cached keys/values, read from the blocks in place.
 
-    q [B, Hq, D] fp32; pools [blocks, block_size, Hkv, D] fp32, or uint8 codes [.., D] (int8) /
-    [.., D/2] (int4: element j in the low nibble of byte j, j + D/2 in the high one) with k_sz/v_sz
-    [blocks, block_size, Hkv, 2] = (scale, zero), value = code * scale + zero (kv_cache.py's
-    scheme); block_tables int32 [B, max_blocks]; context_lens int32 [B] (keys 0..len-1, the new
-    token's included); window > 0 keeps only the last `window` keys. Returns [B, Hq, D].
-    Call only where paged_decode_supported() says so (there is no torch fallback here: the
-    caller's gather + SDPA path is the reference).
+    q [B, Hq, D] fp32; pools [blocks, block_size, Hkv, D] fp32, or uint8 codes in kv_cache.py's
+    schemes (value = code * scale + zero): int8 [.., D] with k_sz/v_sz fp32 [blocks, block_size,
+    Hkv, 2] per token; int4 [.., D/2] (element j in the low nibble of byte j, j + D/2 in the high
+    one) with V per token as int8, K per channel over each block's tokens, k_sz fp16
+    [blocks, 2, Hkv, D]. block_tables int32 [B, max_blocks]; context_lens int32 [B] (keys
+    0..len-1, the new token's included); window > 0 keeps only the last `window` keys.
+    Returns [B, Hq, D]. Call only where paged_decode_supported() says so (there is no torch
+    fallback here: the caller's gather + SDPA path is the reference).
     """
     ext = _ext()
     if ext is None:

@@ -264,9 +264,14 @@ void rotary_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // (G x context floats, a few KiB) rather than rescaled online: two passes over K and V each, one
 // exp per score, no per-block rescale of the accumulators.
 //
-// Pool element types. int8/int4 rows dequantize as code * scale + zero with (scale, zero) per
-// token and head (kv_cache.py's scheme); folded into the math, so no dequantized copy:
-//   q . k = scale * (q . codes) + zero * sum(q);   sum_t p_t v_t = sum_t (p_t scale_t) codes_t + sum_t p_t zero_t.
+// Pool element types (kv_cache.py's schemes), dequantized as code * scale + zero inside the math,
+// never into a copy:
+//   int8: K and V per token and head, fp32 (scale, zero) [blocks, bs, Hkv, 2]:
+//         q . k = scale * (q . codes) + zero * sum(q);
+//   int4: V as int8 but 4-bit; K per channel over each block's tokens, fp16 (scale, zero)
+//         [blocks, 2, Hkv, D]: q . k = (q * scale_blk) . codes + q . zero_blk, the two q-side
+//         factors computed once per block;
+//   both: sum_t p_t v_t = sum_t (p_t scale_t) codes_t + sum_t p_t zero_t.
 enum class Kv { F32, U8, U4 };
 
 template <Kv T>
@@ -303,7 +308,8 @@ struct PagedArgs {
   int64_t q_s_tok, q_s_head;
   const uint8_t* k;  // pool base, bytes
   const uint8_t* v;
-  const float* k_sz;  // [rows, Hkv, 2] (scale, zero) or nullptr
+  const float* k_sz;  // int8: [rows, Hkv, 2] (scale, zero) or nullptr
+  const uint16_t* k_ch;  // int4: fp16 [blocks, 2, Hkv, D] per-channel (scale, zero) of each block
   const float* v_sz;
   int64_t row_bytes;  // bytes of one (token, head) row
   const int32_t* tables;
@@ -315,9 +321,126 @@ struct PagedArgs {
   float* out;  // [B, Hq, D] contiguous
 };
 
+// Pass 1 for GN query heads g0..g0+GN-1 (GN a template argument, so the accumulators live in
+// registers): sc[g * n + (t - start)] = scale * q_g . k_t.
+template <Kv T, int GN>
+void scores(const PagedArgs& a, const int32_t* table, int64_t h, int64_t start, int64_t len, const float* q0,
+            const float* qsum, int64_t g0, float* sc, float* scratch) {
+  const int64_t D = a.D, half = D / 2, n = len - start;
+  const float* qg[GN];
+  float qz[GN];
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g) {
+    qg[g] = q0 + (g0 + g) * a.q_s_head;
+    qz[g] = 0.0f;
+  }
+  for (int64_t t = start; t < len;) {
+    const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
+    const int64_t blk = table[t / a.bs];
+    const int64_t row0 = blk * a.bs + off;
+    if constexpr (T == Kv::U4) {  // this block's channel ranges folded into q: scratch[g] = q_g * scale
+      const uint16_t* sp = a.k_ch + ((blk * 2) * a.Hkv + h) * D;
+      const uint16_t* zp = a.k_ch + ((blk * 2 + 1) * a.Hkv + h) * D;
+      __m256 zacc[GN];
+#pragma GCC unroll 8
+      for (int g = 0; g < GN; ++g) zacc[g] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8) {
+        const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + i)));
+        const __m256 zv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + i)));
+#pragma GCC unroll 8
+        for (int g = 0; g < GN; ++g) {
+          const __m256 qv = _mm256_loadu_ps(qg[g] + i);
+          _mm256_storeu_ps(scratch + g * D + i, _mm256_mul_ps(qv, sv));
+          zacc[g] = _mm256_fmadd_ps(qv, zv, zacc[g]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int g = 0; g < GN; ++g) qz[g] = hsum(zacc[g]);
+    }
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t row = (row0 + j) * a.Hkv + h;
+      const uint8_t* kr = a.k + row * a.row_bytes;
+      __m256 acc[GN];
+#pragma GCC unroll 8
+      for (int g = 0; g < GN; ++g) acc[g] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8) {
+        const __m256 kv = KvRow<T>::load(kr, i, half);
+#pragma GCC unroll 8
+        for (int g = 0; g < GN; ++g) {
+          const float* qv = T == Kv::U4 ? scratch + g * D : qg[g];
+          acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), kv, acc[g]);
+        }
+      }
+      float* out = sc + g0 * n + (t - start) + j;
+#pragma GCC unroll 8
+      for (int g = 0; g < GN; ++g) {
+        float d = hsum(acc[g]);
+        if constexpr (T == Kv::U8) d = a.k_sz[row * 2] * d + a.k_sz[row * 2 + 1] * qsum[g0 + g];
+        if constexpr (T == Kv::U4) d += qz[g];
+        out[g * n] = d * a.scale;
+      }
+    }
+    t += cnt;
+  }
+}
+
+// Pass 2 for GN (<= 4) query heads: acc[g, :] = sum_t w[g, t] v_t, 16 output floats per sweep
+// over the keys (2 x GN accumulators in registers); quantized V also gathers sum_t w * zero_t.
+template <Kv T, int GN>
+void weighted_values(const PagedArgs& a, const int32_t* table, int64_t h, int64_t start, int64_t len,
+                     int64_t g0, const float* sc, float* acc, float* zterm) {
+  const int64_t D = a.D, half = D / 2, n = len - start;
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const bool two = d0 + 8 < D;
+    __m256 r0[GN], r1[GN];
+    float z[GN];
+#pragma GCC unroll 4
+    for (int g = 0; g < GN; ++g) {
+      r0[g] = r1[g] = _mm256_setzero_ps();
+      z[g] = 0.0f;
+    }
+    for (int64_t t = start; t < len;) {
+      const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
+      const int64_t row0 = static_cast<int64_t>(table[t / a.bs]) * a.bs + off;
+      const float* p = sc + g0 * n + (t - start);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int64_t row = (row0 + j) * a.Hkv + h;
+        const uint8_t* vr = a.v + row * a.row_bytes;
+        const __m256 v0 = KvRow<T>::load(vr, d0, half);
+        const __m256 v1 = two ? KvRow<T>::load(vr, d0 + 8, half) : _mm256_setzero_ps();
+        if constexpr (T == Kv::F32) {
+#pragma GCC unroll 4
+          for (int g = 0; g < GN; ++g) {
+            const __m256 w = _mm256_broadcast_ss(p + g * n + j);
+            r0[g] = _mm256_fmadd_ps(w, v0, r0[g]);
+            r1[g] = _mm256_fmadd_ps(w, v1, r1[g]);
+          }
+        } else {
+          const float vs = a.v_sz[row * 2], vz = a.v_sz[row * 2 + 1];
+#pragma GCC unroll 4
+          for (int g = 0; g < GN; ++g) {
+            const float pg = p[g * n + j];
+            const __m256 w = _mm256_set1_ps(pg * vs);
+            r0[g] = _mm256_fmadd_ps(w, v0, r0[g]);
+            r1[g] = _mm256_fmadd_ps(w, v1, r1[g]);
+            z[g] += pg * vz;
+          }
+        }
+      }
+      t += cnt;
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GN; ++g) {
+      _mm256_storeu_ps(acc + (g0 + g) * D + d0, r0[g]);
+      if (two) _mm256_storeu_ps(acc + (g0 + g) * D + d0 + 8, r1[g]);
+      if (d0 == 0) zterm[g0 + g] = z[g];
+    }
+  }
+}
+
 template <Kv T>
 void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& buf) {
-  const int64_t D = a.D, G = a.G, half = D / 2;
+  const int64_t D = a.D, G = a.G;
   const int64_t len = a.lens[b];
   const int64_t start = a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
   const int64_t n = len - start;
@@ -326,44 +449,34 @@ void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& bu
     std::fill(out0, out0 + G * D, 0.0f);
     return;
   }
-  buf.resize(static_cast<size_t>(G * n + G * D + 3 * G));
+  buf.resize(static_cast<size_t>(G * n + G * D + 3 * G + 8 * D));
   float* sc = buf.data();     // [G, n] scores, then softmax weights
   float* acc = sc + G * n;    // [G, D] weighted sums of V
   float* qsum = acc + G * D;  // [G] sum of q (quantized pools: the zero-point term)
   float* inv = qsum + G;      // [G] 1 / softmax denominator
   float* zterm = inv + G;     // [G] sum_t p_t zero_t (quantized V)
+  float* scratch = zterm + G; // [8, D] int4: q * this block's K scales
   const int32_t* table = a.tables + b * a.max_blocks;
   const float* q0 = a.q + b * a.q_s_tok + h * G * a.q_s_head;
   for (int64_t g = 0; g < G; ++g) {
-    const float* qg = q0 + g * a.q_s_head;
     float s = 0;
-    for (int64_t i = 0; i < D; ++i) s += qg[i];
+    if constexpr (T == Kv::U8) {
+      const float* qg = q0 + g * a.q_s_head;
+      for (int64_t i = 0; i < D; ++i) s += qg[i];
+    }
     qsum[g] = s;
     zterm[g] = 0.0f;
   }
-  // Pass 1: scores, up to 8 query heads per sweep over K.
   for (int64_t g0 = 0; g0 < G; g0 += 8) {
-    const int64_t gn = std::min<int64_t>(8, G - g0);
-    for (int64_t t = start; t < len;) {
-      const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
-      const int64_t row0 = static_cast<int64_t>(table[t / a.bs]) * a.bs + off;
-      for (int64_t j = 0; j < cnt; ++j) {
-        const int64_t row = (row0 + j) * a.Hkv + h;
-        const uint8_t* kr = a.k + row * a.row_bytes;
-        __m256 accs[8];
-        for (int64_t g = 0; g < gn; ++g) accs[g] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < D; i += 8) {
-          const __m256 kv = KvRow<T>::load(kr, i, half);
-          for (int64_t g = 0; g < gn; ++g)
-            accs[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + (g0 + g) * a.q_s_head + i), kv, accs[g]);
-        }
-        for (int64_t g = 0; g < gn; ++g) {
-          float d = hsum(accs[g]);
-          if constexpr (T != Kv::F32) d = a.k_sz[row * 2] * d + a.k_sz[row * 2 + 1] * qsum[g0 + g];
-          sc[(g0 + g) * n + (t - start) + j] = d * a.scale;
-        }
-      }
-      t += cnt;
+    switch (std::min<int64_t>(8, G - g0)) {
+      case 1: scores<T, 1>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      case 2: scores<T, 2>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      case 3: scores<T, 3>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      case 4: scores<T, 4>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      case 5: scores<T, 5>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      case 6: scores<T, 6>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      case 7: scores<T, 7>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
+      default: scores<T, 8>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
     }
   }
   // Softmax (unnormalised weights; the denominator divides at the end).
@@ -389,40 +502,12 @@ void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& bu
     }
     inv[g] = 1.0f / sum;
   }
-  // Pass 2: weighted sum of V, 16 output floats x up to 4 heads in registers per sweep.
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
-    const bool two = d0 + 8 < D;
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const int64_t gn = std::min<int64_t>(4, G - g0);
-      __m256 r0[4], r1[4];
-      for (int64_t g = 0; g < gn; ++g) r0[g] = r1[g] = _mm256_setzero_ps();
-      for (int64_t t = start; t < len;) {
-        const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
-        const int64_t row0 = static_cast<int64_t>(table[t / a.bs]) * a.bs + off;
-        for (int64_t j = 0; j < cnt; ++j) {
-          const int64_t row = (row0 + j) * a.Hkv + h;
-          const uint8_t* vr = a.v + row * a.row_bytes;
-          const __m256 v0 = KvRow<T>::load(vr, d0, half);
-          const __m256 v1 = two ? KvRow<T>::load(vr, d0 + 8, half) : _mm256_setzero_ps();
-          float vs = 1.0f;
-          if constexpr (T != Kv::F32) vs = a.v_sz[row * 2];
-          const float* p = sc + g0 * n + (t - start) + j;
-          for (int64_t g = 0; g < gn; ++g) {
-            const float pg = p[g * n];
-            const __m256 w = _mm256_set1_ps(pg * vs);
-            r0[g] = _mm256_fmadd_ps(w, v0, r0[g]);
-            r1[g] = _mm256_fmadd_ps(w, v1, r1[g]);
-            if constexpr (T != Kv::F32) {
-              if (d0 == 0) zterm[g0 + g] += pg * a.v_sz[row * 2 + 1];
-            }
-          }
-        }
-        t += cnt;
-      }
-      for (int64_t g = 0; g < gn; ++g) {
-        _mm256_storeu_ps(acc + (g0 + g) * D + d0, r0[g]);
-        if (two) _mm256_storeu_ps(acc + (g0 + g) * D + d0 + 8, r1[g]);
-      }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 1: weighted_values<T, 1>(a, table, h, start, len, g0, sc, acc, zterm); break;
+      case 2: weighted_values<T, 2>(a, table, h, start, len, g0, sc, acc, zterm); break;
+      case 3: weighted_values<T, 3>(a, table, h, start, len, g0, sc, acc, zterm); break;
+      default: weighted_values<T, 4>(a, table, h, start, len, g0, sc, acc, zterm); break;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -456,9 +541,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     TORCH_CHECK(k_pool.size(3) == (kind == Kv::U8 ? D : D / 2), "quantized pool has the wrong row width");
     TORCH_CHECK(kind != Kv::U4 || D % 16 == 0, "int4 pools need head_dim % 16 == 0");
     TORCH_CHECK(k_sz.has_value() && v_sz.has_value(), "quantized pools need k_sz and v_sz");
-    for (const at::Tensor& t : {*k_sz, *v_sz})
-      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == k_pool.size(0) * bs * Hkv * 2,
-                  "scale/zero tensors must be contiguous fp32 [blocks, block_size, Hkv, 2]");
+    const int64_t per_token = k_pool.size(0) * bs * Hkv * 2;
+    TORCH_CHECK(v_sz->scalar_type() == at::kFloat && v_sz->is_contiguous() && v_sz->numel() == per_token,
+                "v_sz must be contiguous fp32 [blocks, block_size, Hkv, 2]");
+    if (kind == Kv::U8) {
+      TORCH_CHECK(k_sz->scalar_type() == at::kFloat && k_sz->is_contiguous() && k_sz->numel() == per_token,
+                  "int8 k_sz must be contiguous fp32 [blocks, block_size, Hkv, 2]");
+    } else {
+      TORCH_CHECK(k_sz->scalar_type() == at::kHalf && k_sz->is_contiguous() && k_sz->dim() == 4 &&
+                      k_sz->size(0) == k_pool.size(0) && k_sz->size(1) == 2 && k_sz->size(2) == Hkv &&
+                      k_sz->size(3) == D, "int4 k_sz must be contiguous fp16 [blocks, 2, Hkv, D]");
+    }
   }
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
                   block_tables.is_contiguous(), "block_tables must be contiguous int32 [B, max_blocks]");
@@ -483,7 +576,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   a.q_s_head = q.stride(1);
   a.k = static_cast<const uint8_t*>(k_pool.data_ptr());
   a.v = static_cast<const uint8_t*>(v_pool.data_ptr());
-  a.k_sz = kind == Kv::F32 ? nullptr : k_sz->data_ptr<float>();
+  a.k_sz = kind == Kv::U8 ? k_sz->data_ptr<float>() : nullptr;
+  a.k_ch = kind == Kv::U4 ? reinterpret_cast<const uint16_t*>(k_sz->data_ptr<at::Half>()) : nullptr;
   a.v_sz = kind == Kv::F32 ? nullptr : v_sz->data_ptr<float>();
   a.row_bytes = k_pool.size(3) * k_pool.element_size();
   a.tables = tables;
