@@ -10,7 +10,10 @@ then costs a handful of tensor ops per layer:
   extension, one padded gather of all sequences' blocks + one masked SDPA call (GQA by viewing the
   query heads as [Hkv, group]), a single sequence whose blocks are contiguous reading a view;
 * prefill chunk: SDPA of the chunk's queries over (cached prefix + the chunk's own exact k/v) with
-  an offset causal mask; a chunk starting at position 0 needs no cache read at all.
+  an offset causal mask; a chunk starting at position 0 needs no cache read at all. With
+  `quantized_chunk=True` (evaluation: lowbit/eval/kv_perplexity.py) a quantized pool's chunk reads
+  its own k/v back from the pool too, so every query sees exactly the stored (quantized) keys and
+  values a decode step would see, whatever the chunk size.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class _PrefillMeta:
     start: int
     prefix_blocks: torch.Tensor | None
     mask: torch.Tensor | None  # [T, S] bool, None -> plain causal
+    from_pool: bool = False  # prefix_blocks cover the chunk too: read its k/v back from the pool
 
 
 class PagedAttentionContext:
@@ -159,7 +163,10 @@ class PagedAttentionContext:
         return out.reshape(B, Hq, D)
 
     def _prefill(self, layer: int, p: _PrefillMeta, q, k, v) -> torch.Tensor:
-        if p.prefix_blocks is not None:
+        if p.from_pool:
+            k, v = self.pool.gather(layer, p.prefix_blocks)
+            k, v = k[: p.start + p.num_new], v[: p.start + p.num_new]
+        elif p.prefix_blocks is not None:
             pk, pv = self.pool.gather(layer, p.prefix_blocks)
             k = torch.cat([pk[: p.start], k], dim=0)
             v = torch.cat([pv[: p.start], v], dim=0)
@@ -171,8 +178,15 @@ class PagedAttentionContext:
         return out[0].transpose(0, 1)
 
 
-def build_paged_context(pool: KVCachePool, items: list[SeqSlice], window: int | None = None) -> PagedAttentionContext:
-    """Precompute a step's index tensors. Items with num_new == 1 must come first (the decode batch)."""
+def build_paged_context(
+    pool: KVCachePool, items: list[SeqSlice], window: int | None = None, *, quantized_chunk: bool = False
+) -> PagedAttentionContext:
+    """Precompute a step's index tensors. Items with num_new == 1 must come first (the decode batch).
+
+    quantized_chunk: prefill chunks attend to their own k/v as stored in a quantized pool (what a
+    decode step sees) instead of the exact activations; no effect on an fp32 pool.
+    """
+    read_back = quantized_chunk and pool.spec.quantized
     bs = pool.block_size
     n_dec = 0
     while n_dec < len(items) and items[n_dec].num_new == 1:
@@ -196,7 +210,7 @@ def build_paged_context(pool: KVCachePool, items: list[SeqSlice], window: int | 
         bt = torch.tensor(it.block_table[:nb_total], dtype=torch.long)
         slot_parts.append(bt[pos // bs] * bs + pos % bs)
         pos_parts.append(pos)
-        prefills.append(_prefill_meta(it, row, bs, window))
+        prefills.append(_prefill_meta(it, row, bs, window, read_back))
         row += it.num_new
     ctx = PagedAttentionContext(
         pool,
@@ -288,10 +302,12 @@ def _decode_meta(pool: KVCachePool, items: list[SeqSlice], window: int | None) -
     return _DecodeMeta(len(items), torch.tensor(flat, dtype=torch.long), 0, max_nb, 0, L, mask[:, None, None, :])
 
 
-def _prefill_meta(it: SeqSlice, row: int, bs: int, window: int | None) -> _PrefillMeta:
+def _prefill_meta(it: SeqSlice, row: int, bs: int, window: int | None, read_back: bool = False) -> _PrefillMeta:
     T, start = it.num_new, it.start
     prefix = None
-    if start > 0:
+    if read_back:
+        prefix = torch.tensor(it.block_table[: (start + T + bs - 1) // bs], dtype=torch.long)
+    elif start > 0:
         prefix = torch.tensor(it.block_table[: (start + bs - 1) // bs], dtype=torch.long)
     mask = None
     if start > 0 or (window and T > window):
@@ -300,4 +316,4 @@ def _prefill_meta(it: SeqSlice, row: int, bs: int, window: int | None) -> _Prefi
         mask = kpos <= qpos
         if window:
             mask &= kpos > qpos - window
-    return _PrefillMeta(row, T, start, prefix, mask)
+    return _PrefillMeta(row, T, start, prefix, mask, read_back)
