@@ -125,6 +125,21 @@ def test_int4_decode_appends_stay_close_to_one_shot_and_keep_full_blocks():
     assert (a[:40] - k).pow(2).mean() < 1.5 * (b[:40] - k).pow(2).mean()
 
 
+def test_int4_appends_inside_the_range_leave_earlier_codes_alone():
+    pool = KVCachePool(KVCacheSpec(1, 2, 64, 16, "int4"), 2)
+    k = torch.rand(12, 2, 64) * 8 - 4
+    k[0], k[1] = -5.0, 5.0  # the block's range, set by its first write
+    v = torch.randn(12, 2, 64)
+    _fill(pool, [1], k, v, [6])
+    codes, ranges = pool.k[0][1, :6].clone(), pool.k_sz[0][1].clone()
+    _fill(pool, [1], k, v, [6, 1, 1, 3, 1])  # the same 6 rows again (a restart), then appends inside
+    assert torch.equal(pool.k[0][1, :6], codes) and torch.equal(pool.k_sz[0][1], ranges)
+    k[11, 0, 3] = 9.0  # one channel grows: only that channel's codes may move
+    _fill(pool, [1], k, v, [11, 1])
+    moved = (pool.k[0][1, :6] != codes).nonzero()[:, 1:].unique(dim=0).tolist()
+    assert moved and all(h == 0 and c == 3 for h, c in moved)  # byte 3 of head 0 holds channels 3 and 35
+
+
 def test_int4_reused_block_ignores_stale_rows():
     pool = KVCachePool(KVCacheSpec(1, 1, 64, 16, "int4"), 2)
     _fill(pool, [1], torch.full((16, 1, 64), 1000.0), torch.zeros(16, 1, 64), [16])  # a previous owner

@@ -11,11 +11,13 @@ fp32 stores activations as they are (the fast CPU path). The quantized pools are
   over a block's tokens follows each channel's own spread). Per-token K costs the default model
   ~+14% perplexity; per-channel K brings int4 to ~+1.5%. The block's K ranges are fp16 [2, Hkv, D]
   per block (scale, zero), i.e. 4 * D / block_size bytes per token and head.
-  Tokens arrive one at a time in decode, so a block's K ranges are not known up front: each write
-  recomputes the ranges of the blocks it touches over their valid rows (the rows up to the last one
-  written; tokens fill a block in order) and requantizes those blocks. Rows whose channel range did
-  not grow keep their codes exactly; a row re-rounded onto a wider range gains at most half of the
-  new step each time.
+  Tokens arrive one at a time in decode, so a block's K ranges are not known up front: a write
+  widens each touched block's ranges to cover its new tokens (from the stored ranges, so rows a
+  previous owner left past the last valid one never count) and remaps the block's earlier codes
+  onto the new grid: an identity for every channel whose range did not grow, a re-rounding (at
+  most half a new step) for one that did. A write at row 0 starts the block afresh. Whole blocks
+  written at once (a long prefill) are quantized in one shot; on the default model, token-by-token
+  filling costs ~+0.3% perplexity more than that (lowbit/eval/kv_perplexity.py).
   int4 packs two values per byte: element j in the low nibble, element j + D/2 in the high one,
   so unpacking is one concatenation.
 
@@ -23,6 +25,7 @@ Capacity vs fp32 (default model, head_dim 64, block 16): int8 3.56x, int4 5.82x.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -148,25 +151,48 @@ class KVCachePool:
         self.v_sz[layer].view(-1, *sz.shape[2:]).index_copy_(0, slots, sz[1])
 
     def _write_channel_keys(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
-        """Requantize every block the write touches, per channel over its valid rows."""
-        bs = self.block_size
+        """Extend each touched block's per-channel K range to cover the new tokens, remap the
+        block's earlier codes onto the new grid (an identity where a channel's range did not
+        grow) and quantize the new tokens. A block whose first written row is 0 starts afresh."""
+        bs, N = self.block_size, slots.numel()
+        H, D = k.shape[1:]
+        k = k.float()
         blocks, offs = slots.div(bs, rounding_mode="floor"), slots.remainder(bs)
-        ub, inv = torch.unique(blocks, return_inverse=True)
+        ub, inv = torch.unique(blocks, return_inverse=True) if N > 1 else (blocks, torch.zeros(1, dtype=torch.long))
         M = ub.numel()
-        valid = torch.zeros(M, dtype=torch.long).scatter_reduce_(0, inv, offs + 1, "amax")
-        first = torch.full((M,), bs, dtype=torch.long).scatter_reduce_(0, inv, offs, "amin")
-        if bool((first == 0).all()):  # every block starts afresh: no earlier rows to keep
-            x = k.new_zeros(M, bs, *k.shape[1:])
+        if M == N:  # one token per block (decode): its range is the token itself
+            first = torch.empty_like(offs).index_copy_(0, inv, offs)
+            lo = hi = k if N == 1 else torch.empty_like(k).index_copy_(0, inv, k)
         else:
-            x = dequantize_channels(self.k[layer].index_select(0, ub), self.k_sz[layer].index_select(0, ub))
-        x[inv, offs] = k.float()
-        stale = torch.arange(bs)[None, :] >= valid[:, None]  # rows past the last one written
-        if bool(stale.any()):  # fill them with a valid row: finite codes that widen no range
-            last = x[torch.arange(M), valid - 1]
-            x = torch.where(stale[:, :, None, None], last[:, None], x)
-        q, sz = quantize_channels(x)
-        self.k[layer].index_copy_(0, ub, q)
-        self.k_sz[layer].index_copy_(0, ub, sz)
+            first = torch.full((M,), bs, dtype=torch.long).scatter_reduce_(0, inv, offs, "amin")
+            idx = inv[:, None, None].expand(N, H, D)
+            lo = torch.full((M, H, D), math.inf).scatter_reduce_(0, idx, k, "amin")
+            hi = torch.full((M, H, D), -math.inf).scatter_reduce_(0, idx, k, "amax")
+        keep = first > 0  # blocks already holding earlier rows of the same sequence
+        n_keep = int(keep.sum())
+        if n_keep:
+            old = self.k_sz[layer].index_select(0, ub).float()
+            s_old, z_old = old[:, 0], old[:, 1]
+            if n_keep == M:
+                lo, hi = torch.minimum(lo, z_old), torch.maximum(hi, z_old + 15.0 * s_old)
+            else:
+                kp = keep[:, None, None]
+                lo = torch.where(kp, torch.minimum(lo, z_old), lo)
+                hi = torch.where(kp, torch.maximum(hi, z_old + 15.0 * s_old), hi)
+        zero, scale = _channel_range(lo, hi)
+        z, s = zero.float(), scale.float()
+        if n_keep:
+            mul, add, kb = s_old / s, (z_old - z) / s, ub
+            if n_keep < M:
+                rows = keep.nonzero().squeeze(1)
+                mul, add, kb = mul.index_select(0, rows), add.index_select(0, rows), ub.index_select(0, rows)
+            codes = _unpack4(self.k[layer].index_select(0, kb)).float().mul_(mul.unsqueeze(1)).add_(add.unsqueeze(1))
+            self.k[layer].index_copy_(0, kb, _pack4(codes.round_().clamp_(0, 15).to(torch.uint8)))
+        if N > 1:
+            z, s = z.index_select(0, inv), s.index_select(0, inv)
+        q = (k - z).div_(s).round_().clamp_(0, 15).to(torch.uint8)
+        self.k[layer].view(-1, H, D // 2).index_copy_(0, slots, _pack4(q))
+        self.k_sz[layer].index_copy_(0, ub, torch.stack([scale, zero], dim=1))
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer) before a shared block is written."""
@@ -223,21 +249,34 @@ _MIN_SCALE = 2.0**-14  # smallest normal fp16: the stored scale never underflows
 _FP16_MAX = 65504.0
 
 
+def _unpack4(q: torch.Tensor) -> torch.Tensor:
+    return torch.cat([q & 15, q >> 4], dim=-1)
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    half = q.shape[-1] // 2
+    return q[..., :half] | (q[..., half:] << 4)
+
+
+def _channel_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (zero, scale) covering [lo, hi] with 15 steps; the scale is computed from the rounded
+    zero so that code 15 still reaches hi."""
+    zero = lo.clamp(-_FP16_MAX, _FP16_MAX).half()
+    scale = (hi - zero.float()).div_(15.0).clamp_(_MIN_SCALE, _FP16_MAX).half()
+    return zero, scale
+
+
 def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 per channel over the token axis: x [M, bs, H, D] fp32 -> (packed codes [M, bs, H, D/2],
     fp16 scale_zero [M, 2, H, D]). Codes are computed from the fp16-rounded scale and zero, so
     requantizing a dequantized block with an unchanged range gives back the same codes."""
-    mn, mx = x.aminmax(dim=1)
-    zero = mn.clamp(-_FP16_MAX, _FP16_MAX).half()
-    scale = (mx - zero.float()).div_(15.0).clamp_(_MIN_SCALE, _FP16_MAX).half()
-    s, z = scale.float().unsqueeze(1), zero.float().unsqueeze(1)
-    q = (x - z).div_(s).round_().clamp_(0, 15).to(torch.uint8)
-    half = q.shape[-1] // 2
-    return q[..., :half] | (q[..., half:] << 4), torch.stack([scale, zero], dim=1)
+    zero, scale = _channel_range(*x.aminmax(dim=1))
+    q = (x - zero.float().unsqueeze(1)).div_(scale.float().unsqueeze(1)).round_().clamp_(0, 15).to(torch.uint8)
+    return _pack4(q), torch.stack([scale, zero], dim=1)
 
 
 def dequantize_channels(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_channels`: q [M, bs, H, D/2], scale_zero [M, 2, H, D] -> fp32 [M, bs, H, D]."""
-    x = torch.cat([q & 15, q >> 4], dim=-1).float()
+    x = _unpack4(q).float()
     sz = scale_zero.float()
     return x.mul_(sz[:, :1]).add_(sz[:, 1:])
