@@ -97,7 +97,7 @@ def test_awq_output_error_is_at_most_rtn_with_outlier_channels(tmp_path, arch, b
     layer, rotary, cfg, h = outlier_setup(tmp_path, arch)
     spec = QuantSpec(bits=bits, group_size=32)
     cfg_awq = A.AwqConfig(search_samples=None, chunk_tokens=128)
-    qweights, res = A.awq_quantize_layer(layer, rotary, store_of(h), spec, cfg_awq)
+    qweights, res, _ = A.awq_quantize_layer(layer, rotary, store_of(h), spec, cfg_awq)
     assert set(qweights) == set(linear_names(layer))
     assert 0 < res.err_awq <= res.err_rtn
     assert res.err_awq < 0.8 * res.err_rtn  # with outliers the gain is substantial
@@ -106,6 +106,16 @@ def test_awq_output_error_is_at_most_rtn_with_outlier_channels(tmp_path, arch, b
     # the layer now computes what the checkpoint will: its weights are the dequantized ones
     for n, qw in qweights.items():
         assert torch.equal(layer.get_submodule(n).weight, qw.dequantize())
+
+
+def test_fp_carry_hands_back_the_fp_layer_outputs(tmp_path):
+    layer, rotary, cfg = tiny_layer(tmp_path, "qwen2")
+    h = torch.randn(6, 16, cfg.hidden_size)
+    ref = A.run_layer(layer, h, rotary)
+    _, _, nxt = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), A.AwqConfig(carry="fp", search_samples=2))
+    torch.testing.assert_close(torch.cat(list(nxt)), ref, rtol=2e-3, atol=2e-3)  # stored as float16
+    quantized = A.propagate(layer, rotary, store_of(h))
+    assert not torch.allclose(torch.cat(list(quantized)), ref, rtol=2e-3, atol=2e-3)
 
 
 def test_clip_search_never_increases_the_group_error():
@@ -138,7 +148,7 @@ def test_nan_activations_fall_back_to_no_scaling_with_a_warning(tmp_path):
     h = torch.randn(4, 16, cfg.hidden_size)
     h[0, 3, 7] = float("nan")
     with pytest.warns(RuntimeWarning, match="no finite loss"):
-        qweights, res = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), A.AwqConfig(search_samples=None))
+        qweights, res, _ = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), A.AwqConfig(search_samples=None))
     assert all(g.fallback and g.ratio is None for g in res.groups)
     for qw in qweights.values():
         assert torch.isfinite(qw.scales).all()

@@ -58,6 +58,7 @@ class AwqConfig:
     search_samples: int | None = 8  # whole sequences for the attention search and the error report (None: all)
     search_tokens: int | None = 4096  # tokens sampled from all calibration data for the per-token searches (None: all)
     chunk_tokens: int = 4096  # tokens per forward call (bounds attention memory)
+    carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -198,7 +199,8 @@ def run_layer(layer: DecoderLayer, h: torch.Tensor, rotary: RotaryEmbedding) -> 
 
 @torch.no_grad()
 def capture(
-    layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, n_search: int, n_tokens: int | None
+    layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, n_search: int, n_tokens: int | None,
+    keep_outputs: ActivationStore | None = None,
 ) -> LayerCapture:
     """One fp pass over all calibration chunks. Keeps: the per-channel mean |x| of every scaled
     input over all tokens; the attention's inputs/outputs (and the layer's) for the first n_search
@@ -237,11 +239,15 @@ def capture(
     try:
         for h in store:
             take = max(0, min(h.shape[0], n_search - seen))
+            parts = []
             if take:  # the chunk's first `take` sequences are search sequences
                 hs.append(h[:take])
                 ys.append(run(h[:take], True, offset))
+                parts.append(ys[-1])
             if take < h.shape[0]:
-                run(h[take:], False, offset + take * h.shape[1])
+                parts.append(run(h[take:], False, offset + take * h.shape[1]))
+            if keep_outputs is not None:
+                keep_outputs.append(torch.cat(parts) if len(parts) > 1 else parts[0])
             seen += h.shape[0]
             offset += h.shape[0] * h.shape[1]
     finally:
@@ -493,17 +499,21 @@ def awq_quantize_layer(
     spec: QuantSpec,
     cfg: AwqConfig,
     index: int = 0,
-) -> tuple[dict[str, QuantizedWeight], LayerResult]:
+) -> tuple[dict[str, QuantizedWeight], LayerResult, ActivationStore | None]:
     """Search scales and clips for one layer, fold them in and quantize it.
 
     On return the layer's Linear weights hold their dequantized values (the module computes what
-    the quantized checkpoint will), ready to carry the calibration activations to the next layer.
+    the quantized checkpoint will), ready to carry the calibration activations to the next layer
+    (`propagate`). With cfg.carry == "fp" the fp outputs collected on the way are returned instead.
     """
+    if cfg.carry not in ("quantized", "fp"):
+        raise ValueError(f"AwqConfig.carry must be 'quantized' or 'fp', got {cfg.carry!r}")
     t0 = time.perf_counter()
     seqlen = next(iter(store)).shape[1]
     chunk_seq = chunk_sequences(seqlen, cfg.chunk_tokens)
     n_search = store.n_sequences if cfg.search_samples is None else min(cfg.search_samples, store.n_sequences)
-    cap = capture(layer, rotary, store, n_search, cfg.search_tokens)
+    fp_out = ActivationStore(store.compact) if cfg.carry == "fp" else None
+    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
     groups = scale_groups(layer)
@@ -521,7 +531,7 @@ def awq_quantize_layer(
     load_dequantized_(layer, qweights)
     err_awq = layer_output_error(layer, cap, rotary, chunk_seq)
     result = LayerResult(index, [r for _, r in found], clips, err_rtn, err_awq, time.perf_counter() - t0)
-    return qweights, result
+    return qweights, result, fp_out
 
 
 def clamp_groups(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:

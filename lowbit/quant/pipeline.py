@@ -419,9 +419,12 @@ def _quantize_layers(
         prefix = layer_prefix(i)
         if method == "awq":
             assert store is not None
-            qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
+            qweights, res, fp_next = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
             results.append(res)
-            store = propagate(layer, rotary, store) if i + 1 < cfg.num_layers else None
+            if i + 1 == cfg.num_layers:
+                store = None
+            else:
+                store = fp_next if fp_next is not None else propagate(layer, rotary, store)
             if progress:
                 bar.set_postfix(err_awq=f"{res.err_awq:.2e}", err_rtn=f"{res.err_rtn:.2e}")
             # norms and biases changed by folding the scales: written instead of the source's
