@@ -321,6 +321,32 @@ struct PagedArgs {
   float* out;  // [B, Hq, D] contiguous
 };
 
+// Softmax over each of `rows` score rows of length n, in place (unnormalised: inv[r] = 1 / sum).
+inline void softmax_rows(float* sc, int64_t rows, int64_t n, float* inv) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = sc + r * n;
+    __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
+    float m = hmax(mv);
+    for (; i < n; ++i) m = std::max(m, s[i]);
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mb));
+      _mm256_storeu_ps(s + i, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; i < n; ++i) {
+      s[i] = exp1(s[i] - m);
+      sum += s[i];
+    }
+    inv[r] = 1.0f / sum;
+  }
+}
+
 // Pass 1 for GN query heads g0..g0+GN-1 (GN a template argument, so the accumulators live in
 // registers): sc[g * n + (t - start)] = scale * q_g . k_t.
 template <Kv T, int GN>
@@ -479,29 +505,7 @@ void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& bu
       default: scores<T, 8>(a, table, h, start, len, q0, qsum, g0, sc, scratch); break;
     }
   }
-  // Softmax (unnormalised weights; the denominator divides at the end).
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = sc + g * n;
-    __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
-    float m = hmax(mv);
-    for (; i < n; ++i) m = std::max(m, s[i]);
-    const __m256 mb = _mm256_set1_ps(m);
-    __m256 sv = _mm256_setzero_ps();
-    i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mb));
-      _mm256_storeu_ps(s + i, e);
-      sv = _mm256_add_ps(sv, e);
-    }
-    float sum = hsum(sv);
-    for (; i < n; ++i) {
-      s[i] = exp1(s[i] - m);
-      sum += s[i];
-    }
-    inv[g] = 1.0f / sum;
-  }
+  softmax_rows(sc, G, n, inv);  // unnormalised weights; the denominator divides at the end
   for (int64_t g0 = 0; g0 < G; g0 += 4) {
     switch (std::min<int64_t>(4, G - g0)) {
       case 1: weighted_values<T, 1>(a, table, h, start, len, g0, sc, acc, zterm); break;
@@ -514,6 +518,137 @@ void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& bu
     const __m256 iv = _mm256_set1_ps(inv[g]), zv = _mm256_set1_ps(zterm[g]);
     for (int64_t i = 0; i < D; i += 8)
       _mm256_storeu_ps(out0 + g * D + i, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(acc + g * D + i), zv), iv));
+  }
+}
+
+// One sequence, every head (GN = query heads per kv head, a template argument). The pool
+// interleaves a token's kv heads ([block, bs, Hkv, d]), so walking the heads inside the token loop
+// reads each block front to back, where a per-head walk reads 1/Hkv of every row at a stride:
+// with many sequences the K/V stream from memory, and this order is what the prefetchers follow.
+template <Kv T, int GN>
+void attend_seq(const PagedArgs& a, int64_t b, std::vector<float>& buf) {
+  const int64_t D = a.D, Hkv = a.Hkv, Hq = Hkv * GN, half = D / 2;
+  const int64_t len = a.lens[b];
+  const int64_t start = a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
+  const int64_t n = len - start;
+  float* out0 = a.out + b * Hq * D;
+  if (n <= 0) {
+    std::fill(out0, out0 + Hq * D, 0.0f);
+    return;
+  }
+  buf.resize(static_cast<size_t>(Hq * n + 2 * Hq * D + 4 * Hq));
+  float* sc = buf.data();      // [Hq, n] scores, then softmax weights
+  float* acc = sc + Hq * n;    // [Hq, D] weighted sums of V
+  float* qs = acc + Hq * D;    // [Hq, D] int4: q * this block's K scales
+  float* qsum = qs + Hq * D;   // [Hq] int8: sum of q
+  float* qz = qsum + Hq;       // [Hq] int4: q . this block's K zeros
+  float* inv = qz + Hq;        // [Hq] 1 / softmax denominator
+  float* zterm = inv + Hq;     // [Hq] sum_t p_t zero_t (quantized V)
+  const int32_t* table = a.tables + b * a.max_blocks;
+  const float* qb = a.q + b * a.q_s_tok;
+  for (int64_t j = 0; j < Hq; ++j) {
+    float s = 0;
+    if constexpr (T == Kv::U8)
+      for (int64_t i = 0; i < D; ++i) s += qb[j * a.q_s_head + i];
+    qsum[j] = s;
+    zterm[j] = 0.0f;
+  }
+  // Pass 1: scores.
+  for (int64_t t = start; t < len;) {
+    const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
+    const int64_t blk = table[t / a.bs];
+    const int64_t row0 = blk * a.bs + off;
+    if constexpr (T == Kv::U4) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const uint16_t* sp = a.k_ch + ((blk * 2) * Hkv + h) * D;
+        const uint16_t* zp = a.k_ch + ((blk * 2 + 1) * Hkv + h) * D;
+        for (int g = 0; g < GN; ++g) {
+          const int64_t j = h * GN + g;
+          __m256 za = _mm256_setzero_ps();
+          for (int64_t i = 0; i < D; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(qb + j * a.q_s_head + i);
+            _mm256_storeu_ps(qs + j * D + i,
+                             _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + i)))));
+            za = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + i))), za);
+          }
+          qz[j] = hsum(za);
+        }
+      }
+    }
+    for (int64_t r = 0; r < cnt; ++r) {
+      const int64_t row = row0 + r, idx = t - start + r;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const uint8_t* kr = a.k + (row * Hkv + h) * a.row_bytes;
+        const float* qh = T == Kv::U4 ? qs + h * GN * D : qb + h * GN * a.q_s_head;
+        const int64_t qstride = T == Kv::U4 ? D : a.q_s_head;
+        __m256 accs[GN];
+#pragma GCC unroll 8
+        for (int g = 0; g < GN; ++g) accs[g] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < D; i += 8) {
+          const __m256 kv = KvRow<T>::load(kr, i, half);
+#pragma GCC unroll 8
+          for (int g = 0; g < GN; ++g) accs[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * qstride + i), kv, accs[g]);
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < GN; ++g) {
+          const int64_t j = h * GN + g;
+          float d = hsum(accs[g]);
+          if constexpr (T == Kv::U8) d = a.k_sz[(row * Hkv + h) * 2] * d + a.k_sz[(row * Hkv + h) * 2 + 1] * qsum[j];
+          if constexpr (T == Kv::U4) d += qz[j];
+          sc[j * n + idx] = d * a.scale;
+        }
+      }
+    }
+    t += cnt;
+  }
+  softmax_rows(sc, Hq, n, inv);
+  // Pass 2: weighted sum of V into acc (L1-resident), rows front to back.
+  std::fill(acc, acc + Hq * D, 0.0f);
+  for (int64_t t = start; t < len;) {
+    const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
+    const int64_t row0 = static_cast<int64_t>(table[t / a.bs]) * a.bs + off;
+    for (int64_t r = 0; r < cnt; ++r) {
+      const int64_t row = row0 + r, idx = t - start + r;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const uint8_t* vr = a.v + (row * Hkv + h) * a.row_bytes;
+        float vs = 1.0f;
+        if constexpr (T != Kv::F32) vs = a.v_sz[(row * Hkv + h) * 2];
+        __m256 w[GN];
+#pragma GCC unroll 8
+        for (int g = 0; g < GN; ++g) {
+          const float p = sc[(h * GN + g) * n + idx];
+          w[g] = _mm256_set1_ps(p * vs);
+          if constexpr (T != Kv::F32) zterm[h * GN + g] += p * a.v_sz[(row * Hkv + h) * 2 + 1];
+        }
+        float* ah = acc + h * GN * D;
+        for (int64_t i = 0; i < D; i += 8) {
+          const __m256 vv = KvRow<T>::load(vr, i, half);
+#pragma GCC unroll 8
+          for (int g = 0; g < GN; ++g)
+            _mm256_storeu_ps(ah + g * D + i, _mm256_fmadd_ps(w[g], vv, _mm256_loadu_ps(ah + g * D + i)));
+        }
+      }
+    }
+    t += cnt;
+  }
+  for (int64_t j = 0; j < Hq; ++j) {
+    const __m256 iv = _mm256_set1_ps(inv[j]), zv = _mm256_set1_ps(zterm[j]);
+    for (int64_t i = 0; i < D; i += 8)
+      _mm256_storeu_ps(out0 + j * D + i, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(acc + j * D + i), zv), iv));
+  }
+}
+
+template <Kv T>
+void attend_seq_dispatch(const PagedArgs& a, int64_t b, std::vector<float>& buf) {
+  switch (a.G) {
+    case 1: attend_seq<T, 1>(a, b, buf); break;
+    case 2: attend_seq<T, 2>(a, b, buf); break;
+    case 3: attend_seq<T, 3>(a, b, buf); break;
+    case 4: attend_seq<T, 4>(a, b, buf); break;
+    case 5: attend_seq<T, 5>(a, b, buf); break;
+    case 6: attend_seq<T, 6>(a, b, buf); break;
+    case 7: attend_seq<T, 7>(a, b, buf); break;
+    default: attend_seq<T, 8>(a, b, buf); break;
   }
 }
 
@@ -590,9 +725,20 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   a.window = window;
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<float>();
-  const int64_t tasks = B * Hkv;
-  const int64_t per_task = std::max<int64_t>(1, (total / std::max<int64_t>(1, B)) * 2 * G * D);
-  at::parallel_for(0, tasks, grain_for(per_task), [&](int64_t i0, int64_t i1) {
+  const int64_t avg = std::max<int64_t>(1, total / std::max<int64_t>(1, B));
+  if (B > 1 && G <= 8) {  // many sequences: one task per sequence, blocks read front to back
+    at::parallel_for(0, B, grain_for(avg * 2 * Hq * D), [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (kind == Kv::F32) attend_seq_dispatch<Kv::F32>(a, b, buf);
+        else if (kind == Kv::U8) attend_seq_dispatch<Kv::U8>(a, b, buf);
+        else attend_seq_dispatch<Kv::U4>(a, b, buf);
+      }
+    });
+    return out;
+  }
+  const int64_t tasks = B * Hkv;  // one sequence (or very wide groups): split the heads instead
+  at::parallel_for(0, tasks, grain_for(avg * 2 * G * D), [&](int64_t i0, int64_t i1) {
     std::vector<float> buf;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
