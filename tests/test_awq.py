@@ -280,7 +280,7 @@ def add_byte_tokenizer(model_dir: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(model_dir)
 
 
-def test_cli_quantize_then_eval(tmp_path, capfd):
+def test_cli_quantize_then_eval(tmp_path, capsys):
     from lowbit.cli import main
 
     src = tmp_path / "m"
@@ -298,18 +298,18 @@ def test_cli_quantize_then_eval(tmp_path, capfd):
 
     text = tmp_path / "eval.txt"
     text.write_text(" = Title = \n \n" + " some words here .\n" * 60)
-    capfd.readouterr()
+    capsys.readouterr()
     assert main(["eval", "ppl", "--model", str(out), "--dataset", str(text), "--seqlen", "64", "--quiet"]) == 0
-    assert "perplexity" in capfd.readouterr().out
+    assert "perplexity" in capsys.readouterr().out
     plot = tmp_path / "cmp.png"
     assert main(["eval", "compare", "--models", str(src), str(out), "--labels", "FP", "AWQ", "--dataset", str(text),
                  "--seqlen", "64", "--max-windows", "2", "--plot", str(plot), "--quiet"]) == 0
-    table = capfd.readouterr().out
+    table = capsys.readouterr().out
     assert "FP" in table and "AWQ" in table and "compressed-tensors W4 g32" in table
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
     # bad input: one line on stderr, exit code 2, nothing overwritten
     assert main(["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--out", str(out), "--quiet"]) == 2
-    assert "already exists" in capfd.readouterr().err
+    assert "already exists" in capsys.readouterr().err
     assert main(["eval", "compare", "--models", str(src), str(out), "--labels", "one"]) == 2
-    assert "labels" in capfd.readouterr().err
+    assert "labels" in capsys.readouterr().err

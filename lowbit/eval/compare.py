@@ -80,7 +80,8 @@ def format_table(rows: list[CompareRow]) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths)), *(line(b) for b in body)])
 
 
-def print_table(rows: list[CompareRow], out: TextIO = sys.stdout) -> None:
+def print_table(rows: list[CompareRow], out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout  # resolved at call time, not import time
     if rows:
         r = rows[0].result
         print(f"perplexity on {r.dataset}, seqlen {r.seqlen}, {r.n_windows} windows", file=out)
