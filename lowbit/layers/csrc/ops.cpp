@@ -258,11 +258,13 @@ void rotary_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 }
 
 // ------------------------------------------------------------------------------- paged decode attention
-// One query token per sequence against its cached keys/values, read block by block in place.
-// Per (sequence, kv head) task: scores for the G query heads that share the kv head (GQA: the K/V
-// rows are read once for all G), an exact softmax, then the weighted sum of V. Scores are kept
-// (G x context floats, a few KiB) rather than rescaled online: two passes over K and V each, one
-// exp per score, no per-block rescale of the accumulators.
+// One query token per sequence against its cached keys/values, read block by block in place:
+// scores for the G query heads that share a kv head (GQA: each K/V row is read once for all G),
+// an exact softmax, then the weighted sum of V. Scores are kept (G x context floats, a few KiB)
+// rather than rescaled online: one pass over K, one over V, one exp per score, no per-block
+// rescale of the accumulators. Tasks: one per sequence when there are several (attend_seq: rows
+// read front to back across the kv heads), one per (sequence, kv head) for a single sequence
+// (attend_one: its heads can still run in parallel).
 //
 // Pool element types (kv_cache.py's schemes), dequantized as code * scale + zero inside the math,
 // never into a copy:
