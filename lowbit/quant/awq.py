@@ -42,7 +42,7 @@ from .rtn import QuantSpec, linear_names, load_dequantized_, rtn_quantize_layer
 
 FP16_SAFE = 6.0e4  # store a chunk in float16 only if all its values are below this in magnitude
 CLIP_SKIP = ("q_proj", "k_proj")
-CLIP_BATCH_ELEMENTS = 1 << 24  # bound on the [groups, tokens, rows] products of one clip step
+CLIP_BATCH_ELEMENTS = 1 << 22  # bound on the [groups, tokens, rows] products of one clip step (16 MB)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class AwqConfig:
     clip_tokens: int = 512
     search_samples: int | None = 8  # whole sequences for the attention search and the error report (None: all)
     search_tokens: int | None = 4096  # tokens sampled from all calibration data for the per-token searches (None: all)
-    chunk_tokens: int = 4096  # tokens per forward call (bounds attention memory)
+    chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
 
 
@@ -289,6 +289,12 @@ def _chunked_loss(layer, name, x, target, rotary, chunk_tokens: int) -> float:
     return err.mean
 
 
+def _gram_pays(x: torch.Tensor, lin: nn.Linear, n_evals: int) -> bool:
+    """Gram form costs n*in^2 once + in^2*out per grid point; running the linear costs n*in*out."""
+    n, fin, fout = x.numel() // x.shape[-1], lin.in_features, lin.out_features
+    return n * fin * fin + n_evals * fin * fin * fout < n_evals * n * fin * fout
+
+
 def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, x: torch.Tensor):
     """Output MSE of a lone linear through the Gram matrix of its inputs: with D = W_q - W,
     mean ||x D^T||^2 = tr(D G D^T) / (n out), G = X^T X. Exact, and for wide inputs several times
@@ -335,7 +341,9 @@ def search_scales(
     x_mean = cap.abs_mean[group.inspect].float()
     w_mean = weight_mean(originals, spec) if cfg.duo_scaling else None
 
-    measure = _linear_loss(linears[0], originals[0], x) if len(linears) == 1 and group.inspect == group.linears[0] else None
+    measure = None
+    if len(linears) == 1 and group.inspect == group.linears[0] and _gram_pays(x, linears[0], cfg.n_grid):
+        measure = _linear_loss(linears[0], originals[0], x)
 
     def loss_with(scales: torch.Tensor | None) -> float:
         for lin, w in zip(linears, originals):
