@@ -40,6 +40,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.awq import AWQModifier
 
+if not torch.accelerator.is_available():
+    # llm-compressor 0.14 pins its activation cache for host-to-GPU copies even with no GPU, and
+    # torch refuses to pin memory without an accelerator: skip the pinning (a no-op on CPU).
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
 model_dir, calib, out, bits, gs, threads = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 assert torch.version.cuda is None, "the benchmark venv must hold the CPU build of torch"
