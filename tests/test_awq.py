@@ -172,6 +172,29 @@ def test_group_size_that_does_not_divide_is_refused_before_any_work(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "m"]
 
 
+def test_auto_group_size_takes_the_largest_that_divides_every_layer():
+    from lowbit.quant.pipeline import auto_group_size, resolve_config
+
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    def g(hidden, inter):
+        return auto_group_size(resolve_config(base | dict(hidden_size=hidden, intermediate_size=inter)))
+    assert g(4096, 11008) == 128
+    assert g(576, 1536) == 64  # SmolLM2-135M: 576 = 4.5 x 128
+    assert g(96, 160) == 32
+    assert g(72, 72) == -1
+
+
+def test_default_group_size_is_auto_on_the_cli(tmp_path):
+    from lowbit.cli import main
+
+    make_tiny_model("llama", tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--method", "rtn", "--out", str(out), "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["group_size"] in (128, 64, 32)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(w_bit=3, fmt="awq"), "4-bit weights only"),
     (dict(w_bit=9, fmt="compressed-tensors"), "bits must be"),

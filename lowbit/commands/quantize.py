@@ -7,11 +7,14 @@ import sys
 from .engine_flags import add_model_arg
 
 
-def _group_size(text: str) -> int:
+def _group_size(text: str) -> int | None:
+    if text == "auto":
+        return None
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer (-1 = per-channel), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"group size must be an integer (-1 = per-channel) or 'auto', got {text!r}") from None
     return v
 
 
@@ -24,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arg(p)
     p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or the rtn baseline")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits, 2..8 (default 4)")
-    p.add_argument("--group-size", type=_group_size, default=128,
-                   help="quantization group size along the input dim; -1 = per output channel (default 128)")
+    p.add_argument("--group-size", type=_group_size, default=None,
+                   help="quantization group size along the input dim; -1 = per output channel; default auto: "
+                        "128 where it divides every layer's input features, else 64 (e.g. SmolLM2-135M), else 32")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric with zero points)")
     p.add_argument("--calib", default=None,
                    help="calibration text: a .jsonl (field 'text') or .txt file, or a Hugging Face dataset name "

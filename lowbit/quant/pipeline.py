@@ -279,6 +279,29 @@ def report_png(layers: list[LayerResult], title: str) -> bytes:
 # ----------------------------------------------------------------------------- checks
 
 
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Each decoder linear -> (in_features, out_features)."""
+    return {
+        "self_attn.q_proj": (cfg.hidden_size, cfg.q_size),
+        "self_attn.k_proj": (cfg.hidden_size, cfg.kv_size),
+        "self_attn.v_proj": (cfg.hidden_size, cfg.kv_size),
+        "self_attn.o_proj": (cfg.q_size, cfg.hidden_size),
+        "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size),
+    }
+
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def auto_group_size(cfg: ModelConfig) -> int:
+    """The usual AWQ group size, 128, where it divides every linear's input features; otherwise the
+    largest of 64 and 32 that does (SmolLM2-135M's hidden size 576 takes 64), else per-channel."""
+    ins = {fin for fin, _ in linear_shapes(cfg).values()}
+    return next((g for g in AUTO_GROUP_SIZES if all(i % g == 0 for i in ins)), -1)
+
+
 def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str) -> None:
     """Everything that can be refused is refused here, before any weight is read."""
     if method not in METHODS:
@@ -289,16 +312,7 @@ def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str) -> N
         raise QuantizationError(
             f"the awq checkpoint format stores 4-bit weights only; use --format compressed-tensors for {spec.bits} bits"
         )
-    shapes = {  # linear -> (in_features, out_features)
-        "self_attn.q_proj": (cfg.hidden_size, cfg.q_size),
-        "self_attn.k_proj": (cfg.hidden_size, cfg.kv_size),
-        "self_attn.v_proj": (cfg.hidden_size, cfg.kv_size),
-        "self_attn.o_proj": (cfg.q_size, cfg.hidden_size),
-        "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
-        "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
-        "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size),
-    }
-    for name, (fin, fout) in shapes.items():
+    for name, (fin, fout) in linear_shapes(cfg).items():
         spec.validate(fin, name)
         if fmt == "awq" and fout % 8:
             raise QuantizationError(f"{name}: the awq format needs out_features divisible by 8, got {fout}")
@@ -320,7 +334,7 @@ def quantize(
     model_spec: str | os.PathLike | None = None,
     method: str = "awq",
     w_bit: int = 4,
-    group_size: int = 128,
+    group_size: int | None = None,
     sym: bool = False,
     calib: str | os.PathLike | None = None,
     calib_samples: int = DEFAULT_SAMPLES,
@@ -336,6 +350,8 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize a model (AWQ or RTN) and write a checkpoint in `fmt` to out_dir.
 
+    group_size None picks auto_group_size(); -1 is per output channel.
+
     calib_ids: token ids to calibrate on instead of text (a stream or [n, seqlen] blocks), for
     models without a tokenizer. Returns the report also saved as out_dir/quant_report.json.
     """
@@ -347,6 +363,8 @@ def quantize(
     if hf.get("quantization_config"):
         raise QuantizationError(f"{model_dir} is already quantized; start from a full-precision model")
     cfg = resolve_config(hf)
+    if group_size is None:
+        group_size = auto_group_size(cfg)
     out = Path(out_dir).expanduser().absolute()
     spec = QuantSpec(w_bit, group_size, sym, scale_dtype=storage_scale_dtype(fmt, hf) if fmt in FORMATS else None)
     check_request(cfg, method, spec, fmt)
