@@ -13,3 +13,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# Compile the AVX2 kernels now (cached by source hash; ~30 s once) rather than on the first request.
+.venv/bin/python -m lowbit.layers.kernels

@@ -150,3 +150,16 @@ def get() -> ModuleType | None:
 def available() -> bool:
     """Whether the fast quantized-linear kernels will be used."""
     return QGEMM.get() is not None
+
+
+def build_all() -> bool:
+    """Builds both extensions now (setup calls this so the first generate does not wait for the
+    compiler); returns whether both are usable. Failure is not fatal: the torch fallbacks work."""
+    return all([QGEMM.get() is not None, OPS.get() is not None])
+
+
+if __name__ == "__main__":
+    import sys
+
+    ok = build_all()
+    print("lowbit: CPU kernels " + ("built" if ok else "unavailable; using the pure-torch fallbacks"), file=sys.stderr)
