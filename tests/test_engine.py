@@ -562,3 +562,18 @@ def test_a_failed_step_leaves_the_engine_consistent(tiny_dir):
         for c in final[f"r{i}"].outputs:
             assert c.token_ids == dense_greedy(engine.runner.model, p, 8)
     assert_pool_free(engine)
+
+
+def test_async_engine_builds_on_its_thread_and_reraises_load_errors(tmp_path):
+    import threading
+    import time
+
+    from lowbit.errors import LowbitError
+
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(LowbitError):
+        AsyncEngine(EngineArgs(model=str(tmp_path / "no-such-model")))
+    deadline = time.time() + 5  # the failed engine thread exits: nothing keeps running after a load error
+    while time.time() < deadline and any(t.ident not in before for t in threading.enumerate()):
+        time.sleep(0.01)
+    assert not [t.name for t in threading.enumerate() if t.ident not in before]

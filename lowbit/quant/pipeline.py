@@ -41,6 +41,7 @@ from .calibration import (
     build_calibration,
     calibration_from_ids,
 )
+from .heap import pin_mmap_threshold, release_freed_memory
 from .qweight import QuantizedWeight
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
 
@@ -422,6 +423,7 @@ def _quantize_layers(
     """Quantize layer after layer into `spill`; returns AWQ's per-layer results and the
     non-quantized layer tensors AWQ changed (folded norms and biases)."""
     rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
+    pin_mmap_threshold()
     store: ActivationStore | None = None
     if calib is not None:
         store = ActivationStore()
@@ -457,6 +459,7 @@ def _quantize_layers(
         if method == "awq":
             report.layers.append(_layer_dict(results[-1]))
         del layer, qweights
+        release_freed_memory()
     return results, overrides
 
 

@@ -796,15 +796,19 @@ at::Tensor paged_decode_attention_qkv(const at::Tensor& qkv, int64_t Hq, int64_t
 
 }  // namespace
 
+// Kernels run without the GIL (they touch tensors only): the server's event loop thread keeps
+// streaming while the engine thread is inside a kernel.
+#define kNoGil pybind11::call_guard<pybind11::gil_scoped_release>()
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "w * x / rms(x) over rows of a [M, n] fp32 tensor");
-  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x (in place); return rms_norm(residual)");
-  m.def("silu_and_mul", &silu_and_mul, "[M, 2I] -> silu(x[:, :I]) * x[:, I:]");
-  m.def("rotary_", &rotary_, "rotary on q [N, Hq, D] and k [N, Hkv, D] in place");
-  m.def("rotary_and_cache", &rotary_and_cache, "rotary on q, k in place; store k, v at slots of fp32 pools");
-  m.def("paged_decode_attention", &paged_decode_attention, "one-token attention over paged K/V blocks");
-  m.def("rotary_qkv_", &rotary_qkv_, "rotary_ on the q and k parts of a fused [N, (Hq + 2 Hkv) D] qkv");
-  m.def("rotary_and_cache_qkv", &rotary_and_cache_qkv, "rotary_and_cache on a fused qkv");
-  m.def("paged_decode_attention_qkv", &paged_decode_attention_qkv,
+  m.def("rms_norm", &rms_norm, kNoGil, "w * x / rms(x) over rows of a [M, n] fp32 tensor");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, kNoGil, "residual += x (in place); return rms_norm(residual)");
+  m.def("silu_and_mul", &silu_and_mul, kNoGil, "[M, 2I] -> silu(x[:, :I]) * x[:, I:]");
+  m.def("rotary_", &rotary_, kNoGil, "rotary on q [N, Hq, D] and k [N, Hkv, D] in place");
+  m.def("rotary_and_cache", &rotary_and_cache, kNoGil, "rotary on q, k in place; store k, v at slots of fp32 pools");
+  m.def("paged_decode_attention", &paged_decode_attention, kNoGil, "one-token attention over paged K/V blocks");
+  m.def("rotary_qkv_", &rotary_qkv_, kNoGil, "rotary_ on the q and k parts of a fused [N, (Hq + 2 Hkv) D] qkv");
+  m.def("rotary_and_cache_qkv", &rotary_and_cache_qkv, kNoGil, "rotary_and_cache on a fused qkv");
+  m.def("paged_decode_attention_qkv", &paged_decode_attention_qkv, kNoGil,
         "paged_decode_attention for the first B rows of a fused qkv -> [B, Hq * D]");
 }

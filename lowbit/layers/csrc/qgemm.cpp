@@ -492,11 +492,15 @@ at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const at::T
 
 }  // namespace
 
+// Kernels run without the GIL (they touch tensors only): the server's event loop thread keeps
+// streaming while the engine thread is inside a kernel.
+#define kNoGil pybind11::call_guard<pybind11::gil_scoped_release>()
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Handle>(m, "QLinear")
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, int64_t, int64_t,
                           int64_t, int64_t, int64_t>())
-      .def("forward", &Handle::forward, "y = x @ W^T + b (fp32 compute)")
-      .def("forward_mode", &Handle::forward_mode, "forward with a forced kernel (benchmarks/tests)");
-  m.def("dequantize", &dequantize, "dequantize packed rows to fp32");
+      .def("forward", &Handle::forward, kNoGil, "y = x @ W^T + b (fp32 compute)")
+      .def("forward_mode", &Handle::forward_mode, kNoGil, "forward with a forced kernel (benchmarks/tests)");
+  m.def("dequantize", &dequantize, kNoGil, "dequantize packed rows to fp32");
 }
