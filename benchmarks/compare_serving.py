@@ -20,37 +20,16 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+sys.path.insert(0, str(PEERS))
+from _common import free_port, wait_http_ready  # noqa: E402
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -107,7 +86,7 @@ def main() -> int:
         print(f"== {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_ready(port, proc, timeout=900)
+            wait_http_ready(f"http://127.0.0.1:{port}/v1/models", proc, timeout=900, poll_s=2)
             bench(port, 1, 1, a, fp, tmp / "warmup.json")
             results[name] = {}
             for c in levels:
@@ -116,7 +95,7 @@ def main() -> int:
                 print(f"  {name} c={c}: {s['output_throughput']:.1f} out tok/s, "
                       f"p50 TTFT {s['latency_ms']['ttft']['p50']:.0f} ms, {s['completed']}/{s['num_requests']} ok",
                       file=sys.stderr, flush=True)
-        except (RuntimeError, subprocess.CalledProcessError) as e:
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
             print(f"  {name} failed: {e}; log: {tmp / f'{name}.log'}", file=sys.stderr)
         finally:
             stop(proc)

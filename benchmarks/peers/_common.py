@@ -11,9 +11,11 @@ import datetime as _dt
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
+import urllib.request
 
 _REAL_STDOUT = sys.stdout
 
@@ -143,3 +145,26 @@ def throughput_summary(wall_s, num_prompts, input_len, output_len) -> dict:
         "output_tokens": tot_out,
         "runs": {"wall_s": wall_s},
     }
+
+
+def free_port() -> int:
+    """A free loopback TCP port for a server this benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http_ready(url: str, proc, timeout: float, poll_s: float = 0.5) -> None:
+    """Polls GET url until it answers 200; RuntimeError if proc exits, TimeoutError after timeout."""
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"server not ready after {timeout:.0f} s ({url})")

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -114,32 +113,11 @@ def run_throughput_python(args, res):
     res.update(C.throughput_summary(walls, len(prompts), args.input_len, args.output_len))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def _wait_health(base: str, proc, timeout: float) -> None:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("llama-server did not become healthy")
 
 
 def run_throughput_server(args, res):
@@ -148,7 +126,7 @@ def run_throughput_server(args, res):
         raise SystemExit("no llama-server binary: run benchmarks/peers/setup_peers.sh llamacpp, or --engine python")
     parallel = args.parallel or args.num_prompts
     ctx_per_slot = args.input_len + args.output_len + 16
-    port = _free_port()
+    port = C.free_port()
     env = dict(os.environ, LLAMA_SERVER_BIN=server_bin, LLAMACPP_PARALLEL=str(parallel),
                LLAMACPP_CTX_PER_SLOT=str(ctx_per_slot), LLAMACPP_THREADS=str(args.threads),
                LLAMACPP_ENGINE="server")
@@ -157,7 +135,7 @@ def run_throughput_server(args, res):
     proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(base, proc, 300)
+        C.wait_http_ready(base + "/health", proc, 300)
         props = {}
         try:
             with urllib.request.urlopen(base + "/props", timeout=10) as r:
