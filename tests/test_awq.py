@@ -336,3 +336,17 @@ def test_cli_quantize_then_eval(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["eval", "compare", "--models", str(src), str(out), "--labels", "one"]) == 2
     assert "labels" in capsys.readouterr().err
+
+
+
+def test_search_tokens_do_not_over_sample_each_blocks_first_token(tmp_path):
+    """A stride dividing the block length would pick every block's first token (the attention
+    sink, with huge activations) 8x more often than it occurs; the sample must be unbiased."""
+    mask = A.sample_tokens(64 * 512, 4096)
+    assert int(mask.sum()) == 4096
+    assert int(mask.view(64, 512)[:, 0].sum()) <= 3 * 64 * 4096 // (64 * 512)  # expected 8; a stride of 8 takes 64
+    assert torch.equal(mask, A.sample_tokens(64 * 512, 4096))  # seeded: reproducible
+    assert bool(A.sample_tokens(100, None).all()) and bool(A.sample_tokens(100, 500).all())
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    cap = A.capture(layer, rotary, store_of(torch.randn(8, 32, cfg.hidden_size)), n_search=2, n_tokens=100)
+    assert cap.inputs["mlp"].shape[0] == 100 and cap.inputs["self_attn"].shape[:2] == (2, 32)

@@ -197,6 +197,20 @@ def run_layer(layer: DecoderLayer, h: torch.Tensor, rotary: RotaryEmbedding) -> 
 # ----------------------------------------------------------------------------- capture
 
 
+def sample_tokens(total: int, n_tokens: int | None, seed: int = 0) -> torch.Tensor:
+    """Boolean mask over all calibration tokens choosing n_tokens of them (all if None).
+
+    Seeded random, not a stride: a stride that divides the block length picks every block's
+    first token, the attention sink with its huge activations, and with the defaults weighted it
+    8x above its real frequency in every search (measured: W4 perplexity 24.8 -> 24.5).
+    """
+    if not n_tokens or n_tokens >= total:
+        return torch.ones(total, dtype=torch.bool)
+    chosen = torch.zeros(total, dtype=torch.bool)
+    chosen[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_tokens]] = True
+    return chosen
+
+
 @torch.no_grad()
 def capture(
     layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, n_search: int, n_tokens: int | None,
@@ -205,9 +219,9 @@ def capture(
     """One fp pass over all calibration chunks. Keeps: the per-channel mean |x| of every scaled
     input over all tokens; the attention's inputs/outputs (and the layer's) for the first n_search
     sequences, since attention needs whole sequences; and for the per-token modules (o_proj, MLP,
-    down_proj) about n_tokens tokens sampled evenly from all calibration tokens."""
+    down_proj) n_tokens tokens drawn at random (seeded) from all calibration tokens."""
     total = sum(h.shape[0] * h.shape[1] for h in store._chunks)
-    stride = 1 if not n_tokens else max(1, math.ceil(total / n_tokens))
+    chosen = sample_tokens(total, n_tokens)
     sums: dict[str, torch.Tensor] = {}
     keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
@@ -231,7 +245,7 @@ def capture(
 
     def run(h: torch.Tensor, keep_seq: bool, offset: int) -> torch.Tensor:
         idx = torch.arange(offset, offset + h.shape[0] * h.shape[1])
-        state["seq"], state["sel"] = keep_seq, (idx % stride == 0).nonzero().squeeze(1)
+        state["seq"], state["sel"] = keep_seq, chosen[idx].nonzero().squeeze(1)
         return run_layer(layer, h, rotary)
 
     handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in CAPTURED]
@@ -457,7 +471,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfi
 
 @torch.no_grad()
 def clip_layer(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig) -> tuple[dict[str, torch.Tensor], list[ClipResult]]:
-    """Clip thresholds for every linear but q/k, on up to cfg.clip_tokens evenly spaced tokens."""
+    """Clip thresholds for every linear but q/k, on up to cfg.clip_tokens tokens drawn at random."""
     thresholds: dict[str, torch.Tensor] = {}
     results: list[ClipResult] = []
     for name in linear_names(layer):
@@ -466,8 +480,7 @@ def clip_layer(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: Awq
         lin = layer.get_submodule(name)
         x = cap.inputs[input_key(name)]
         x = x.reshape(-1, x.shape[-1])
-        step = max(1, x.shape[0] // cfg.clip_tokens)
-        x = x[::step][: cfg.clip_tokens]
+        x = x[sample_tokens(x.shape[0], cfg.clip_tokens, seed=1)]
         max_val, before, after = search_clip(lin.weight.data, x, spec, cfg)
         org = lin.weight.data.float().reshape(max_val.shape[0], max_val.shape[1], -1).abs().amax(-1)
         ratio = (max_val / org.clamp(min=1e-12)).clamp(max=1.0)
