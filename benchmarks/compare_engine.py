@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers.prompts import decode_prompt, make_prompts  # noqa: E402
+from benchmarks.peers.prompts import decode_prompt, run_prompts  # noqa: E402
 
 VENVS = ROOT / ".bench-venvs"
 
@@ -59,8 +59,8 @@ def lowbit_runs(model: str | None, label: str, args, vocab: int) -> dict:
     res["decode"] = asdict(run_latency(engine, output_len=128, repeats=args.runs, prompt=decode_prompt(vocab)))
     if "throughput" not in args.skip:
         print(f"  {label}: throughput", file=sys.stderr)
-        prompts = make_prompts(args.num_prompts, 128, vocab)
-        res["throughput"] = asdict(run_throughput(engine, prompts=prompts, output_len=128, repeats=args.runs))
+        sets = [run_prompts(args.num_prompts, 128, vocab, r) for r in range(args.runs)]
+        res["throughput"] = asdict(run_throughput(engine, prompt_sets=sets, output_len=128, repeats=args.runs))
     del engine
     if label != "lowbit-fp32" and "session" not in args.skip:
         print(f"  {label}: session", file=sys.stderr)

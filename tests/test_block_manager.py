@@ -188,3 +188,16 @@ def test_writing_into_a_prefix_cached_block_copies_it():
     assert bm.lookup_prefix(make_seq(list(range(9)))).blocks == reused  # cached block left intact
     bm.free_seq(b)
     assert bm.num_free_blocks == 8
+
+
+def test_reset_prefix_cache_drops_only_unreferenced_blocks():
+    bm = BlockManager(16, BS)
+    a, b = make_seq(list(range(12))), make_seq(list(range(100, 112)))
+    compute(bm, a)
+    compute(bm, b)
+    bm.free_seq(a)  # a's 3 blocks are cached and free; b's are cached and in use
+    assert bm.num_cached_blocks() == 6
+    assert bm.reset_prefix_cache() == 3
+    assert bm.lookup_prefix(make_seq(list(range(13)))).num_tokens == 0
+    assert bm.lookup_prefix(make_seq(list(range(100, 113)))).num_tokens == 12
+    assert bm.num_free_blocks == 13 and bm.num_cached_blocks() == 3

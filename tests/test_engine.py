@@ -577,3 +577,17 @@ def test_async_engine_builds_on_its_thread_and_reraises_load_errors(tmp_path):
     while time.time() < deadline and any(t.ident not in before for t in threading.enumerate()):
         time.sleep(0.01)
     assert not [t.name for t in threading.enumerate() if t.ident not in before]
+
+
+def test_throughput_runs_get_no_prefix_cache_hits(tiny_dir):
+    """Repeated benchmark runs must not be sped up by the KV cached from the run before."""
+    from lowbit.bench.offline import run_throughput
+
+    engine = engine_for(tiny_dir)
+    same = prompts_of([32] * 4)
+    res = run_throughput(engine, output_len=4, repeats=2, prompts=same)
+    assert res.num_requests == 4 and res.input_len == 32 and len(res.runs) == 2
+    assert engine.stats().prefix_cache_hits == 0  # the cache was emptied before the repeated run
+    run_throughput(engine, num_requests=4, input_len=32, output_len=4, repeats=2)  # fresh random sets
+    assert engine.stats().prefix_cache_hits == 0
+    assert_pool_free(engine)

@@ -43,6 +43,17 @@ def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int = 
     return [[rng.randrange(first_id, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
+def run_prompts(num_prompts: int, input_len: int, vocab_size: int, run: int) -> list[list[int]]:
+    """The prompts of throughput run `run` (0, 1, ...): a new set per run, so an engine with a
+    prefix cache gains nothing from having seen the previous run. Run 0 is make_prompts' default."""
+    return make_prompts(num_prompts, input_len, vocab_size, seed=DEFAULT_SEED + run)
+
+
+def warmup_prompts(num_prompts: int, input_len: int, vocab_size: int) -> list[list[int]]:
+    """Prompts for a warm-up that share no prefix with any measured run."""
+    return make_prompts(num_prompts, input_len, vocab_size, seed=DEFAULT_SEED + 10_000)
+
+
 def decode_prompt(vocab_size: int, input_len: int = DECODE_INPUT_LEN, seed: int = DECODE_SEED,
                   first_id: int = FIRST_ID) -> list[int]:
     """The fixed batch-1 prompt of the decode benchmark."""

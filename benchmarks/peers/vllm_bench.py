@@ -13,7 +13,8 @@ detokenizes). vLLM's recommended CPU preloads are applied by re-executing this s
 LD_PRELOAD = vLLM's bundled tcmalloc + the venv's Intel OpenMP (libiomp5, from the intel-openmp
 dependency) unless --preload none/gomp.
 
-throughput: all N prompts in one LLM.generate call (vLLM batches them continuously); median wall time
+throughput: all N prompts in one LLM.generate call (vLLM batches them continuously), a new prompt set per
+            run (prompts.run_prompts) so its prefix cache gains nothing from earlier runs; median wall time
             of --runs runs after a warm-up; total (in+out) tokens/s and output tokens/s.
 decode:     batch 1, prompts.decode_prompt() (32 tokens), 128 new tokens. vLLM's offline API gives no
             per-token times, so TTFT = median wall time of a max_tokens=1 request and decode tokens/s =
@@ -164,11 +165,12 @@ def main(argv=None):
                            "output_len": args.output_len, "vocab_size": vocab,
                            "prompts_fingerprint": P.fingerprint(prompts)}
         C.log("warm-up")
-        gen(prompts[: min(8, len(prompts))], 8)
+        gen(P.warmup_prompts(min(8, len(prompts)), args.input_len, vocab), 8)
         walls = []
         for r in range(args.runs):
+            run_set = P.run_prompts(args.num_prompts, args.input_len, vocab, r)  # new prompts: no prefix-cache hits
             t = C.now()
-            gen(prompts, args.output_len)
+            gen(run_set, args.output_len)
             walls.append(C.now() - t)
             C.log(f"run {r}: {walls[-1]:.2f} s")
         res.update(C.throughput_summary(walls, len(prompts), args.input_len, args.output_len))

@@ -82,12 +82,26 @@ def _one_throughput_run(engine: LLMEngine, prompts: list[list[int]], output_len:
 
 
 def run_throughput(engine: LLMEngine, num_requests: int = 64, input_len: int = 128, output_len: int = 128,
-                   repeats: int = 3, prompts: list[list[int]] | None = None) -> ThroughputResult:
-    prompts = prompts or random_prompts(num_requests, input_len, engine.model_config.vocab_size)
-    _one_throughput_run(engine, prompts[: max(1, len(prompts) // 8)], 8)  # warm-up
-    runs = [_one_throughput_run(engine, prompts, output_len) for _ in range(repeats)]
+                   repeats: int = 3, prompts: list[list[int]] | None = None,
+                   prompt_sets: list[list[list[int]]] | None = None) -> ThroughputResult:
+    """Median of `repeats` runs of all requests at once. Each run gets prompts no earlier run has
+    seen (prompt_sets[r], else fresh random ones), and the prefix cache is emptied before every
+    run, so no run is sped up by KV cached from the one before."""
+    vocab = engine.model_config.vocab_size
+    if prompt_sets is None:
+        prompt_sets = ([prompts] * repeats if prompts
+                       else [random_prompts(num_requests, input_len, vocab, seed=r) for r in range(repeats)])
+    if len(prompt_sets) < repeats:
+        raise ValueError(f"need {repeats} prompt sets, got {len(prompt_sets)}")
+    warm = random_prompts(max(1, len(prompt_sets[0]) // 8), len(prompt_sets[0][0]), vocab, seed=10_000)
+    _one_throughput_run(engine, warm, 8)
+    runs = []
+    for r in range(repeats):
+        engine.reset_prefix_cache()
+        runs.append(_one_throughput_run(engine, prompt_sets[r], output_len))
     med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
-    return ThroughputResult(len(prompts), len(prompts[0]), output_len, med("total_tokens_per_s"),
+    first = prompt_sets[0]
+    return ThroughputResult(len(first), len(first[0]), output_len, med("total_tokens_per_s"),
                             med("output_tokens_per_s"), med("elapsed_s"), runs, sum(r["preemptions"] for r in runs))
 
 

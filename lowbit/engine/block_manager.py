@@ -100,6 +100,19 @@ class BlockManager:
                     self.free.move_to_end(b, last=False)
 
     # ---- prefix caching ----------------------------------------------------------------------
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block nobody references (benchmarks repeating a workload, tests);
+        blocks in use keep their entries. Returns how many entries were dropped."""
+        dropped = 0
+        for b in self.free:
+            h = self.hash_of[b]
+            if h is not None:
+                if self.cached.get(h) == b:
+                    del self.cached[h]
+                self.hash_of[b] = None
+                dropped += 1
+        return dropped
+
     def update_hashes(self, seq: Sequence) -> None:
         """Extend seq.block_hashes over every full block of its known tokens."""
         bs, hashes, ids = self.block_size, seq.block_hashes, seq.token_ids

@@ -171,6 +171,10 @@ class LLMEngine:
             outs.append(group.to_output())
         return outs
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's unreferenced blocks (vLLM's LLM.reset_prefix_cache)."""
+        return self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 

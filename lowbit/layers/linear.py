@@ -22,11 +22,13 @@ from lowbit.errors import QuantizationError
 from lowbit.layers import kernels
 from lowbit.quant.qweight import QuantizedWeight
 
-#: From this many activation rows on, the kernel would hand a dequantized fp32 tile to MKL's
-#: sgemm instead of running its own blocked, register-tiled loop. Measured (AVX2, M = 8..256)
-#: the two were within noise of each other and of fp32 sgemm, so the simpler blocked kernel is
-#: always used; the tiled path stays reachable via forward_mode(x, 3) for re-measurement.
-TILE_MIN_M = 1 << 30
+#: From this many activation rows on (prefill chunks, wide decode batches) the kernel dequantizes
+#: W into a reused fp32 scratch and hands it to the BLAS sgemm instead of running its own AVX2
+#: register-tiled loop: compute-bound there, the BLAS uses the machine's widest SIMD. Measured
+#: with benchmarks/bench_kernels.py --modes (2 threads, default model's shapes): at M = 32 the
+#: blocked kernel still wins (gate/up 309 vs 323 us), at M = 64 the sgemm path does (569 vs
+#: 594 us; down 528 vs 623), at M = 128 and 1024 by 1.6x and 2x.
+TILE_MIN_M = 64
 
 #: Pure-torch fallback: rows dequantized at once (bounds its transient fp32 memory) and the
 #: largest M for which PyTorch's int8 weight-only matmul beats dequantize + sgemm.

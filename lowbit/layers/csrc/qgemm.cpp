@@ -19,8 +19,8 @@
 // M = 1 (gemv) uses a factored dot product: y = sum_g s_g * (dot(q_g, x_g) + off_g * sum(x_g)),
 // so no weight is ever scaled individually: and + cvt + fma per 8 weights (see Gemv).
 // M > 1 (gemm_blocked) dequantizes a block of rows once into an L2-resident fp32 buffer and
-// runs a register-tiled microkernel over it. gemm_tiled (dequantized tile + MKL sgemm) is kept
-// for comparison; it did not beat gemm_blocked in our measurements.
+// runs a register-tiled microkernel over it. Large M (gemm_tiled) dequantizes W into a reused
+// fp32 scratch and hands it to the BLAS sgemm (compute-bound there; see linear.py TILE_MIN_M).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -365,20 +365,35 @@ void gemm_blocked(const Layer& L, const float* x, int64_t M, int64_t ldx, float*
   }
 }
 
+// Scratch for gemm_tiled, reused across calls: a fresh multi-MB allocation per call would be
+// served by mmap and page-faulted in on every linear of every step (~0.5 ms per 8 MB).
+float* tile_scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if ((int64_t)buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// Large M (prefill chunks, wide decode batches) is compute-bound: dequantize W once per call, in
+// tiles of up to 8 MiB (every decoder linear of a small model in one tile), and let the BLAS
+// sgemm do the multiply at whatever SIMD width the machine has. The dequantization costs
+// N*K once against M*N*K multiply-adds, so it pays from a few dozen rows on.
 template <int BITS>
 void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   const int64_t k8 = 8 * L.np;
-  // A tile of ~512 KiB fp32 stays in L2 between being written and being read by sgemm.
-  const int64_t rows = std::clamp<int64_t>((512 * 1024 / 4) / k8, 16, L.n);
-  auto tile = at::empty({rows, k8}, x.options());
+  const int64_t rows = std::clamp<int64_t>((8 << 20) / 4 / k8, 64, L.n);
+  float* t = tile_scratch(rows * k8);
   for (int64_t n0 = 0; n0 < L.n; n0 += rows) {
     const int64_t nr = std::min(rows, L.n - n0);
-    float* t = tile.data_ptr<float>();
-    at::parallel_for(0, nr, 8, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
       dequant_rows<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
     });
-    auto yt = y.narrow(1, n0, nr);
-    at::mm_out(yt, x, tile.narrow(0, 0, nr).t());
+    auto tile = at::from_blob(t, {nr, k8}, x.options());
+    if (nr == L.n) {
+      at::mm_out(y, x, tile.t());
+    } else {
+      auto yt = y.narrow(1, n0, nr);
+      at::mm_out(yt, x, tile.t());
+    }
   }
   if (L.bias) y.add_(at::from_blob((void*)L.bias, {L.n}, x.options()));
 }
