@@ -88,6 +88,28 @@ def test_every_kernel_path(bits, mode, m):
     assert_matches(layer.forward_mode(x, mode), reference(qw, x, layer.bias))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [40, 300])  # per-thread L2 tiles, and whole-weight tiles
+@pytest.mark.parametrize("inference", [True, False])
+def test_sgemm_path_with_several_tiles_on_two_threads(bits, m, inference):
+    """The sgemm path splits W into tiles shared out to threads; worker threads must write the
+    output under the caller's inference mode (the engine runs in torch.inference_mode)."""
+    kernels.reset()
+    if not kernels.available():
+        pytest.skip("C++ extension unavailable")
+    qw = make_qweight(1000, 576, bits, 64, sym=False, seed=m)  # 1000 rows: 3 tiles of 448
+    layer = QuantLinear.from_quantized(qw, torch.randn(1000))
+    x = torch.randn(m, 576)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode(inference):
+            y = layer.forward_mode(x, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches(y, reference(qw, x, layer.bias))
+
+
 @pytest.mark.parametrize("k", [100, 200, 520])
 def test_per_channel_with_in_features_not_multiple_of_64(backend, k):
     """Per-channel weights with K that needs padding to the kernel's 8/64-wide blocks."""

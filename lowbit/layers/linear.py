@@ -23,12 +23,12 @@ from lowbit.layers import kernels
 from lowbit.quant.qweight import QuantizedWeight
 
 #: From this many activation rows on (prefill chunks, wide decode batches) the kernel dequantizes
-#: W into a reused fp32 scratch and hands it to the BLAS sgemm instead of running its own AVX2
-#: register-tiled loop: compute-bound there, the BLAS uses the machine's widest SIMD. Measured
-#: with benchmarks/bench_kernels.py --modes (2 threads, default model's shapes): at M = 32 the
-#: blocked kernel still wins (gate/up 309 vs 323 us), at M = 64 the sgemm path does (569 vs
-#: 594 us; down 528 vs 623), at M = 128 and 1024 by 1.6x and 2x.
-TILE_MIN_M = 64
+#: W tile by tile into fp32 scratch and hands it to the BLAS sgemm instead of running its own
+#: AVX2 register-tiled loop: compute-bound there, the BLAS uses the machine's widest SIMD.
+#: Measured with benchmarks/bench_kernels.py --modes (2 threads, the default model's shapes): at
+#: M = 16 the blocked kernel wins clearly, at M = 32 the two are even (gate/up 305 vs 312 us,
+#: down 288 vs 304), at M = 64 the sgemm path wins by 1.3-1.5x, at M = 1024 by 1.7-2x.
+TILE_MIN_M = 32
 
 #: Pure-torch fallback: rows dequantized at once (bounds its transient fp32 memory) and the
 #: largest M for which PyTorch's int8 weight-only matmul beats dequantize + sgemm.

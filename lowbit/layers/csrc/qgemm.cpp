@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -365,35 +366,60 @@ void gemm_blocked(const Layer& L, const float* x, int64_t M, int64_t ldx, float*
   }
 }
 
-// Scratch for gemm_tiled, reused across calls: a fresh multi-MB allocation per call would be
-// served by mmap and page-faulted in on every linear of every step (~0.5 ms per 8 MB).
+// Per-thread scratch for gemm_tiled, reused across calls (a fresh multi-MB allocation per call
+// would be page-faulted in on every linear of every step).
 float* tile_scratch(int64_t floats) {
   thread_local std::vector<float> buf;
   if ((int64_t)buf.size() < floats) buf.resize(floats);
   return buf.data();
 }
 
-// Large M (prefill chunks, wide decode batches) is compute-bound: dequantize W once per call, in
-// tiles of up to 8 MiB (every decoder linear of a small model in one tile), and let the BLAS
-// sgemm do the multiply at whatever SIMD width the machine has. The dequantization costs
-// N*K once against M*N*K multiply-adds, so it pays from a few dozen rows on.
+// Large M (prefill chunks, wide decode batches) is compute-bound, so the multiply goes to the
+// BLAS sgemm, which runs at the machine's widest SIMD; dequantization costs N*K once against
+// M*N*K multiply-adds. Two ways to feed it, measured (bench_kernels.py --modes):
+//  * M < kWholeM: each thread takes whole tiles of rows, dequantizes one (sized to stay in its
+//    L2) into its own scratch and multiplies it at once with a single-threaded sgemm (nested in
+//    the parallel region), so the fp32 weights never go to memory and back;
+//  * M >= kWholeM: the sgemm itself dominates and runs best as one large multi-threaded call, so
+//    W is dequantized in 8 MiB tiles (every decoder linear of a small model in one).
+constexpr int64_t kWholeM = 256;
+
+int64_t tile_bytes() {
+  static const int64_t b = [] {
+    const char* e = std::getenv("LOWBIT_TILE_KB");  // for re-measuring on other caches
+    return (e ? std::atoll(e) : 1024) * 1024;
+  }();
+  return b;
+}
+
 template <int BITS>
 void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   const int64_t k8 = 8 * L.np;
-  const int64_t rows = std::clamp<int64_t>((8 << 20) / 4 / k8, 64, L.n);
-  float* t = tile_scratch(rows * k8);
-  for (int64_t n0 = 0; n0 < L.n; n0 += rows) {
-    const int64_t nr = std::min(rows, L.n - n0);
-    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-      dequant_rows<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
-    });
-    auto tile = at::from_blob(t, {nr, k8}, x.options());
-    if (nr == L.n) {
-      at::mm_out(y, x, tile.t());
-    } else {
+  if (x.size(0) >= kWholeM) {
+    const int64_t rows = std::clamp<int64_t>((8 << 20) / 4 / k8, 64, L.n);
+    float* t = tile_scratch(rows * k8);
+    for (int64_t n0 = 0; n0 < L.n; n0 += rows) {
+      const int64_t nr = std::min(rows, L.n - n0);
+      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+        dequant_rows<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
+      });
       auto yt = y.narrow(1, n0, nr);
-      at::mm_out(yt, x, tile.t());
+      at::mm_out(yt, x, at::from_blob(t, {nr, k8}, x.options()).t());
     }
+  } else {
+    const int64_t rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
+    const int64_t tiles = (L.n + rows - 1) / rows;
+    const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      c10::InferenceMode guard(inference);
+      float* t = tile_scratch(rows * k8);
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int64_t n0 = ti * rows, nr = std::min(rows, L.n - n0);
+        dequant_rows<BITS>(L, n0, n0 + nr, t, k8);
+        auto yt = y.narrow(1, n0, nr);
+        at::mm_out(yt, x, at::from_blob(t, {nr, k8}, x.options()).t());
+      }
+    });
   }
   if (L.bias) y.add_(at::from_blob((void*)L.bias, {L.n}, x.options()));
 }
