@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
 sys.path.insert(0, str(PEERS))
-from _common import free_port, wait_http_ready  # noqa: E402
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from _common import free_port, stop_process_group, wait_http_ready  # noqa: E402
 
 
 def bench(port: int, conc: int, n: int, a, tokenizer_dir: str, out: Path) -> dict:
@@ -98,7 +86,7 @@ def main() -> int:
         except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
             print(f"  {name} failed: {e}; log: {tmp / f'{name}.log'}", file=sys.stderr)
         finally:
-            stop(proc)
+            stop_process_group(proc, signal.SIGINT, timeout=30)
             log.close()
 
     print(f"\nstreamed /v1/completions, {a.input_len} tokens in, {a.output_len} out (ignore_eos), greedy; "

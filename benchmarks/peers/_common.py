@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -168,3 +169,19 @@ def wait_http_ready(url: str, proc, timeout: float, poll_s: float = 0.5) -> None
             pass
         time.sleep(poll_s)
     raise TimeoutError(f"server not ready after {timeout:.0f} s ({url})")
+
+
+def stop_process_group(proc, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Sends sig to the server's process group (started with start_new_session=True), waits up to
+    timeout, then SIGKILLs it."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except Exception:  # subprocess.TimeoutExpired
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -176,14 +176,7 @@ def run_throughput_server(args, res):
             C.log(f"run {r}: {walls[-1]:.2f} s")
         res.update(C.throughput_summary(walls, len(prompts), args.input_len, args.output_len))
     finally:
-        try:
-            os.killpg(proc.pid, 15)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        C.stop_process_group(proc)
 
 
 def _vocab_from_gguf(path: str) -> int:

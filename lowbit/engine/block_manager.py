@@ -64,13 +64,19 @@ class BlockManager:
         return len(self.cached)
 
     # ---- low level ---------------------------------------------------------------------------
+    def _forget_hash(self, b: int) -> bool:
+        """Drop block b's prefix-cache entry, if it has one."""
+        h = self.hash_of[b]
+        if h is None:
+            return False
+        if self.cached.get(h) == b:
+            del self.cached[h]
+        self.hash_of[b] = None
+        return True
+
     def _pop_free(self) -> int:
         b, _ = self.free.popitem(last=False)
-        h = self.hash_of[b]
-        if h is not None:  # evict its prefix-cache entry: the block is about to be overwritten
-            if self.cached.get(h) == b:
-                del self.cached[h]
-            self.hash_of[b] = None
+        self._forget_hash(b)  # evict its prefix-cache entry: the block is about to be overwritten
         self.ref[b] = 1
         return b
 
@@ -103,15 +109,7 @@ class BlockManager:
     def reset_prefix_cache(self) -> int:
         """Forget every cached block nobody references (benchmarks repeating a workload, tests);
         blocks in use keep their entries. Returns how many entries were dropped."""
-        dropped = 0
-        for b in self.free:
-            h = self.hash_of[b]
-            if h is not None:
-                if self.cached.get(h) == b:
-                    del self.cached[h]
-                self.hash_of[b] = None
-                dropped += 1
-        return dropped
+        return sum(self._forget_hash(b) for b in self.free)
 
     def update_hashes(self, seq: Sequence) -> None:
         """Extend seq.block_hashes over every full block of its known tokens."""

@@ -244,8 +244,8 @@ def capture(
         return fn
 
     def run(h: torch.Tensor, keep_seq: bool, offset: int) -> torch.Tensor:
-        idx = torch.arange(offset, offset + h.shape[0] * h.shape[1])
-        state["seq"], state["sel"] = keep_seq, chosen[idx].nonzero().squeeze(1)
+        picked = chosen[offset : offset + h.shape[0] * h.shape[1]]
+        state["seq"], state["sel"] = keep_seq, picked.nonzero().squeeze(1)
         return run_layer(layer, h, rotary)
 
     handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in CAPTURED]

@@ -395,6 +395,11 @@ int64_t tile_bytes() {
 template <int BITS>
 void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   const int64_t k8 = 8 * L.np;
+  // y[:, n0 : n0 + nr] = x @ tile^T, tile = fp32 rows n0.. of W at t
+  auto multiply = [&](const float* t, int64_t n0, int64_t nr) {
+    auto yt = y.narrow(1, n0, nr);
+    at::mm_out(yt, x, at::from_blob(const_cast<float*>(t), {nr, k8}, x.options()).t());
+  };
   if (x.size(0) >= kWholeM) {
     const int64_t rows = std::clamp<int64_t>((8 << 20) / 4 / k8, 64, L.n);
     float* t = tile_scratch(rows * k8);
@@ -403,8 +408,7 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
       at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
         dequant_rows<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
       });
-      auto yt = y.narrow(1, n0, nr);
-      at::mm_out(yt, x, at::from_blob(t, {nr, k8}, x.options()).t());
+      multiply(t, n0, nr);
     }
   } else {
     const int64_t rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
@@ -416,8 +420,7 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
       for (int64_t ti = t0; ti < t1; ++ti) {
         const int64_t n0 = ti * rows, nr = std::min(rows, L.n - n0);
         dequant_rows<BITS>(L, n0, n0 + nr, t, k8);
-        auto yt = y.narrow(1, n0, nr);
-        at::mm_out(yt, x, at::from_blob(t, {nr, k8}, x.options()).t());
+        multiply(t, n0, nr);
       }
     });
   }
