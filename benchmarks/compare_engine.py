@@ -5,8 +5,8 @@ from benchmarks/peers/setup_peers.sh):
   * the machine's ceilings: large fp32 matmul FLOP/s, large-buffer read bandwidth (lowbit.bench.ceilings);
   * batch-1 decode (32-token prompt, 128 new tokens, greedy, EOS ignored): lowbit fp32, lowbit W4A16,
     transformers fp32, llama.cpp (Q4_1 GGUF, n_threads=2);
-  * throughput, 64 requests x (128 in, 128 out): lowbit fp32, lowbit W4A16, transformers fp32 batch
-    generate, vLLM-CPU fp32 (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+  * throughput, 64 requests x (128 in, 128 out): lowbit fp32, lowbit W4A16 (fp32 and int8 KV cache),
+    transformers fp32 batch generate, vLLM-CPU fp32 (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
   * stateful turn: TTFT of a 20-token turn after 1,500 tokens of history, session vs re-send.
 All engines get the same token ids (benchmarks/peers/prompts.py). Prints a table and writes JSON.
 
@@ -42,7 +42,8 @@ def peer(python: Path, script: str, *args: str, env: dict | None = None) -> dict
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def lowbit_runs(model: str | None, label: str, args, vocab: int) -> dict:
+def lowbit_runs(model: str | None, label: str, args, vocab: int, kv_cache_dtype: str = "fp32",
+                throughput_only: bool = False) -> dict:
     import torch
 
     from lowbit.bench.offline import engine_summary, run_latency, run_session_ttft, run_throughput
@@ -52,17 +53,19 @@ def lowbit_runs(model: str | None, label: str, args, vocab: int) -> dict:
     torch.set_num_threads(args.threads)
     res: dict = {}
     common = dict(model=model, quantize_lm_head=args.quantize_lm_head and label != "lowbit-fp32",
-                  kv_cache_memory=1 << 30, max_num_seqs=64, max_num_batched_tokens=args.batched_tokens)
+                  kv_cache_memory=1 << 30, max_num_seqs=64, max_num_batched_tokens=args.batched_tokens,
+                  kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(EngineArgs(**common))
     res["summary"] = engine_summary(engine)
-    print(f"  {label}: decode", file=sys.stderr)
-    res["decode"] = asdict(run_latency(engine, output_len=128, repeats=args.runs, prompt=decode_prompt(vocab)))
+    if not throughput_only:
+        print(f"  {label}: decode", file=sys.stderr)
+        res["decode"] = asdict(run_latency(engine, output_len=128, repeats=args.runs, prompt=decode_prompt(vocab)))
     if "throughput" not in args.skip:
         print(f"  {label}: throughput", file=sys.stderr)
         sets = [run_prompts(args.num_prompts, 128, vocab, r) for r in range(args.runs)]
         res["throughput"] = asdict(run_throughput(engine, prompt_sets=sets, output_len=128, repeats=args.runs))
     del engine
-    if label != "lowbit-fp32" and "session" not in args.skip:
+    if label != "lowbit-fp32" and "session" not in args.skip and not throughput_only:
         print(f"  {label}: session", file=sys.stderr)
         engine = LLMEngine(EngineArgs(**{**common, "enable_prefix_caching": False}))
         res["session"] = asdict(run_session_ttft(engine, 1500, 20, args.runs))
@@ -80,7 +83,7 @@ def main() -> int:
     ap.add_argument("--batched-tokens", type=int, default=1024)
     ap.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "vllm", "throughput",
-                                                              "session"])
+                                                              "session", "kv8"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -95,6 +98,10 @@ def main() -> int:
     out["ceilings"] = {"matmul_flops": matmul_flops(), "read_bytes_per_s": read_bandwidth()}
     out["lowbit-fp32"] = lowbit_runs(fp, "lowbit-fp32", args, vocab)
     out["lowbit-w4a16"] = lowbit_runs(args.w4, "lowbit-w4a16", args, vocab)
+    if "throughput" not in args.skip and "kv8" not in args.skip:
+        # the same W4A16 engine with the int8 KV cache (kv_cache.py; +0.04% perplexity): decode
+        # attention at batch 64 reads the whole cache every step, a quarter of the bytes in int8
+        out["lowbit-w4a16-kv8"] = lowbit_runs(args.w4, "lowbit-w4a16-kv8", args, vocab, "int8", throughput_only=True)
     n = str(args.num_prompts)
     if "transformers" not in args.skip:
         print("transformers", file=sys.stderr)
@@ -154,6 +161,7 @@ def report(o: dict) -> None:
     thr = {
         "lowbit fp32": _get(o, "lowbit-fp32", "throughput", "total_tokens_per_s"),
         "lowbit W4A16": _get(o, "lowbit-w4a16", "throughput", "total_tokens_per_s"),
+        "lowbit W4A16 kv int8": _get(o, "lowbit-w4a16-kv8", "throughput", "total_tokens_per_s"),
         "transformers fp32": _get(o, "transformers", "throughput", "total_tokens_per_s"),
         "vLLM-CPU fp32": _get(o, "vllm", "throughput", "total_tokens_per_s"),
     }
@@ -161,14 +169,15 @@ def report(o: dict) -> None:
         print("\nthroughput, 64 x (128 in, 128 out), total tokens/s (median):")
         for k, v in thr.items():
             print(f"  {k:<20} {v:8.1f}" if v else f"  {k:<20}      n/a")
-        t4 = thr["lowbit W4A16"]
         params = _get(o, "lowbit-fp32", "summary", "model_bytes")
-        if t4 and params:
-            print(f"  W4A16 compute use: {2 * (params / 4) * t4 / flops:.0%} of matmul ceiling "
-                  f"(2 x {params / 4 / 1e6:.0f}M params x tokens/s)")
-        for peer_name in ("vLLM-CPU fp32", "transformers fp32"):
-            if t4 and thr[peer_name]:
-                print(f"  W4A16 / {peer_name}: {t4 / thr[peer_name]:.2f}x")
+        for ours in ("lowbit W4A16", "lowbit W4A16 kv int8"):
+            t4 = thr[ours]
+            if t4 and params:
+                print(f"  {ours} compute use: {2 * (params / 4) * t4 / flops:.0%} of matmul ceiling "
+                      f"(2 x {params / 4 / 1e6:.0f}M params x tokens/s)")
+            for peer_name in ("vLLM-CPU fp32", "transformers fp32"):
+                if t4 and thr[peer_name]:
+                    print(f"  {ours} / {peer_name}: {t4 / thr[peer_name]:.2f}x")
     ses = _get(o, "lowbit-w4a16", "session")
     if ses:
         print(f"\nstateful turn (20 new tokens after 1500): TTFT {ses['ttft_session_ms']:.0f} ms with session vs "

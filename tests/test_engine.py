@@ -349,6 +349,8 @@ def test_stop_strings_on_text_and_no_take_backs():
     assert seq.output_text == "xxcat"
     seq, _ = _feed(SamplingParams(max_tokens=4), tok("hello"))
     assert seq.output_text == "hell" and seq.finish_reason == "length"
+    assert seq.cumulative_logprob is None  # not requested: not tracked (as in vLLM)
+    seq, _ = _feed(SamplingParams(max_tokens=4, logprobs=0), tok("hello"))
     assert seq.cumulative_logprob == pytest.approx(-2.0)
 
 

@@ -211,7 +211,9 @@ def test_paged_decode_attention_matches_reference(ext, kv_dtype, B, Hq, Hkv, D):
         sz = (pool.k_sz[0], pool.v_sz[0]) if pool.spec.quantized else (None, None)
         got = ops.paged_decode_attention(q, pool.k[0], pool.v[0], bt, torch.tensor(lens, dtype=torch.int32),
                                          1 / math.sqrt(D), window, *sz, kv_dtype=kv_dtype)
-        close(got, reference_decode(pool, q, tables, lens, window), tol=1e-5)
+        # int8 K: the kernel rounds q to int16 for exact integer dot products with the codes
+        # (~1e-5 of |q| per element, ~100x below the int8 rounding of K itself)
+        close(got, reference_decode(pool, q, tables, lens, window), tol=1e-4 if kv_dtype == "int8" else 1e-5)
 
 
 def test_paged_decode_attention_rejects_blocks_outside_the_pool(ext):

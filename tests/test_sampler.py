@@ -26,11 +26,17 @@ def test_greedy_is_argmax_and_reports_raw_logprob():
     torch.manual_seed(0)
     logits = torch.randn(6, 100) * 3
     before = logits.clone()
-    out = run(Sampler([EOS]), logits, SamplingParams(temperature=0))
+    out = run(Sampler([EOS]), logits, SamplingParams(temperature=0, logprobs=0))
     assert torch.equal(out.token_ids, logits.argmax(-1))
     expected = torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None]).squeeze(1)
     torch.testing.assert_close(out.sampled_logprob, expected)
-    assert out.logprobs == [None] * 6
+    assert all(len(d) == 1 for d in out.logprobs)
+    # rows that ask for no logprobs get none computed: NaN, never a made-up number
+    mixed = run(Sampler([EOS]), logits, [SamplingParams(temperature=0, logprobs=None if i % 2 else 0) for i in range(6)])
+    assert torch.equal(mixed.token_ids, out.token_ids)
+    torch.testing.assert_close(mixed.sampled_logprob[0::2], expected[0::2])
+    assert bool(mixed.sampled_logprob[1::2].isnan().all())
+    assert mixed.logprobs[1::2] == [None] * 3
     assert torch.equal(logits, before)  # caller's tensor untouched
 
 
@@ -290,7 +296,7 @@ def test_mismatched_lists_and_bad_token_ids_raise():
 def test_out_of_vocab_stop_ids_are_ignored():
     logits = torch.zeros(1, 4)
     logits[0, 1] = 1.0
-    out = Sampler([100])(logits, [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[-1, 50])],
+    out = Sampler([100])(logits, [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[-1, 50], logprobs=0)],
                          [[]], [[]], [None])
     assert out.token_ids.item() == 1
     assert math.isfinite(out.sampled_logprob.item())

@@ -41,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-tokens", type=int, default=d.search_tokens,
                    help="tokens sampled from all calibration data for the per-token (MLP, o/down_proj) searches "
                         "(default %(default)s; 0 = all)")
-    p.add_argument("--no-duo-scaling", action="store_true", help="scales from activations only (llm-awq), not AutoAWQ's duo")
+    p.add_argument("--duo-scaling", choices=["on", "off", "both"], default=None,
+                   help="scale grid: on = activations and weights (AutoAWQ), off = activations only (llm-awq), "
+                        "both = search both grids (llm-compressor's 'both'); default on")
+    p.add_argument("--no-duo-scaling", action="store_true", help="same as --duo-scaling off")
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default="awq",
                    help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq)")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.pipeline import quantize
 
     cfg = AwqConfig(
-        duo_scaling=not args.no_duo_scaling,
+        duo_scaling=_duo(args),
         clip=not args.no_clip,
         search_samples=None if args.search_samples == 0 else args.search_samples,
         search_tokens=None if args.search_tokens == 0 else args.search_tokens,
@@ -75,3 +78,12 @@ def run(args: argparse.Namespace) -> int:
               f"AWQ {t['layer_error_awq_sum']:.4g}; AWQ better on {t['layers_awq_better_than_rtn']}/{report.num_layers} layers",
               file=sys.stderr)
     return 0
+
+
+def _duo(args) -> bool | str:
+    if args.no_duo_scaling and args.duo_scaling not in (None, "off"):
+        from ..errors import QuantizationError
+
+        raise QuantizationError("--no-duo-scaling contradicts --duo-scaling " + args.duo_scaling)
+    choice = "off" if args.no_duo_scaling else (args.duo_scaling or "on")
+    return {"on": True, "off": False, "both": "both"}[choice]

@@ -54,7 +54,8 @@ class Sequence:
         self.output_text = ""
         self.prefix_offset = max(self.prompt_len - _DETOK_CONTEXT, 0)
         self.read_offset = self.prompt_len
-        self.cumulative_logprob = 0.0
+        # like vLLM: tracked only when logprobs are requested (the sampler computes them only then)
+        self.cumulative_logprob: float | None = 0.0 if group.params.logprobs is not None else None
         self.logprobs: list[dict[int, Logprob]] | None = [] if group.params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -106,7 +107,8 @@ class Sequence:
         """Add a sampled token, extend the text, and decide whether the sequence is done."""
         self.token_ids.append(token)
         self.output_token_ids.append(token)
-        self.cumulative_logprob += logprob
+        if self.cumulative_logprob is not None:
+            self.cumulative_logprob += logprob
         if self.logprobs is not None:
             if top is not None and tokenizer is not None:
                 for tid, lp in top.items():

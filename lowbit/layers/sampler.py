@@ -24,6 +24,7 @@ still before temperature and filters. Returned alternatives follow vLLM/OpenAI: 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import chain
 from typing import Literal
@@ -41,7 +42,7 @@ LogprobsMode = Literal["raw", "penalized"]
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # int64 [B]
-    sampled_logprob: torch.Tensor  # fp32 [B], under the distribution chosen by logprobs_mode
+    sampled_logprob: torch.Tensor  # fp32 [B], under the distribution chosen by logprobs_mode; NaN on rows without logprobs
     logprobs: list[dict[int, Logprob] | None]  # per row; None where params.logprobs is None
 
 
@@ -81,7 +82,14 @@ class Sampler:
             )
 
         dist = logits if self.logprobs_mode == "raw" else x
-        lse = torch.logsumexp(dist, dim=-1)
+        # the normaliser is a pass over the whole vocabulary per row: paid only for rows that
+        # report logprobs (vLLM reports none otherwise either); the others get NaN
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lse = torch.full((x.shape[0],), math.nan)
+        if len(want) == len(params):
+            lse = torch.logsumexp(dist, dim=-1)
+        elif want:
+            lse[want] = torch.logsumexp(dist[want], dim=-1)
         sampled = dist.gather(1, tokens[:, None]).squeeze(1) - lse
         return SamplerOutput(tokens, sampled, _top_logprobs(dist, lse, tokens, sampled, params))
 
