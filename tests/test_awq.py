@@ -352,31 +352,6 @@ def test_search_tokens_do_not_over_sample_each_blocks_first_token(tmp_path):
     assert cap.inputs["mlp"].shape[0] == 100 and cap.inputs["self_attn"].shape[:2] == (2, 32)
 
 
-def test_refinement_rescores_the_grids_best_ratios_on_the_larger_sample(tmp_path):
-    """Stage 1 scores the grid on a subsample; the refine_top best ratios are re-scored on everything
-    captured and the lowest of those wins, so the pick is always one of the stage-1 finalists and,
-    with refine_top 1, exactly the stage-1 argmin."""
-    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
-    store = store_of(torch.randn(8, 32, cfg.hidden_size) * torch.linspace(0.1, 8, cfg.hidden_size))
-    cap = A.capture(layer, rotary, store, n_search=8, n_tokens=None)
-    cap.n_search = 3
-    cap.token_rows = A.sample_tokens(8 * 32, 40, seed=2).nonzero().squeeze(1)
-    assert cap.grid_sample("self_attn")[0].shape[0] == 3 and cap.grid_sample("mlp")[0].shape[0] == 40
-    grp = A.scale_groups(layer)[-2]  # gate_up: scored by running the MLP, so it is refined
-    spec = QuantSpec(3, 32)
-    _, one = A.search_scales(layer, grp, cap, spec, A.AwqConfig(refine_top=1), rotary)
-    _, three = A.search_scales(layer, grp, cap, spec, A.AwqConfig(refine_top=3), rotary)
-    assert one.losses == three.losses  # the same stage-1 grid
-    order = sorted(range(len(one.losses)), key=lambda i: one.losses[i])
-    assert one.ratio == order[0] / 20
-    assert three.ratio in [i / 20 for i in order[:3]]
-    # the refined loss is the full-sample loss of the chosen ratio, never above the full-sample
-    # loss of the stage-1 argmin
-    full = A.LayerCapture(cap.h, cap.y, cap.inputs, cap.targets, cap.abs_mean, n_search=8)
-    _, top1_full = A.search_scales(layer, grp, full, spec, A.AwqConfig(refine_top=1, n_grid=20), rotary)
-    assert three.loss_awq <= top1_full.losses[order[0]] + 1e-12
-
-
 def test_duo_both_searches_both_grids_and_keeps_the_better(tmp_path):
     layer, rotary, cfg = tiny_layer(tmp_path, "llama")
     cap = A.capture(layer, rotary, store_of(torch.randn(4, 32, cfg.hidden_size) * torch.linspace(0.1, 8, cfg.hidden_size)),

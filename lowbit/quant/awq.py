@@ -57,13 +57,6 @@ class AwqConfig:
     clip_tokens: int = 512
     search_samples: int | None = 8  # whole sequences for the attention search and the error report (None: all)
     search_tokens: int | None = 4096  # tokens sampled from all calibration data for the per-token searches (None: all)
-    # Optional second stage: the refine_top best ratios of the grid are re-scored on a larger sample
-    # (refine_samples sequences / refine_tokens tokens; None: all) and the best of those wins, for
-    # when the small sample's losses are too close to call. Off by default: on the default model
-    # (W4 g64, refine_top 3) it cost 2x the search time and moved perplexity by noise (24.47 -> 24.50).
-    refine_top: int = 0
-    refine_samples: int | None = 32
-    refine_tokens: int | None = 16384
     chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
 
@@ -164,17 +157,6 @@ class LayerCapture:
     inputs: dict[str, torch.Tensor]  # module name -> its input on the search sequences
     targets: dict[str, torch.Tensor]  # module name -> its fp output on the search sequences
     abs_mean: dict[str, torch.Tensor]  # module name -> mean |input| per channel over ALL tokens
-    n_search: int = 0  # the first n_search sequences are the grid's sample (the rest: refinement only)
-    token_rows: torch.Tensor | None = None  # rows of the per-token captures in the grid's sample (None: all)
-
-    def grid_sample(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (input, target) of module `name` on the first-stage sample."""
-        x, t = self.inputs[name], self.targets[name]
-        if name in SEQUENCE_CAPTURED:
-            return x[: self.n_search], t[: self.n_search]
-        if self.token_rows is None:
-            return x, t
-        return x[self.token_rows], t[self.token_rows]
 
 
 # ----------------------------------------------------------------------------- groups
@@ -292,7 +274,6 @@ def capture(
         inputs={k: torch.cat(v) for k, v in keep.items()},
         targets={k: torch.cat(v) for k, v in outs.items()},
         abs_mean={k: (v / total).float() for k, v in sums.items()},
-        n_search=n_search,
     )
 
 
@@ -371,8 +352,7 @@ def search_scales(
     """Grid search of the scale ratio for one group; the layer is restored before returning."""
     linears = [layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
-    x_all, t_all = cap.inputs[group.inspect], cap.targets[group.inspect]
-    x, target = cap.grid_sample(group.inspect)
+    x, target = cap.inputs[group.inspect], cap.targets[group.inspect]
     x_mean = cap.abs_mean[group.inspect].float()
     if cfg.duo_scaling not in (True, False, "both"):
         raise ValueError(f"AwqConfig.duo_scaling must be True, False or 'both', got {cfg.duo_scaling!r}")
@@ -383,36 +363,27 @@ def search_scales(
         candidates += [(i / cfg.n_grid, None) for i in range(cfg.n_grid)]
 
     measure = None
-    if len(linears) == 1 and group.inspect == group.linears[0] and _gram_pays(x_all, linears[0], cfg.n_grid):
-        # a lone linear through its Gram matrix: a grid point costs the same for any number of
-        # tokens, so score every kept token at once and skip the refinement
-        measure = _linear_loss(linears[0], originals[0], x_all)
+    if len(linears) == 1 and group.inspect == group.linears[0] and _gram_pays(x, linears[0], len(candidates)):
+        measure = _linear_loss(linears[0], originals[0], x)
 
-    def loss_with(scales: torch.Tensor | None, xs: torch.Tensor, ts: torch.Tensor) -> float:
+    def loss_with(scales: torch.Tensor | None) -> float:
         for lin, w in zip(linears, originals):
             if scales is None:
                 lin.weight.data = spec.fake(w)
             else:
                 lin.weight.data = spec.fake(w * scales.view(1, -1)) / scales.view(1, -1)
-        loss = measure() if measure is not None else _chunked_loss(layer, group.inspect, xs, ts, rotary, cfg.chunk_tokens)
+        loss = measure() if measure is not None else _chunked_loss(layer, group.inspect, x, target, rotary, cfg.chunk_tokens)
         return loss if math.isfinite(loss) else math.inf
 
     try:
-        loss_rtn = loss_with(None, x, target)
-        losses = [loss_with(grid_scales(x_mean, wm, r), x, target) for r, wm in candidates]
-        ranked = [i for i in sorted(range(len(candidates)), key=lambda i: losses[i]) if math.isfinite(losses[i])]
-        best, best_ratio, best_scales, best_duo = math.inf, None, None, None
-        if ranked:
-            finalists = ranked[: max(1, cfg.refine_top)]
-            refine = measure is None and len(finalists) > 1 and x_all.shape[0] > x.shape[0]
-            if refine:
-                loss_rtn = loss_with(None, x_all, t_all)
-            for i in finalists:
-                ratio, wm = candidates[i]
-                scales = grid_scales(x_mean, wm, ratio)
-                loss = loss_with(scales, x_all, t_all) if refine else losses[i]
-                if loss < best:
-                    best, best_ratio, best_scales, best_duo = loss, ratio, scales, wm is not None
+        loss_rtn = loss_with(None)
+        best, best_ratio, best_scales, best_duo, losses = math.inf, None, None, None, []
+        for ratio, wm in candidates:
+            scales = grid_scales(x_mean, wm, ratio)
+            loss = loss_with(scales)
+            losses.append(loss)
+            if loss < best:
+                best, best_ratio, best_scales, best_duo = loss, ratio, scales, wm is not None
     finally:
         for lin, w in zip(linears, originals):
             lin.weight.data = w
@@ -569,15 +540,7 @@ def awq_quantize_layer(
     chunk_seq = chunk_sequences(seqlen, cfg.chunk_tokens)
     n_search = store.n_sequences if cfg.search_samples is None else min(cfg.search_samples, store.n_sequences)
     fp_out = ActivationStore(store.compact) if cfg.carry == "fp" else None
-    n_keep, n_tokens = n_search, cfg.search_tokens
-    if cfg.refine_top > 0:
-        n_keep = store.n_sequences if cfg.refine_samples is None else max(n_search, min(cfg.refine_samples, store.n_sequences))
-        n_tokens = None if cfg.refine_tokens is None or cfg.search_tokens is None else max(cfg.search_tokens, cfg.refine_tokens)
-    cap = capture(layer, rotary, store, n_keep, n_tokens, fp_out)
-    cap.n_search = n_search
-    kept = cap.inputs["mlp"].shape[0]
-    if cfg.search_tokens is not None and cfg.search_tokens < kept:
-        cap.token_rows = sample_tokens(kept, cfg.search_tokens, seed=2).nonzero().squeeze(1)
+    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
     groups = scale_groups(layer)
