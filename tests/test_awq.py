@@ -374,3 +374,24 @@ def test_cli_duo_flags_conflict_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "contradicts" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_gram_over_all_tokens_scores_lone_linears_like_the_full_sample(tmp_path):
+    """gram_all_tokens: down_proj is scored on every calibration token through a Gram matrix summed
+    during capture; with the whole calibration captured anyway, the losses equal the sampled path's."""
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    store = store_of(torch.randn(6, 32, cfg.hidden_size) * torch.linspace(0.1, 8, cfg.hidden_size))
+    full = A.capture(layer, rotary, store, n_search=6, n_tokens=None)
+    ref_in = full.inputs["mlp.down_proj"]
+    part = A.capture(layer, rotary, store, n_search=6, n_tokens=50, gram_modules=("mlp.down_proj",))
+    gram, n = part.grams["mlp.down_proj"]
+    assert n == 6 * 32 and part.inputs["mlp.down_proj"].shape[0] == 50  # the sample stays small
+    torch.testing.assert_close(gram, ref_in.t() @ ref_in, rtol=1e-4, atol=1e-3)
+    grp, spec = A.scale_groups(layer)[-1], QuantSpec(3, 32)
+    assert grp.name == "up_down"
+    _, a = A.search_scales(layer, grp, full, spec, A.AwqConfig(), rotary)
+    _, b = A.search_scales(layer, grp, part, spec, A.AwqConfig(gram_all_tokens=True), rotary)
+    assert a.ratio == b.ratio
+    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-3, atol=1e-7)
+    _, res, _ = A.awq_quantize_layer(layer, rotary, store, spec, A.AwqConfig(gram_all_tokens=True, search_tokens=50))
+    assert all(math.isfinite(g.loss_awq) for g in res.groups)

@@ -59,6 +59,11 @@ class AwqConfig:
     search_tokens: int | None = 4096  # tokens sampled from all calibration data for the per-token searches (None: all)
     chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
+    # Score lone linears (down_proj; o_proj where v -> o is searched) on EVERY calibration token
+    # through a Gram matrix accumulated during capture, instead of on the search_tokens sample.
+    # Costs about n x in^2 per layer once; a grid point costs the same either way. Experimental:
+    # the sampled loss is dominated by the few massive-activation tokens it happens to hold.
+    gram_all_tokens: bool = False
 
 
 # ----------------------------------------------------------------------------- activations
@@ -157,6 +162,7 @@ class LayerCapture:
     inputs: dict[str, torch.Tensor]  # module name -> its input on the search sequences
     targets: dict[str, torch.Tensor]  # module name -> its fp output on the search sequences
     abs_mean: dict[str, torch.Tensor]  # module name -> mean |input| per channel over ALL tokens
+    grams: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # name -> (X^T X over ALL tokens, n)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -215,7 +221,7 @@ def sample_tokens(total: int, n_tokens: int | None, seed: int = 0) -> torch.Tens
 @torch.no_grad()
 def capture(
     layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, n_search: int, n_tokens: int | None,
-    keep_outputs: ActivationStore | None = None,
+    keep_outputs: ActivationStore | None = None, gram_modules: tuple[str, ...] = (),
 ) -> LayerCapture:
     """One fp pass over all calibration chunks. Keeps: the per-channel mean |x| of every scaled
     input over all tokens; the attention's inputs/outputs (and the layer's) for the first n_search
@@ -224,6 +230,7 @@ def capture(
     total = sum(h.shape[0] * h.shape[1] for h in store._chunks)
     chosen = sample_tokens(total, n_tokens)
     sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
     keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     state: dict = {"seq": False, "sel": None}
@@ -234,6 +241,10 @@ def capture(
             flat = x.reshape(-1, x.shape[-1])
             s = flat.float().abs().sum(0).double()
             sums[name] = sums[name] + s if name in sums else s
+            if name in gram_modules:
+                f32 = flat.float()
+                g = (f32.t() @ f32).double()
+                grams[name] = grams[name] + g if name in grams else g
             if name in SEQUENCE_CAPTURED:
                 if state["seq"]:
                     keep[name].append(x.detach().float())
@@ -274,6 +285,7 @@ def capture(
         inputs={k: torch.cat(v) for k, v in keep.items()},
         targets={k: torch.cat(v) for k, v in outs.items()},
         abs_mean={k: (v / total).float() for k, v in sums.items()},
+        grams={k: (v.float(), total) for k, v in grams.items()},
     )
 
 
@@ -310,13 +322,16 @@ def _gram_pays(x: torch.Tensor, lin: nn.Linear, n_evals: int) -> bool:
     return n * fin * fin + n_evals * fin * fin * fout < n_evals * n * fin * fout
 
 
-def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, x: torch.Tensor):
+def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, x: torch.Tensor | None, gram_n: tuple[torch.Tensor, int] | None = None):
     """Output MSE of a lone linear through the Gram matrix of its inputs: with D = W_q - W,
     mean ||x D^T||^2 = tr(D G D^T) / (n out), G = X^T X. Exact, and for wide inputs several times
-    cheaper per grid point than running the linear over every token (the bias cancels)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    gram = flat.t() @ flat
-    n = flat.shape[0]
+    cheaper per grid point than running the linear over every token (the bias cancels). The Gram
+    matrix comes from x, or ready-made (over all calibration tokens) as gram_n = (G, n)."""
+    if gram_n is not None:
+        gram, n = gram_n
+    else:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        gram, n = flat.t() @ flat, flat.shape[0]
 
     def measure() -> float:
         d = lin.weight.data.float() - w_fp.float()
@@ -363,7 +378,9 @@ def search_scales(
         candidates += [(i / cfg.n_grid, None) for i in range(cfg.n_grid)]
 
     measure = None
-    if len(linears) == 1 and group.inspect == group.linears[0] and _gram_pays(x, linears[0], len(candidates)):
+    if len(linears) == 1 and group.inspect == group.linears[0] and group.inspect in cap.grams:
+        measure = _linear_loss(linears[0], originals[0], None, cap.grams[group.inspect])
+    elif len(linears) == 1 and group.inspect == group.linears[0] and _gram_pays(x, linears[0], len(candidates)):
         measure = _linear_loss(linears[0], originals[0], x)
 
     def loss_with(scales: torch.Tensor | None) -> float:
@@ -540,7 +557,8 @@ def awq_quantize_layer(
     chunk_seq = chunk_sequences(seqlen, cfg.chunk_tokens)
     n_search = store.n_sequences if cfg.search_samples is None else min(cfg.search_samples, store.n_sequences)
     fp_out = ActivationStore(store.compact) if cfg.carry == "fp" else None
-    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out)
+    lone = tuple(g.inspect for g in scale_groups(layer) if g.linears == (g.inspect,))
+    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone if cfg.gram_all_tokens else ())
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
     groups = scale_groups(layer)

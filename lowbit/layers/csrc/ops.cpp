@@ -723,8 +723,13 @@ void attend_seq(const PagedArgs& a, int64_t b, std::vector<float>& buf) {
         s += qj[i];
         m = std::max(m, std::fabs(qj[i]));
       }
+      // a non-finite q gives non-finite scores through qsum, as the float path would; its codes are
+      // kept in range only so the int16 conversion is defined
       const float step = m > 0 && std::isfinite(m) ? m / qmax : 1.0f;
-      for (int64_t i = 0; i < D; ++i) qi[j * D + i] = static_cast<int16_t>(std::nearbyint(qj[i] / step));
+      for (int64_t i = 0; i < D; ++i) {
+        const float v = qj[i] / step;
+        qi[j * D + i] = std::isfinite(v) ? static_cast<int16_t>(std::nearbyint(std::clamp(v, -qmax, qmax))) : 0;
+      }
       qstep[j] = step;
     }
     qsum[j] = s;
