@@ -136,6 +136,12 @@ def _get(d, *keys):
     return d
 
 
+def _table(title: str, rows: dict) -> None:
+    print(title)
+    for k, v in rows.items():
+        print(f"  {k:<20} {v:8.1f}" if v else f"  {k:<20}      n/a")
+
+
 def report(o: dict) -> None:
     bw, flops = o["ceilings"]["read_bytes_per_s"], o["ceilings"]["matmul_flops"]
     print(f"\nmachine: {o['machine'].get('cpu_model', '?')}, ceilings: matmul {flops / 1e9:.1f} GFLOP/s, "
@@ -147,9 +153,7 @@ def report(o: dict) -> None:
         "llama.cpp Q4_1": _get(o, "llamacpp", "decode", "decode_tokens_per_s"),
         "vLLM-CPU fp32": _get(o, "vllm", "decode", "decode_tokens_per_s"),
     }
-    print("\nbatch-1 decode, 128 new tokens (tokens/s, median):")
-    for k, v in dec.items():
-        print(f"  {k:<20} {v:8.1f}" if v else f"  {k:<20}      n/a")
+    _table("\nbatch-1 decode, 128 new tokens (tokens/s, median):", dec)
     w4 = dec["lowbit W4A16"]
     wbytes = _get(o, "lowbit-w4a16", "summary", "model_bytes")
     if w4 and wbytes:
@@ -166,9 +170,7 @@ def report(o: dict) -> None:
         "vLLM-CPU fp32": _get(o, "vllm", "throughput", "total_tokens_per_s"),
     }
     if any(thr.values()):
-        print("\nthroughput, 64 x (128 in, 128 out), total tokens/s (median):")
-        for k, v in thr.items():
-            print(f"  {k:<20} {v:8.1f}" if v else f"  {k:<20}      n/a")
+        _table("\nthroughput, 64 x (128 in, 128 out), total tokens/s (median):", thr)
         params = _get(o, "lowbit-fp32", "summary", "model_bytes")
         for ours in ("lowbit W4A16", "lowbit W4A16 kv int8"):
             t4 = thr[ours]

@@ -85,13 +85,14 @@ class Sampler:
         # the normaliser is a pass over the whole vocabulary per row: paid only for rows that
         # report logprobs (vLLM reports none otherwise either); the others get NaN
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        lse = torch.full((x.shape[0],), math.nan)
         if len(want) == len(params):
             lse = torch.logsumexp(dist, dim=-1)
-        elif want:
-            lse[want] = torch.logsumexp(dist[want], dim=-1)
+        else:
+            lse = torch.full((x.shape[0],), math.nan)
+            if want:
+                lse[want] = torch.logsumexp(dist[want], dim=-1)
         sampled = dist.gather(1, tokens[:, None]).squeeze(1) - lse
-        return SamplerOutput(tokens, sampled, _top_logprobs(dist, lse, tokens, sampled, params))
+        return SamplerOutput(tokens, sampled, _top_logprobs(dist, lse, tokens, sampled, params, want))
 
     def _mask_stop_tokens(
         self, x: torch.Tensor, params: list[SamplingParams], output_ids: list[list[int]]
@@ -262,10 +263,10 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
 
 def _top_logprobs(
     dist: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, sampled: torch.Tensor,
-    params: list[SamplingParams],
+    params: list[SamplingParams], rows: list[int],
 ) -> list[dict[int, Logprob] | None]:
+    """Logprob dicts for `rows` (those that asked for logprobs), None elsewhere."""
     out: list[dict[int, Logprob] | None] = [None] * len(params)
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return out
     sub = dist[rows]

@@ -121,6 +121,11 @@ class ScaleGroup:
     linears: tuple[str, ...]
     inspect: str  # module whose output is the loss; its input is the linears' input
 
+    @property
+    def lone(self) -> bool:
+        """One linear scored on its own output (v -> o, up -> down): a Gram matrix can score it."""
+        return self.linears == (self.inspect,)
+
 
 @dataclass
 class GroupResult:
@@ -240,10 +245,10 @@ def capture(
         def fn(module, args, output):
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
-            s = flat.float().abs().sum(0).double()
+            f32 = flat.float()
+            s = f32.abs().sum(0).double()
             sums[name] = sums[name] + s if name in sums else s
             if name in gram_modules:
-                f32 = flat.float()
                 g = (f32.t() @ f32).double()
                 grams[name] = grams[name] + g if name in grams else g
             if name in SEQUENCE_CAPTURED:
@@ -323,16 +328,15 @@ def _gram_pays(x: torch.Tensor, lin: nn.Linear, n_evals: int) -> bool:
     return n * fin * fin + n_evals * fin * fin * fout < n_evals * n * fin * fout
 
 
-def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, x: torch.Tensor | None, gram_n: tuple[torch.Tensor, int] | None = None):
-    """Output MSE of a lone linear through the Gram matrix of its inputs: with D = W_q - W,
-    mean ||x D^T||^2 = tr(D G D^T) / (n out), G = X^T X. Exact, and for wide inputs several times
-    cheaper per grid point than running the linear over every token (the bias cancels). The Gram
-    matrix comes from x, or ready-made (over all calibration tokens) as gram_n = (G, n)."""
-    if gram_n is not None:
-        gram, n = gram_n
-    else:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        gram, n = flat.t() @ flat, flat.shape[0]
+def _gram_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    flat = x.reshape(-1, x.shape[-1]).float()
+    return flat.t() @ flat, flat.shape[0]
+
+
+def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, gram: torch.Tensor, n: int):
+    """Output MSE of a lone linear through the Gram matrix G = X^T X of its n inputs: with
+    D = W_q - W, mean ||x D^T||^2 = tr(D G D^T) / (n out). Exact, and for wide inputs several times
+    cheaper per grid point than running the linear over every token (the bias cancels)."""
 
     def measure() -> float:
         d = lin.weight.data.float() - w_fp.float()
@@ -379,10 +383,9 @@ def search_scales(
         candidates += [(i / cfg.n_grid, None) for i in range(cfg.n_grid)]
 
     measure = None
-    if len(linears) == 1 and group.inspect == group.linears[0] and group.inspect in cap.grams:
-        measure = _linear_loss(linears[0], originals[0], None, cap.grams[group.inspect])
-    elif len(linears) == 1 and group.inspect == group.linears[0] and _gram_pays(x, linears[0], len(candidates)):
-        measure = _linear_loss(linears[0], originals[0], x)
+    if group.lone and (group.inspect in cap.grams or _gram_pays(x, linears[0], len(candidates))):
+        gram, n = cap.grams.get(group.inspect) or _gram_of(x)  # all tokens when captured, else the sample
+        measure = _linear_loss(linears[0], originals[0], gram, n)
 
     def loss_with(scales: torch.Tensor | None) -> float:
         for lin, w in zip(linears, originals):
@@ -558,11 +561,11 @@ def awq_quantize_layer(
     chunk_seq = chunk_sequences(seqlen, cfg.chunk_tokens)
     n_search = store.n_sequences if cfg.search_samples is None else min(cfg.search_samples, store.n_sequences)
     fp_out = ActivationStore(store.compact) if cfg.carry == "fp" else None
-    lone = tuple(g.inspect for g in scale_groups(layer) if g.linears == (g.inspect,))
-    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone if cfg.gram_all_tokens else ())
+    groups = scale_groups(layer)
+    lone = tuple(g.inspect for g in groups if g.lone) if cfg.gram_all_tokens else ()
+    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
-    groups = scale_groups(layer)
     found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
     for g, (scales, _) in zip(groups, found):
         apply_scales(layer, g, scales, cap)

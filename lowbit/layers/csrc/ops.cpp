@@ -529,6 +529,24 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// Sums of R accumulators into d[0..R): one hadd tree for four, hsum each otherwise.
+template <int R>
+inline void hsum_rows(const __m256* acc, float* d) {
+  if constexpr (R == 4) {
+    _mm_storeu_ps(d, hsum4(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) d[r] = hsum(acc[r]);
+  }
+}
+
+// K rows row .. row + R - 1 of kv head h in the pool.
+template <int R>
+inline void k_rows(const PagedArgs& a, int64_t row, int64_t h, const uint8_t** kr) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) kr[r] = a.k + ((row + r) * a.Hkv + h) * a.row_bytes;
+}
+
 // Rows of K scored per sweep (R) and 8-float slices of D accumulated per sweep over V (NV), sized
 // so the GN x R (pass 1) and GN x NV (pass 2) accumulators stay in the 16 ymm registers.
 template <int GN>
@@ -546,8 +564,7 @@ inline void score_rows(const PagedArgs& a, const float* qh, int64_t qstride, int
                        int64_t n, const float* qsum, const float* qz, float* sc) {
   const int64_t D = a.D, half = D / 2, Hkv = a.Hkv;
   const uint8_t* kr[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) kr[r] = a.k + ((row + r) * Hkv + h) * a.row_bytes;
+  k_rows<R>(a, row, h, kr);
   __m256 acc[GN][R];
 #pragma GCC unroll 8
   for (int g = 0; g < GN; ++g)
@@ -568,12 +585,7 @@ inline void score_rows(const PagedArgs& a, const float* qh, int64_t qstride, int
   for (int g = 0; g < GN; ++g) {
     const int64_t j = h * GN + g;
     float d[R];
-    if constexpr (R == 4) {
-      _mm_storeu_ps(d, hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
-    } else {
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) d[r] = hsum(acc[g][r]);
-    }
+    hsum_rows<R>(acc[g], d);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       float v = d[r];
@@ -597,8 +609,7 @@ inline void score_rows_i16(const PagedArgs& a, const int16_t* qi, const float* q
                            int64_t idx, int64_t n, const float* qsum, float* sc) {
   const int64_t D = a.D, Hkv = a.Hkv;
   const uint8_t* kr[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) kr[r] = a.k + ((row + r) * Hkv + h) * a.row_bytes;
+  k_rows<R>(a, row, h, kr);
   __m256i acc[GN][R];
 #pragma GCC unroll 8
   for (int g = 0; g < GN; ++g)
@@ -619,14 +630,11 @@ inline void score_rows_i16(const PagedArgs& a, const int16_t* qi, const float* q
 #pragma GCC unroll 8
   for (int g = 0; g < GN; ++g) {
     const int64_t j = h * GN + g;
-    float d[R];
-    if constexpr (R == 4) {
-      _mm_storeu_ps(d, hsum4(_mm256_cvtepi32_ps(acc[g][0]), _mm256_cvtepi32_ps(acc[g][1]),
-                             _mm256_cvtepi32_ps(acc[g][2]), _mm256_cvtepi32_ps(acc[g][3])));
-    } else {
+    __m256 accf[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) d[r] = hsum(_mm256_cvtepi32_ps(acc[g][r]));
-    }
+    for (int r = 0; r < R; ++r) accf[r] = _mm256_cvtepi32_ps(acc[g][r]);
+    float d[R];
+    hsum_rows<R>(accf, d);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const int64_t ki = ((row + r) * Hkv + h) * 2;
