@@ -395,3 +395,85 @@ def test_gram_over_all_tokens_scores_lone_linears_like_the_full_sample(tmp_path)
     torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-3, atol=1e-7)
     _, res, _ = A.awq_quantize_layer(layer, rotary, store, spec, A.AwqConfig(gram_all_tokens=True, search_tokens=50))
     assert all(math.isfinite(g.loss_awq) for g in res.groups)
+
+
+# ----------------------------------------------------------------------------- heavy tokens
+
+
+def test_heavy_tokens_streamed_in_chunks_equal_the_global_top_k():
+    g = torch.Generator().manual_seed(0)
+    score, rows = torch.rand(1000, generator=g), torch.randn(1000, 3, generator=g)
+    heavy = A.HeavyTokens(17)
+    for i in range(0, 1000, 64):
+        heavy.offer(score[i : i + 64], torch.arange(i, min(i + 64, 1000)), rows[i : i + 64], -rows[i : i + 64])
+    want = score.topk(17).indices
+    assert sorted(heavy.index.tolist()) == sorted(want.tolist())
+    order = heavy.index.argsort()
+    torch.testing.assert_close(heavy.rows[0][order], rows[heavy.index[order]])
+    torch.testing.assert_close(heavy.rows[1][order], -rows[heavy.index[order]])
+
+
+def test_capture_keeps_every_sink_token_at_its_true_weight(tmp_path):
+    """One token per sequence with a massive activation (the attention sink): the random sample
+    would hold ~1 of them; the capture must hold all of them, each weighted as one token of the
+    whole calibration set, so the weighted sample mean estimates the all-token mean."""
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    h = torch.randn(16, 32, cfg.hidden_size)
+    h[:, 5] *= 200.0  # position 5 of every sequence
+    store = store_of(h, per_chunk=4)
+    full = A.capture(layer, rotary, store, n_search=1, n_tokens=None)
+    cap = A.capture(layer, rotary, store, n_search=1, n_tokens=40, n_heavy=16)
+    for name in ("mlp", "mlp.down_proj", "self_attn.o_proj"):
+        x, w = cap.inputs[name], cap.weights[name]
+        assert x.shape[0] == w.shape[0] and abs(float(w.mean()) - 1.0) < 1e-5
+        big = full.inputs[name].pow(2).sum(1).topk(16).indices
+        for row in full.inputs[name][big]:  # every heavy row is kept, exactly once
+            assert int((x == row).all(1).sum()) == 1
+        heavy_w = w[: 16]
+        assert torch.allclose(heavy_w, heavy_w[0].expand(16))  # heavy rows come first, weight of one token
+        n_total = 16 * 32
+        assert float(heavy_w[0]) == pytest.approx(x.shape[0] / n_total, rel=1e-4)
+    # with every token captured the weights are all equal and the sample is the whole set
+    everything = A.capture(layer, rotary, store, n_search=1, n_tokens=None, n_heavy=16)
+    assert everything.inputs["mlp"].shape[0] == 16 * 32
+    torch.testing.assert_close(everything.weights["mlp"], torch.ones(16 * 32))
+
+
+def test_weighted_losses_agree_between_the_gram_and_the_direct_path(tmp_path):
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    lin = layer.mlp.down_proj
+    x = torch.randn(300, lin.in_features) * torch.linspace(0.1, 3, 300).view(-1, 1)
+    w = torch.linspace(3, 0.1, 300)  # the small rows weigh most
+    w_fp = lin.weight.data.clone()
+    lin.weight.data = QuantSpec(3, 32).fake(w_fp)
+    gram, n = A._gram_of(x, w)
+    via_gram = A._linear_loss(lin, w_fp, gram, n)()
+    target = x @ w_fp.t()
+    direct = A._chunked_loss(layer, "mlp.down_proj", x, target, rotary, 64, w)
+    manual = float(((lin(x) - target).pow(2).sum(1) * w).sum() / (w.sum() * lin.out_features))
+    assert via_gram == pytest.approx(manual, rel=1e-3) and direct == pytest.approx(manual, rel=1e-5)
+    unweighted = A._chunked_loss(layer, "mlp.down_proj", x, target, rotary, 64)
+    assert unweighted > 1.5 * manual  # the weights do change the loss
+
+
+def test_clip_keeps_the_weight_a_rare_massive_token_needs():
+    """A weight outlier read only by a rare token with a huge activation (how a middle layer writes
+    the attention sink's massive activation): clipping it costs nothing on ordinary tokens, so a
+    random sample that misses the rare token clips it away; the stratified sample keeps it."""
+    g = torch.Generator().manual_seed(0)
+    spec, cfg = QuantSpec(4, 32), A.AwqConfig()
+    w = torch.randn(8, 64, generator=g) * 0.02
+    w[:, 3] = 1.0  # the outlier column, read through input channel 3
+    x = torch.randn(4096, 64, generator=g)
+    x[:, 3] = 0.0
+    x[::512, 3] = 300.0  # 8 of 4,096 tokens
+    rnd = x[A.sample_tokens(4096, 512, seed=1)]
+    assert int((rnd[:, 3] != 0).sum()) <= 3
+    max_rnd, _, _ = A.search_clip(w, rnd[rnd[:, 3] == 0], spec, cfg)  # a sample that missed them
+    xs, ws = A.stratified_sample(x, None, 512, 128)
+    assert xs.shape[0] == 512 and int((xs[:, 3] != 0).sum()) == 8 and abs(float(ws.mean()) - 1) < 1e-5
+    assert float(ws[0]) < float(ws[-1])  # the heavy rows stand for themselves only
+    max_strat, _, _ = A.search_clip(w, xs, spec, cfg, ws)
+    org = w[:, :32].abs().amax(1)
+    assert bool((max_rnd[:, 0] < 0.9 * org).all())  # clipped away without the rare token
+    assert bool((max_strat[:, 0] >= 0.9 * org).all())  # kept (to within one grid step or so) with it

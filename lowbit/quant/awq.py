@@ -21,8 +21,13 @@ Details follow llm-awq (auto_scale.py, auto_clip.py) and AutoAWQ's quantizer:
   * a group whose search finds no finite loss falls back to no scaling (warning, no NaN).
 
 lowbit's own choices, for speed on a CPU: the per-channel statistics use every calibration
-token, the grid-search losses use the first `search_samples` sequences only, and activations
-carried between layers are stored in float16 when they fit (see ActivationStore).
+token, the attention search uses the first `search_samples` sequences only, the per-token
+searches (MLP, down_proj, clip) a sample of tokens, and activations carried between layers are
+stored in float16 when they fit (see ActivationStore). The token samples are stratified: the
+tokens of largest norm (the attention sinks, whose massive activations a middle layer writes)
+are always in them at their true weight, the rest drawn at random and weighted up (HeavyTokens).
+llm-awq gets the sinks into its clip sample by its stride (at ~128x their frequency); a random sample holds
+about one and lets the clip search cut the weights that make them.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ class AwqConfig:
     clip_tokens: int = 512
     search_samples: int | None = 8  # whole sequences for the attention search and the error report (None: all)
     search_tokens: int | None = 4096  # tokens sampled from all calibration data for the per-token searches (None: all)
+    heavy_tokens: int = 128  # per criterion (largest input / output norm): always in the per-token samples, at their true weight
+    search_heavy_weight: float = 1.0  # the heavy tokens' weight in the scale searches, relative to their true weight
     chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
     # Score lone linears (down_proj; o_proj where v -> o is searched) on EVERY calibration token
@@ -168,6 +175,8 @@ class LayerCapture:
     inputs: dict[str, torch.Tensor]  # module name -> its input on the search sequences
     targets: dict[str, torch.Tensor]  # module name -> its fp output on the search sequences
     abs_mean: dict[str, torch.Tensor]  # module name -> mean |input| per channel over ALL tokens
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token module -> weight of each kept token (mean 1)
+    heavy: dict[str, int] = field(default_factory=dict)  # per-token module -> number of heavy tokens (the first rows)
     grams: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # name -> (X^T X over ALL tokens, n)
 
 
@@ -215,7 +224,8 @@ def sample_tokens(total: int, n_tokens: int | None, seed: int = 0) -> torch.Tens
 
     Seeded random, not a stride: a stride that divides the block length picks every block's
     first token, the attention sink with its huge activations, and with the defaults weighted it
-    8x above its real frequency in every search (measured: W4 perplexity 24.8 -> 24.5).
+    8x above its real frequency in every search (measured: W4 perplexity 24.8 -> 24.5). The sink
+    tokens are not left to chance either: HeavyTokens keeps them at their true weight.
     """
     if not n_tokens or n_tokens >= total:
         return torch.ones(total, dtype=torch.bool)
@@ -224,22 +234,79 @@ def sample_tokens(total: int, n_tokens: int | None, seed: int = 0) -> torch.Tens
     return chosen
 
 
+class HeavyTokens:
+    """The k tokens with the largest score seen so far (streamed chunk by chunk), with their rows.
+
+    Why: a few tokens (the attention sink at each block's start, where a middle layer writes a
+    massive activation) carry most of a layer's output error. In a random sample of 4,096 of 65,536
+    tokens their count is a coin toss, and a search that misses them clips or scales away the
+    weights that make them (measured on SmolLM2 layer 11: sink-token error 66 -> 115,742).
+    Kept exactly and weighted at their true frequency, the sampled loss stays unbiased.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.score = torch.empty(0)
+        self.index = torch.empty(0, dtype=torch.long)
+        self.rows: list[torch.Tensor] = []
+
+    def offer(self, score: torch.Tensor, index: torch.Tensor, *rows: torch.Tensor) -> None:
+        if self.k <= 0 or not score.numel():
+            return
+        top = score.topk(min(self.k, score.numel())).indices
+        cand_score = torch.cat([self.score, score[top]])
+        cand_index = torch.cat([self.index, index[top]])
+        cand_rows = [r[top] if not self.rows else torch.cat([old, r[top]]) for old, r in zip(self.rows or rows, rows)]
+        keep = cand_score.topk(min(self.k, cand_score.numel())).indices
+        self.score, self.index, self.rows = cand_score[keep], cand_index[keep], [r[keep] for r in cand_rows]
+
+
+def merge_heavy(total: int, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                heavy: list[HeavyTokens]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Union of the heavy tokens (weight 1 each) and the random sample without them (each standing
+    for its share of the remaining tokens). Returns (inputs, targets, weights normalised to mean 1)."""
+    idx, x, y = sample
+    h_idx = torch.cat([h.index for h in heavy]) if heavy else torch.empty(0, dtype=torch.long)
+    h_x = torch.cat([h.rows[0] for h in heavy if h.rows]) if any(h.rows for h in heavy) else x[:0]
+    h_y = torch.cat([h.rows[1] for h in heavy if h.rows]) if any(h.rows for h in heavy) else y[:0]
+    h_idx, first = _unique_first(h_idx)
+    h_x, h_y = h_x[first], h_y[first]
+    rest = ~torch.isin(idx, h_idx)
+    n_rest = int(rest.sum())
+    w_rest = (total - h_idx.numel()) / n_rest if n_rest else 0.0
+    w = torch.cat([torch.ones(h_idx.numel()), torch.full((n_rest,), float(w_rest))])
+    return torch.cat([h_x, x[rest]]), torch.cat([h_y, y[rest]]), w / w.mean(), h_idx.numel()
+
+
+def _unique_first(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values of index and the position of each one's first occurrence."""
+    if not index.numel():
+        return index, index
+    uniq, inverse = torch.unique(index, return_inverse=True)
+    first = torch.full((uniq.numel(),), index.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(index.numel()), reduce="amin")
+    return uniq, first
+
+
 @torch.no_grad()
 def capture(
     layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, n_search: int, n_tokens: int | None,
-    keep_outputs: ActivationStore | None = None, gram_modules: tuple[str, ...] = (),
+    keep_outputs: ActivationStore | None = None, gram_modules: tuple[str, ...] = (), n_heavy: int = 0,
 ) -> LayerCapture:
     """One fp pass over all calibration chunks. Keeps: the per-channel mean |x| of every scaled
     input over all tokens; the attention's inputs/outputs (and the layer's) for the first n_search
     sequences, since attention needs whole sequences; and for the per-token modules (o_proj, MLP,
-    down_proj) n_tokens tokens drawn at random (seeded) from all calibration tokens."""
+    down_proj) n_tokens tokens drawn at random (seeded) from all calibration tokens plus the
+    n_heavy tokens of largest input and of largest output norm, with weights (see merge_heavy)."""
     total = sum(h.shape[0] * h.shape[1] for h in store._chunks)
     chosen = sample_tokens(total, n_tokens)
     sums: dict[str, torch.Tensor] = {}
     grams: dict[str, torch.Tensor] = {}
     keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
-    state: dict = {"seq": False, "sel": None}
+    where: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
+    heavy = {k: (HeavyTokens(n_heavy), HeavyTokens(n_heavy)) for k in CAPTURED if k not in SEQUENCE_CAPTURED}
+    state: dict = {"seq": False, "sel": None, "offset": 0}
 
     def hook(name: str):
         def fn(module, args, output):
@@ -255,15 +322,23 @@ def capture(
                 if state["seq"]:
                     keep[name].append(x.detach().float())
                     outs[name].append(output.detach().float())
-            elif state["sel"].numel():
-                keep[name].append(flat[state["sel"]].float())
-                outs[name].append(output.reshape(-1, output.shape[-1])[state["sel"]].float())
+                return
+            out = output.reshape(-1, output.shape[-1]).float()
+            sel = state["sel"]
+            if sel.numel():
+                keep[name].append(f32[sel])
+                outs[name].append(out[sel])
+                where[name].append(sel + state["offset"])
+            index = torch.arange(flat.shape[0]) + state["offset"]
+            by_in, by_out = heavy[name]
+            by_in.offer(f32.pow(2).sum(1), index, f32, out)
+            by_out.offer(out.pow(2).sum(1), index, f32, out)
 
         return fn
 
     def run(h: torch.Tensor, keep_seq: bool, offset: int) -> torch.Tensor:
         picked = chosen[offset : offset + h.shape[0] * h.shape[1]]
-        state["seq"], state["sel"] = keep_seq, picked.nonzero().squeeze(1)
+        state["seq"], state["sel"], state["offset"] = keep_seq, picked.nonzero().squeeze(1), offset
         return run_layer(layer, h, rotary)
 
     handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in CAPTURED]
@@ -285,12 +360,24 @@ def capture(
     finally:
         for hd in handles:
             hd.remove()
+    inputs = {k: torch.cat(keep[k]) for k in SEQUENCE_CAPTURED}
+    targets = {k: torch.cat(outs[k]) for k in SEQUENCE_CAPTURED}
+    weights: dict[str, torch.Tensor] = {}
+    n_heavy_rows: dict[str, int] = {}
+    for k, pair in heavy.items():
+        if keep[k]:
+            sample = (torch.cat(where[k]), torch.cat(keep[k]), torch.cat(outs[k]))
+        else:  # no random token fell here (tiny inputs): the heavy tokens alone
+            sample = (torch.empty(0, dtype=torch.long), pair[0].rows[0][:0], pair[0].rows[1][:0])
+        inputs[k], targets[k], weights[k], n_heavy_rows[k] = merge_heavy(total, sample, [p for p in pair if p.index.numel()])
     return LayerCapture(
         h=torch.cat(hs),
         y=torch.cat(ys),
-        inputs={k: torch.cat(v) for k, v in keep.items()},
-        targets={k: torch.cat(v) for k, v in outs.items()},
+        inputs=inputs,
+        targets=targets,
         abs_mean={k: (v / total).float() for k, v in sums.items()},
+        weights=weights,
+        heavy=n_heavy_rows,
         grams={k: (v.float(), total) for k, v in grams.items()},
     )
 
@@ -299,26 +386,34 @@ def capture(
 
 
 class _SqErr:
-    """Running mean of squared error in float64 (chunked evaluation)."""
+    """Running (weighted) mean of squared error in float64 (chunked evaluation)."""
 
     def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.total, self.count = 0.0, 0.0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.total += float(F.mse_loss(a.float(), b.float(), reduction="sum"))
-        self.count += a.numel()
+    def add(self, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        """a, b: [..., d]; w: optional weight per row of a (its shape a.shape[:-1])."""
+        sq = (a.float() - b.float()).pow(2)
+        if w is None:
+            self.total += float(sq.sum())
+            self.count += a.numel()
+        else:
+            self.total += float((sq.sum(-1) * w).sum())
+            self.count += float(w.sum()) * a.shape[-1]
 
     @property
     def mean(self) -> float:
-        return self.total / max(1, self.count)
+        return self.total / self.count if self.count > 0 else 0.0
 
 
-def _chunked_loss(layer, name, x, target, rotary, chunk_tokens: int) -> float:
-    """Loss over sequences [S, T, d] or tokens [n, d], about chunk_tokens tokens per call."""
+def _chunked_loss(layer, name, x, target, rotary, chunk_tokens: int, weights: torch.Tensor | None = None) -> float:
+    """Loss over sequences [S, T, d] or tokens [n, d] (optionally weighted per token), about
+    chunk_tokens tokens per call."""
     rows = max(1, chunk_tokens // x.shape[1]) if x.dim() == 3 else chunk_tokens
     err = _SqErr()
     for i in range(0, x.shape[0], rows):
-        err.add(run_module(layer, name, x[i : i + rows], rotary), target[i : i + rows])
+        w = None if weights is None else weights[i : i + rows]
+        err.add(run_module(layer, name, x[i : i + rows], rotary), target[i : i + rows], w)
     return err.mean
 
 
@@ -328,12 +423,15 @@ def _gram_pays(x: torch.Tensor, lin: nn.Linear, n_evals: int) -> bool:
     return n * fin * fin + n_evals * fin * fin * fout < n_evals * n * fin * fout
 
 
-def _gram_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _gram_of(x: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """X^T diag(w) X and the total weight (the token count when unweighted)."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    return flat.t() @ flat, flat.shape[0]
+    if weights is None:
+        return flat.t() @ flat, float(flat.shape[0])
+    return (flat * weights.view(-1, 1)).t() @ flat, float(weights.sum())
 
 
-def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, gram: torch.Tensor, n: int):
+def _linear_loss(lin: nn.Linear, w_fp: torch.Tensor, gram: torch.Tensor, n: float):
     """Output MSE of a lone linear through the Gram matrix G = X^T X of its n inputs: with
     D = W_q - W, mean ||x D^T||^2 = tr(D G D^T) / (n out). Exact, and for wide inputs several times
     cheaper per grid point than running the linear over every token (the bias cancels)."""
@@ -373,6 +471,10 @@ def search_scales(
     linears = [layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
     x, target = cap.inputs[group.inspect], cap.targets[group.inspect]
+    weights = cap.weights.get(group.inspect)
+    if weights is not None and cfg.search_heavy_weight != 1.0:
+        weights = weights.clone()
+        weights[: cap.heavy.get(group.inspect, 0)] *= cfg.search_heavy_weight
     x_mean = cap.abs_mean[group.inspect].float()
     if cfg.duo_scaling not in (True, False, "both"):
         raise ValueError(f"AwqConfig.duo_scaling must be True, False or 'both', got {cfg.duo_scaling!r}")
@@ -384,7 +486,7 @@ def search_scales(
 
     measure = None
     if group.lone and (group.inspect in cap.grams or _gram_pays(x, linears[0], len(candidates))):
-        gram, n = cap.grams.get(group.inspect) or _gram_of(x)  # all tokens when captured, else the sample
+        gram, n = cap.grams.get(group.inspect) or _gram_of(x, weights)  # all tokens when captured, else the sample
         measure = _linear_loss(linears[0], originals[0], gram, n)
 
     def loss_with(scales: torch.Tensor | None) -> float:
@@ -393,7 +495,8 @@ def search_scales(
                 lin.weight.data = spec.fake(w)
             else:
                 lin.weight.data = spec.fake(w * scales.view(1, -1)) / scales.view(1, -1)
-        loss = measure() if measure is not None else _chunked_loss(layer, group.inspect, x, target, rotary, cfg.chunk_tokens)
+        loss = measure() if measure is not None else _chunked_loss(
+            layer, group.inspect, x, target, rotary, cfg.chunk_tokens, weights)
         return loss if math.isfinite(loss) else math.inf
 
     try:
@@ -456,9 +559,28 @@ def apply_scales(layer: DecoderLayer, group: ScaleGroup, scales: torch.Tensor, c
 # ----------------------------------------------------------------------------- clip search
 
 
+def stratified_sample(x: torch.Tensor, weights: torch.Tensor | None, n: int, n_heavy: int,
+                      seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """n rows of x [N, d]: the n_heavy of largest norm, kept at their weight, and the rest drawn at
+    random, each standing for its share of the rows not drawn. Returns (rows, weights, mean 1)."""
+    w = torch.ones(x.shape[0]) if weights is None else weights.float()
+    if x.shape[0] <= n:
+        return x, w / w.mean()
+    heavy = x.float().pow(2).sum(1).topk(min(n_heavy, n)).indices
+    rest = torch.ones(x.shape[0], dtype=torch.bool)
+    rest[heavy] = False
+    pool = rest.nonzero().squeeze(1)
+    drawn = pool[sample_tokens(pool.numel(), n - heavy.numel(), seed)]
+    w_drawn = w[drawn] * (float(w[pool].sum()) / max(float(w[drawn].sum()), 1e-30))
+    out_w = torch.cat([w[heavy], w_drawn])
+    return x[torch.cat([heavy, drawn])], out_w / out_w.mean()
+
+
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfig) -> tuple[torch.Tensor, float, float]:
-    """Best per-(row, group) clip threshold for weight w [out, in] on tokens x [n, in].
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfig,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+    """Best per-(row, group) clip threshold for weight w [out, in] on tokens x [n, in] (optionally
+    weighted per token).
 
     Returns (max_val [out, n_groups], error before, error after), errors being the mean squared
     error of the per-group partial outputs, as llm-awq's auto_clip measures it.
@@ -469,6 +591,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfi
     wg = w.float().reshape(out_f, n_groups, g)
     xg = x.float().reshape(-1, n_groups, g).transpose(0, 1).contiguous()  # [G, n, g]
     n_tok = xg.shape[1]
+    tw = (torch.ones(n_tok) if weights is None else weights.float() / weights.float().mean()).view(1, -1, 1)
     org_max = wg.abs().amax(dim=-1)  # [out, G]
     best_max = org_max.clone()
     rows = max(1, min(out_f, CLIP_BATCH_ELEMENTS // max(1, n_groups * n_tok)))
@@ -482,7 +605,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfi
             max_val = org_max[r0 : r0 + rows] * (1 - i / cfg.clip_grid)
             q = spec.fake(w_b.reshape(w_b.shape[0], -1), max_val=max_val).reshape_as(w_b)
             out = torch.bmm(xg, q.permute(1, 2, 0))
-            err = (out - ref).pow(2).mean(dim=1).t()  # [b, G]
+            err = ((out - ref).pow(2) * tw).mean(dim=1).t()  # [b, G]
             err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
             if first is None:
                 first = err.clone()
@@ -498,17 +621,18 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfi
 
 @torch.no_grad()
 def clip_layer(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig) -> tuple[dict[str, torch.Tensor], list[ClipResult]]:
-    """Clip thresholds for every linear but q/k, on up to cfg.clip_tokens tokens drawn at random."""
+    """Clip thresholds for every linear but q/k, on cfg.clip_tokens tokens: the quarter of largest
+    norm and the rest drawn at random, weighted (stratified_sample)."""
     thresholds: dict[str, torch.Tensor] = {}
     results: list[ClipResult] = []
     for name in linear_names(layer):
         if name.endswith(CLIP_SKIP):
             continue
         lin = layer.get_submodule(name)
-        x = cap.inputs[input_key(name)]
-        x = x.reshape(-1, x.shape[-1])
-        x = x[sample_tokens(x.shape[0], cfg.clip_tokens, seed=1)]
-        max_val, before, after = search_clip(lin.weight.data, x, spec, cfg)
+        key = input_key(name)
+        x = cap.inputs[key]
+        x, w = stratified_sample(x.reshape(-1, x.shape[-1]), cap.weights.get(key), cfg.clip_tokens, cfg.clip_tokens // 4)
+        max_val, before, after = search_clip(lin.weight.data, x, spec, cfg, w)
         org = lin.weight.data.float().reshape(max_val.shape[0], max_val.shape[1], -1).abs().amax(-1)
         ratio = (max_val / org.clamp(min=1e-12)).clamp(max=1.0)
         thresholds[name] = max_val
@@ -563,7 +687,7 @@ def awq_quantize_layer(
     fp_out = ActivationStore(store.compact) if cfg.carry == "fp" else None
     groups = scale_groups(layer)
     lone = tuple(g.inspect for g in groups if g.lone) if cfg.gram_all_tokens else ()
-    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone)
+    cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone, cfg.heavy_tokens)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
     found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
