@@ -116,6 +116,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=str(ROOT / "out" / "quant_peer"))
     ap.add_argument("--skip-install", action="store_true", help="use the existing venv as is")
+    ap.add_argument("--reuse-peer", action="store_true",
+                    help="do not re-run llm-compressor: evaluate its checkpoint from an earlier run in --workdir and "
+                         "report that run's recorded time (same calibration blocks required; checked)")
     a = ap.parse_args()
     from lowbit.quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
@@ -124,10 +127,13 @@ def main() -> int:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(a.model)
-    py = VENV / "bin" / "python" if a.skip_install else ensure_venv()
+    previous = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else None
+    py = VENV / "bin" / "python" if (a.skip_install or a.reuse_peer) else ensure_venv()
 
     calib = build_calibration(None, load_tokenizer(model_dir), samples, seqlen)
     calib_file = work / "calib_ids.safetensors"
+    if previous is not None and "calib_sha256" not in previous and calib_file.exists():
+        previous["calib_sha256"] = _sha256(calib_file)  # written by that run (older result files lack the hash)
     save_file({"input_ids": calib.input_ids.contiguous()}, str(calib_file))
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     tag = f"w{a.bits}g{a.group_size}"
@@ -140,9 +146,17 @@ def main() -> int:
     print(f"lowbit AWQ: {t_ours:.0f} s", flush=True)
 
     peer = work / f"llmcompressor-awq-{tag}"
-    t_peer, log = timed([str(py), "-c", LLMC_CHILD, str(model_dir), str(calib_file), str(peer), str(a.bits),
-                         str(a.group_size), str(a.threads)], env)
-    print(f"llm-compressor AWQ: {t_peer:.0f} s", flush=True)
+    if a.reuse_peer:
+        same = previous and (previous.get("samples"), previous.get("seqlen")) == (samples, seqlen)
+        if not same or not (peer / "config.json").exists() or previous.get("calib_sha256") != _sha256(calib_file):
+            print(f"--reuse-peer: no earlier llm-compressor run on the same calibration blocks in {work}", file=sys.stderr)
+            return 2
+        t_peer = previous["seconds"]["llm-compressor"]
+        print(f"llm-compressor AWQ: {t_peer:.0f} s (recorded by the earlier run, not re-run)", flush=True)
+    else:
+        t_peer, log = timed([str(py), "-c", LLMC_CHILD, str(model_dir), str(calib_file), str(peer), str(a.bits),
+                             str(a.group_size), str(a.threads)], env)
+        print(f"llm-compressor AWQ: {t_peer:.0f} s", flush=True)
 
     text = read_eval_text(a.dataset)
     results = {}
@@ -162,8 +176,16 @@ def main() -> int:
     print(f"\nlowbit is {t_peer / t_ours:.2f}x faster: {'PASS' if faster else 'FAIL'}; "
           f"ppl no worse: {'PASS' if no_worse else 'FAIL'}")
     (work / "result.json").write_text(json.dumps({"ppl": results, "seconds": {"lowbit": t_ours, "llm-compressor": t_peer},
-                                                  "samples": samples, "seqlen": seqlen, "windows": a.windows}, indent=2))
+                                                  "samples": samples, "seqlen": seqlen, "windows": a.windows,
+                                                  "calib_sha256": _sha256(calib_file),
+                                                  "peer_reused": a.reuse_peer}, indent=2))
     return 0 if faster and no_worse else 2
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 if __name__ == "__main__":
