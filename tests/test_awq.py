@@ -519,3 +519,24 @@ def test_search_heavy_weight_scales_the_heavy_rows_in_the_scale_search(tmp_path)
     _, ref = A.search_scales(layer, grp, rest, spec, A.AwqConfig(), rotary)
     torch.testing.assert_close(torch.tensor(none.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-9)
     assert full.losses != none.losses
+
+
+def test_sequential_down_searches_up_down_on_the_quantized_gate_up_output(tmp_path):
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    h = torch.randn(6, 32, cfg.hidden_size) * torch.linspace(0.1, 8, cfg.hidden_size)
+    spec = QuantSpec(3, 32)
+    cap = A.capture(layer, rotary, store_of(h), n_search=2, n_tokens=None)
+    view = A.quantized_down_inputs(layer, cap, spec, A.AwqConfig())
+    fp_z = cap.inputs["mlp.down_proj"]
+    z = view.inputs["mlp.down_proj"]
+    assert z.shape == fp_z.shape and not torch.allclose(z, fp_z)  # the quantized path differs...
+    assert float((z - fp_z).norm() / fp_z.norm()) < 0.5  # ...but is the same activation, rounded
+    torch.testing.assert_close(view.targets["mlp.down_proj"], cap.targets["mlp"])
+    assert cap.inputs["mlp.down_proj"] is fp_z  # the capture itself is left alone
+    results = {}
+    for seq in (False, True):
+        lay, rot, _ = tiny_layer(tmp_path / str(seq), "llama")
+        _, res, _ = A.awq_quantize_layer(lay, rot, store_of(h), spec, A.AwqConfig(sequential_down=seq))
+        results[seq] = res
+        assert all(math.isfinite(g.loss_awq) for g in res.groups) and math.isfinite(res.err_awq)
+    assert results[True].groups[-1].losses != results[False].groups[-1].losses

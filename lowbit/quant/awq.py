@@ -74,6 +74,9 @@ class AwqConfig:
     # out of the objective and instead forbids any threshold that raises their error above g x the
     # unclipped error. Measured with g = 2: no gain (24.28 -> 24.38 AWQ format), so off.
     clip_guard: float | None = None
+    # Search up -> down on the inputs down_proj will really see: gate/up already scaled, clipped
+    # and quantized, against the fp MLP output (AWQ proper searches every group on fp inputs).
+    sequential_down: bool = False
     chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
     # Score lone linears (down_proj; o_proj where v -> o is searched) on EVERY calibration token
@@ -475,9 +478,11 @@ def grid_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float)
 @torch.no_grad()
 def search_scales(
     layer: DecoderLayer, group: ScaleGroup, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig,
-    rotary: RotaryEmbedding,
+    rotary: RotaryEmbedding, allow_gram: bool = True,
 ) -> tuple[torch.Tensor, GroupResult]:
-    """Grid search of the scale ratio for one group; the layer is restored before returning."""
+    """Grid search of the scale ratio for one group; the layer is restored before returning.
+
+    allow_gram=False where the target is not the group's own fp output on the same inputs."""
     linears = [layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
     x, target = cap.inputs[group.inspect], cap.targets[group.inspect]
@@ -495,7 +500,7 @@ def search_scales(
         candidates += [(i / cfg.n_grid, None) for i in range(cfg.n_grid)]
 
     measure = None
-    if group.lone and (group.inspect in cap.grams or _gram_pays(x, linears[0], len(candidates))):
+    if allow_gram and group.lone and (group.inspect in cap.grams or _gram_pays(x, linears[0], len(candidates))):
         gram, n = cap.grams.get(group.inspect) or _gram_of(x, weights)  # all tokens when captured, else the sample
         measure = _linear_loss(linears[0], originals[0], gram, n)
 
@@ -713,9 +718,19 @@ def awq_quantize_layer(
     cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone, cfg.heavy_tokens)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
-    found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
-    for g, (scales, _) in zip(groups, found):
-        apply_scales(layer, g, scales, cap)
+    if cfg.sequential_down:
+        found = []
+        for g in groups:
+            if g.name == "up_down":
+                found.append(search_scales(layer, g, quantized_down_inputs(layer, cap, spec, cfg), spec, cfg, rotary,
+                                           allow_gram=False))
+            else:
+                found.append(search_scales(layer, g, cap, spec, cfg, rotary))
+            apply_scales(layer, g, found[-1][0], cap)
+    else:
+        found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
+        for g, (scales, _) in zip(groups, found):
+            apply_scales(layer, g, scales, cap)
 
     thresholds, clips = clip_layer(layer, cap, spec, cfg) if cfg.clip else ({}, [])
     qweights: dict[str, QuantizedWeight] = {}
@@ -728,6 +743,34 @@ def awq_quantize_layer(
     err_awq = layer_output_error(layer, cap, rotary, chunk_seq)
     result = LayerResult(index, [r for _, r in found], clips, err_rtn, err_awq, time.perf_counter() - t0)
     return qweights, result, fp_out
+
+
+@torch.no_grad()
+def quantized_down_inputs(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig) -> LayerCapture:
+    """A view of cap whose down_proj inputs are silu(gate_q x) * up_q x on the MLP's sampled tokens
+    (gate/up as they stand, i.e. with their scales folded in, clipped and quantized) and whose
+    targets are the fp MLP outputs of those tokens. Folding up -> down's 1/s into up_proj rows
+    later does not change up_proj's rounding (each row is quantized on its own grid)."""
+    mlp = layer.mlp
+    x, w = cap.inputs["mlp"], cap.weights.get("mlp")
+    saved = [(lin, lin.weight.data) for lin in (mlp.gate_proj, mlp.up_proj)]
+    try:
+        for lin, w_fp in saved:
+            max_val = None
+            if cfg.clip:
+                xs, ws, nh = stratified_sample(x, w, cfg.clip_tokens, cfg.clip_tokens // 4)
+                max_val, _, _ = search_clip(w_fp, xs, spec, cfg, ws, nh)
+            lin.weight.data = spec.fake(w_fp, max_val=max_val)
+        z = torch.cat([F.silu(mlp.gate_proj(c)) * mlp.up_proj(c) for c in x.split(cfg.chunk_tokens)])
+    finally:
+        for lin, w_fp in saved:
+            lin.weight.data = w_fp
+    name = "mlp.down_proj"
+    return LayerCapture(
+        h=cap.h, y=cap.y, inputs={**cap.inputs, name: z}, targets={**cap.targets, name: cap.targets["mlp"]},
+        abs_mean=cap.abs_mean, weights={**cap.weights, name: w} if w is not None else dict(cap.weights),
+        heavy={**cap.heavy, name: cap.heavy.get("mlp", 0)},
+    )
 
 
 def clamp_groups(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
