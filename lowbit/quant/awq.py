@@ -70,13 +70,6 @@ class AwqConfig:
     # (W4 g64, 128 x 512, ppl16: 24.38 / 24.61 at 1.0 vs 24.28 / 24.31 at 0.0, AWQ / CT format).
     # They stay protected by the clip search, which scores them at their true weight.
     search_heavy_weight: float = 0.0
-    # clip: None scores the heavy tokens at their true weight with the rest; a number g leaves them
-    # out of the objective and instead forbids any threshold that raises their error above g x the
-    # unclipped error. Measured with g = 2: no gain (24.28 -> 24.38 AWQ format), so off.
-    clip_guard: float | None = None
-    # Search up -> down on the inputs down_proj will really see: gate/up already scaled, clipped
-    # and quantized, against the fp MLP output (AWQ proper searches every group on fp inputs).
-    sequential_down: bool = False
     chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
     # Score lone linears (down_proj; o_proj where v -> o is searched) on EVERY calibration token
@@ -478,11 +471,9 @@ def grid_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float)
 @torch.no_grad()
 def search_scales(
     layer: DecoderLayer, group: ScaleGroup, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig,
-    rotary: RotaryEmbedding, allow_gram: bool = True,
+    rotary: RotaryEmbedding,
 ) -> tuple[torch.Tensor, GroupResult]:
-    """Grid search of the scale ratio for one group; the layer is restored before returning.
-
-    allow_gram=False where the target is not the group's own fp output on the same inputs."""
+    """Grid search of the scale ratio for one group; the layer is restored before returning."""
     linears = [layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
     x, target = cap.inputs[group.inspect], cap.targets[group.inspect]
@@ -500,7 +491,7 @@ def search_scales(
         candidates += [(i / cfg.n_grid, None) for i in range(cfg.n_grid)]
 
     measure = None
-    if allow_gram and group.lone and (group.inspect in cap.grams or _gram_pays(x, linears[0], len(candidates))):
+    if group.lone and (group.inspect in cap.grams or _gram_pays(x, linears[0], len(candidates))):
         gram, n = cap.grams.get(group.inspect) or _gram_of(x, weights)  # all tokens when captured, else the sample
         measure = _linear_loss(linears[0], originals[0], gram, n)
 
@@ -575,14 +566,12 @@ def apply_scales(layer: DecoderLayer, group: ScaleGroup, scales: torch.Tensor, c
 
 
 def stratified_sample(x: torch.Tensor, weights: torch.Tensor | None, n: int, n_heavy: int,
-                      seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """n rows of x [N, d]: the n_heavy of largest norm, kept at their weight, and the rest drawn at
-    random, each standing for its share of the rows not drawn. Returns (rows, weights with mean 1,
-    number of heavy rows, which come first)."""
+    random, each standing for its share of the rows not drawn. Returns (rows, weights, mean 1)."""
     w = torch.ones(x.shape[0]) if weights is None else weights.float()
     if x.shape[0] <= n:
-        order = x.float().pow(2).sum(1).argsort(descending=True)
-        return x[order], (w / w.mean())[order], min(n_heavy, x.shape[0])
+        return x, w / w.mean()
     heavy = x.float().pow(2).sum(1).topk(min(n_heavy, n)).indices
     rest = torch.ones(x.shape[0], dtype=torch.bool)
     rest[heavy] = False
@@ -590,12 +579,12 @@ def stratified_sample(x: torch.Tensor, weights: torch.Tensor | None, n: int, n_h
     drawn = pool[sample_tokens(pool.numel(), n - heavy.numel(), seed)]
     w_drawn = w[drawn] * (float(w[pool].sum()) / max(float(w[drawn].sum()), 1e-30))
     out_w = torch.cat([w[heavy], w_drawn])
-    return x[torch.cat([heavy, drawn])], out_w / out_w.mean(), heavy.numel()
+    return x[torch.cat([heavy, drawn])], out_w / out_w.mean()
 
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfig,
-                weights: torch.Tensor | None = None, n_guard: int = 0) -> tuple[torch.Tensor, float, float]:
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """Best per-(row, group) clip threshold for weight w [out, in] on tokens x [n, in] (optionally
     weighted per token).
 
@@ -608,11 +597,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfi
     wg = w.float().reshape(out_f, n_groups, g)
     xg = x.float().reshape(-1, n_groups, g).transpose(0, 1).contiguous()  # [G, n, g]
     n_tok = xg.shape[1]
-    tw = torch.ones(n_tok) if weights is None else weights.float().clone()
-    guarded = cfg.clip_guard is not None and 0 < n_guard < n_tok
-    if guarded:
-        tw[:n_guard] = 0.0  # the guard tokens leave the objective and become a constraint
-    tw = (tw / tw.mean()).view(1, -1, 1)
+    tw = (torch.ones(n_tok) if weights is None else weights.float() / weights.float().mean()).view(1, -1, 1)
     org_max = wg.abs().amax(dim=-1)  # [out, G]
     best_max = org_max.clone()
     rows = max(1, min(out_f, CLIP_BATCH_ELEMENTS // max(1, n_groups * n_tok)))
@@ -626,17 +611,11 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, cfg: AwqConfi
             max_val = org_max[r0 : r0 + rows] * (1 - i / cfg.clip_grid)
             q = spec.fake(w_b.reshape(w_b.shape[0], -1), max_val=max_val).reshape_as(w_b)
             out = torch.bmm(xg, q.permute(1, 2, 0))
-            sq = (out - ref).pow(2)
-            err = (sq * tw).mean(dim=1).t()  # [b, G]
+            err = ((out - ref).pow(2) * tw).mean(dim=1).t()  # [b, G]
             err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
-            if guarded:
-                g_err = sq[:, :n_guard].mean(dim=1).t()
             if first is None:
                 first = err.clone()
-                g_first = g_err.clone() if guarded else None
             better = err < min_err
-            if guarded:
-                better &= g_err <= cfg.clip_guard * g_first + 1e-12
             min_err = torch.where(better, err, min_err)
             best_max[r0 : r0 + rows] = torch.where(better, max_val, best_max[r0 : r0 + rows])
         finite = torch.isfinite(min_err)
@@ -658,9 +637,8 @@ def clip_layer(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: Awq
         lin = layer.get_submodule(name)
         key = input_key(name)
         x = cap.inputs[key]
-        x, w, n_heavy = stratified_sample(x.reshape(-1, x.shape[-1]), cap.weights.get(key), cfg.clip_tokens,
-                                          cfg.clip_tokens // 4)
-        max_val, before, after = search_clip(lin.weight.data, x, spec, cfg, w, n_heavy)
+        x, w = stratified_sample(x.reshape(-1, x.shape[-1]), cap.weights.get(key), cfg.clip_tokens, cfg.clip_tokens // 4)
+        max_val, before, after = search_clip(lin.weight.data, x, spec, cfg, w)
         org = lin.weight.data.float().reshape(max_val.shape[0], max_val.shape[1], -1).abs().amax(-1)
         ratio = (max_val / org.clamp(min=1e-12)).clamp(max=1.0)
         thresholds[name] = max_val
@@ -718,19 +696,9 @@ def awq_quantize_layer(
     cap = capture(layer, rotary, store, n_search, cfg.search_tokens, fp_out, lone, cfg.heavy_tokens)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
 
-    if cfg.sequential_down:
-        found = []
-        for g in groups:
-            if g.name == "up_down":
-                found.append(search_scales(layer, g, quantized_down_inputs(layer, cap, spec, cfg), spec, cfg, rotary,
-                                           allow_gram=False))
-            else:
-                found.append(search_scales(layer, g, cap, spec, cfg, rotary))
-            apply_scales(layer, g, found[-1][0], cap)
-    else:
-        found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
-        for g, (scales, _) in zip(groups, found):
-            apply_scales(layer, g, scales, cap)
+    found = [search_scales(layer, g, cap, spec, cfg, rotary) for g in groups]
+    for g, (scales, _) in zip(groups, found):
+        apply_scales(layer, g, scales, cap)
 
     thresholds, clips = clip_layer(layer, cap, spec, cfg) if cfg.clip else ({}, [])
     qweights: dict[str, QuantizedWeight] = {}
@@ -743,34 +711,6 @@ def awq_quantize_layer(
     err_awq = layer_output_error(layer, cap, rotary, chunk_seq)
     result = LayerResult(index, [r for _, r in found], clips, err_rtn, err_awq, time.perf_counter() - t0)
     return qweights, result, fp_out
-
-
-@torch.no_grad()
-def quantized_down_inputs(layer: DecoderLayer, cap: LayerCapture, spec: QuantSpec, cfg: AwqConfig) -> LayerCapture:
-    """A view of cap whose down_proj inputs are silu(gate_q x) * up_q x on the MLP's sampled tokens
-    (gate/up as they stand, i.e. with their scales folded in, clipped and quantized) and whose
-    targets are the fp MLP outputs of those tokens. Folding up -> down's 1/s into up_proj rows
-    later does not change up_proj's rounding (each row is quantized on its own grid)."""
-    mlp = layer.mlp
-    x, w = cap.inputs["mlp"], cap.weights.get("mlp")
-    saved = [(lin, lin.weight.data) for lin in (mlp.gate_proj, mlp.up_proj)]
-    try:
-        for lin, w_fp in saved:
-            max_val = None
-            if cfg.clip:
-                xs, ws, nh = stratified_sample(x, w, cfg.clip_tokens, cfg.clip_tokens // 4)
-                max_val, _, _ = search_clip(w_fp, xs, spec, cfg, ws, nh)
-            lin.weight.data = spec.fake(w_fp, max_val=max_val)
-        z = torch.cat([F.silu(mlp.gate_proj(c)) * mlp.up_proj(c) for c in x.split(cfg.chunk_tokens)])
-    finally:
-        for lin, w_fp in saved:
-            lin.weight.data = w_fp
-    name = "mlp.down_proj"
-    return LayerCapture(
-        h=cap.h, y=cap.y, inputs={**cap.inputs, name: z}, targets={**cap.targets, name: cap.targets["mlp"]},
-        abs_mean=cap.abs_mean, weights={**cap.weights, name: w} if w is not None else dict(cap.weights),
-        heavy={**cap.heavy, name: cap.heavy.get("mlp", 0)},
-    )
 
 
 def clamp_groups(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
