@@ -418,9 +418,9 @@ def test_capture_keeps_every_sink_token_at_its_true_weight(tmp_path):
     would hold ~1 of them; the capture must hold all of them, each weighted as one token of the
     whole calibration set, so the weighted sample mean estimates the all-token mean."""
     layer, rotary, cfg = tiny_layer(tmp_path, "llama")
-    h = torch.randn(16, 32, cfg.hidden_size)
+    h = torch.randn(64, 32, cfg.hidden_size)
     h[:, 5] *= 200.0  # position 5 of every sequence
-    store = store_of(h, per_chunk=4)
+    store = store_of(h, per_chunk=16)
     full = A.capture(layer, rotary, store, n_search=1, n_tokens=None)
     cap = A.capture(layer, rotary, store, n_search=1, n_tokens=40, n_heavy=16)
     for name in ("mlp", "mlp.down_proj", "self_attn.o_proj"):
@@ -431,12 +431,14 @@ def test_capture_keeps_every_sink_token_at_its_true_weight(tmp_path):
             assert int((x == row).all(1).sum()) == 1
         heavy_w = w[: 16]
         assert torch.allclose(heavy_w, heavy_w[0].expand(16))  # heavy rows come first, weight of one token
-        n_total = 16 * 32
+        n_total = 64 * 32
         assert float(heavy_w[0]) == pytest.approx(x.shape[0] / n_total, rel=1e-4)
     # with every token captured the weights are all equal and the sample is the whole set
+    few = A.capture(layer, rotary, store_of(h[:2]), n_search=1, n_tokens=None, n_heavy=16)
+    assert 1 <= few.heavy["mlp"] <= 2 * (2 * 32 // A.HEAVY_MAX_SHARE)  # a minority (one per criterion) of a tiny calibration
     everything = A.capture(layer, rotary, store, n_search=1, n_tokens=None, n_heavy=16)
-    assert everything.inputs["mlp"].shape[0] == 16 * 32
-    torch.testing.assert_close(everything.weights["mlp"], torch.ones(16 * 32))
+    assert everything.inputs["mlp"].shape[0] == 64 * 32
+    torch.testing.assert_close(everything.weights["mlp"], torch.ones(64 * 32))
 
 
 def test_weighted_losses_agree_between_the_gram_and_the_direct_path(tmp_path):

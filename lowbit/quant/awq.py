@@ -48,6 +48,7 @@ from .rtn import QuantSpec, linear_names, load_dequantized_, rtn_quantize_layer
 
 FP16_SAFE = 6.0e4  # store a chunk in float16 only if all its values are below this in magnitude
 CLIP_SKIP = ("q_proj", "k_proj")
+HEAVY_MAX_SHARE = 64  # at most 1/64 of the calibration tokens count as heavy (per criterion)
 CLIP_BATCH_ELEMENTS = 1 << 22  # bound on the [groups, tokens, rows] products of one clip step (16 MB)
 
 
@@ -311,6 +312,7 @@ def capture(
     keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     where: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
+    n_heavy = min(n_heavy, total // HEAVY_MAX_SHARE)  # a minority by construction, however small the calibration
     heavy = {k: (HeavyTokens(n_heavy), HeavyTokens(n_heavy)) for k in CAPTURED if k not in SEQUENCE_CAPTURED}
     state: dict = {"seq": False, "sel": None, "offset": 0}
 
@@ -409,7 +411,7 @@ class _SqErr:
 
     @property
     def mean(self) -> float:
-        return self.total / self.count if self.count > 0 else 0.0
+        return self.total / self.count if self.count > 0 else math.nan  # nothing weighed: no valid loss
 
 
 def _chunked_loss(layer, name, x, target, rotary, chunk_tokens: int, weights: torch.Tensor | None = None) -> float:
