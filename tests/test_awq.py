@@ -498,3 +498,31 @@ def test_search_heavy_weight_scales_the_heavy_rows_in_the_scale_search(tmp_path)
     torch.testing.assert_close(torch.tensor(none.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-9)
     assert full.losses != none.losses
 
+
+def test_relative_loss_weights_each_token_by_its_residual_size(tmp_path):
+    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
+    h = torch.randn(8, 32, cfg.hidden_size) * torch.linspace(0.5, 4, 32).view(1, -1, 1)
+    plain = A.capture(layer, rotary, store_of(h), n_search=1, n_tokens=None)
+    rel = A.capture(layer, rotary, store_of(h), n_search=1, n_tokens=None, relative=True)
+    torch.testing.assert_close(rel.inputs["mlp"], plain.inputs["mlp"])
+    h_ms = h.half().float().pow(2).mean(-1).reshape(-1)  # the store keeps float16
+    want = 1 / h_ms
+    torch.testing.assert_close(rel.weights["mlp"], want / want.mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain.weights["mlp"], torch.ones(8 * 32))
+
+
+def test_cli_absolute_loss_turns_the_relative_weighting_off(tmp_path, monkeypatch):
+    import lowbit.quant.pipeline as pipeline
+    from lowbit.cli import main
+
+    seen = []
+
+    def fake_quantize(*args, awq_config=None, **kw):
+        seen.append(awq_config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "quantize", fake_quantize)
+    for extra in ([], ["--absolute-loss"]):
+        with pytest.raises(SystemExit):
+            main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", *extra])
+    assert [c.relative_loss for c in seen] == [True, False]

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "both = search both grids (llm-compressor's 'both'); default on")
     p.add_argument("--no-duo-scaling", action="store_true", help="same as --duo-scaling off")
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's clipping search")
+    p.add_argument("--absolute-loss", action="store_true",
+                   help="score the searches on absolute output error, as published (default: error relative "
+                        "to each token's residual-stream size, which measured better)")
     p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default="awq",
                    help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = AwqConfig(
         duo_scaling=_duo(args),
         clip=not args.no_clip,
+        relative_loss=not args.absolute_loss,
         search_samples=None if args.search_samples == 0 else args.search_samples,
         search_tokens=None if args.search_tokens == 0 else args.search_tokens,
     )
