@@ -509,6 +509,10 @@ def test_relative_loss_weights_each_token_by_its_residual_size(tmp_path):
     want = 1 / h_ms
     torch.testing.assert_close(rel.weights["mlp"], want / want.mean(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(plain.weights["mlp"], torch.ones(8 * 32))
+    # the per-channel mean |x| of the scale grid: weighted the same way (plain: the ordinary mean)
+    x = plain.inputs["mlp"]  # every token, in the same order as want
+    torch.testing.assert_close(plain.abs_mean["mlp"], x.abs().mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rel.abs_mean["mlp"], (x.abs() * want[:, None]).sum(0) / want.sum(), rtol=1e-4, atol=1e-6)
 
 
 def test_cli_absolute_loss_turns_the_relative_weighting_off(tmp_path, monkeypatch):

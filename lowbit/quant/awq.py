@@ -71,11 +71,12 @@ class AwqConfig:
     # (W4 g64, 128 x 512, ppl16: 24.38 / 24.61 at 1.0 vs 24.28 / 24.31 at 0.0, AWQ / CT format).
     # They stay protected by the clip search, which scores them at their true weight.
     search_heavy_weight: float = 0.0
-    # Weight each sampled token of the per-token searches (scale and clip) by 1 / mean(h^2) of its
-    # layer input: the error relative to the residual stream, which is what the next RMSNorm passes
-    # on. Measured (W4 g64, 128 x 512, ppl16, off -> on): AWQ format 24.28 -> 24.16, compressed-
-    # tensors 24.31 -> 24.03 here; on a second machine 24.49 -> 23.97 and, seed 1, 24.43 -> 24.06.
-    # The attention search's positions weighted the same way changed nothing (24.15).
+    # Weight each token by 1 / mean(h^2) of its layer input, in the per-token searches (scale and
+    # clip) and in the per-channel mean |x| the scale grid is built on: error relative to the
+    # residual stream, which is what the next RMSNorm passes on. Measured (W4 g64, 128 x 512,
+    # ppl16; AWQ / compressed-tensors format): absolute 24.28 / 24.31; relative losses 24.16 /
+    # 24.03; relative losses and mean 24.04 / 24.01. (On a second machine, losses only: 24.49 ->
+    # 23.97, seed 1 24.43 -> 24.06.) Weighting the attention search's positions changed nothing.
     relative_loss: bool = True
     chunk_tokens: int = 2048  # tokens per forward call (bounds activation and attention memory)
     carry: str = "quantized"  # next layer's inputs: "quantized" layer outputs, or "fp" (llm-awq / AutoAWQ)
@@ -312,10 +313,12 @@ def capture(
     sequences, since attention needs whole sequences; and for the per-token modules (o_proj, MLP,
     down_proj) n_tokens tokens drawn at random (seeded) from all calibration tokens plus the
     n_heavy tokens of largest input and of largest output norm, with weights (see merge_heavy);
-    relative: those weights divided by each token's mean square of the layer input."""
+    relative: those weights, and each token's share of the mean |x|, divided by its mean square of
+    the layer input."""
     total = sum(h.shape[0] * h.shape[1] for h in store._chunks)
     chosen = sample_tokens(total, n_tokens)
     sums: dict[str, torch.Tensor] = {}
+    wsum: dict[str, float] = {}
     grams: dict[str, torch.Tensor] = {}
     keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
@@ -330,7 +333,12 @@ def capture(
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
             f32 = flat.float()
-            s = f32.abs().sum(0).double()
+            if relative:
+                w_tok = 1.0 / state["h_ms"].clamp(min=1e-12)
+                s = (f32.abs() * w_tok[:, None]).sum(0).double()
+                wsum[name] = wsum.get(name, 0.0) + float(w_tok.sum())
+            else:
+                s = f32.abs().sum(0).double()
             sums[name] = sums[name] + s if name in sums else s
             if name in gram_modules:
                 g = (f32.t() @ f32).double()
@@ -399,7 +407,7 @@ def capture(
         y=torch.cat(ys),
         inputs=inputs,
         targets=targets,
-        abs_mean={k: (v / total).float() for k, v in sums.items()},
+        abs_mean={k: (v / wsum.get(k, total)).float() for k, v in sums.items()},
         weights=weights,
         heavy=n_heavy_rows,
         grams={k: (v.float(), total) for k, v in grams.items()},
