@@ -300,3 +300,13 @@ def test_out_of_vocab_stop_ids_are_ignored():
                          [[]], [[]], [None])
     assert out.token_ids.item() == 1
     assert math.isfinite(out.sampled_logprob.item())
+
+
+def test_greedy_tokens_equal_argmax_on_ties_and_nan():
+    from lowbit.layers.sampler import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (16, 5000), generator=g).float()  # every row full of tied maxima
+    x[3, 17] = float("nan")
+    x[5, 9] = x[5, 4000] = float("inf")
+    assert torch.equal(greedy_tokens(x), x.argmax(dim=-1))
