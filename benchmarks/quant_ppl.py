@@ -94,7 +94,7 @@ def main() -> int:
     if ("w4g64", "awq") in by:
         rtn, awq = by[("w4g64", "rtn")], by[("w4g64", "awq")]
         closed = (rtn - awq) / (rtn - fp) if rtn != fp else float("nan")
-        print(f"W4 g64: AWQ closes {100 * closed:.0f}% of RTN's gap (goal >= 50%): {'PASS' if closed >= 0.5 else 'FAIL'}")
+        print(f"W4 g64: AWQ closes {100 * closed:.1f}% of RTN's gap (goal >= 50%): {'PASS' if closed >= 0.5 else 'FAIL'}")
     if ("w3g64", "awq") in by:
         rtn, awq = by[("w3g64", "rtn")], by[("w3g64", "awq")]
         print(f"W3 g64: RTN {rtn:.3f} vs AWQ {awq:.3f}: {'PASS' if awq < rtn else 'FAIL'}")
