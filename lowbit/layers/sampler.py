@@ -214,7 +214,7 @@ def _sample(x: torch.Tensor, params: list[SamplingParams], generators: list[torc
         if g is not None:
             u[i].uniform_(generator=g)  # the row's own stream: independent of the rest of the batch
     q = u.log_().neg_()
-    return (probs / q).argmax(dim=-1)
+    return greedy_tokens(probs / q)  # the row-wise argmax
 
 
 def _top_k(x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

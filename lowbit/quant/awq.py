@@ -318,27 +318,22 @@ def capture(
     total = sum(h.shape[0] * h.shape[1] for h in store._chunks)
     chosen = sample_tokens(total, n_tokens)
     sums: dict[str, torch.Tensor] = {}
-    wsum: dict[str, float] = {}
     grams: dict[str, torch.Tensor] = {}
     keep: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
     where: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
-    ms: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}
+    rel_w: dict[str, list[torch.Tensor]] = {k: [] for k in CAPTURED}  # 1 / mean(h^2) of the sampled tokens
     n_heavy = min(n_heavy, total // HEAVY_MAX_SHARE)  # a minority by construction, however small the calibration
     heavy = {k: (HeavyTokens(n_heavy), HeavyTokens(n_heavy)) for k in CAPTURED if k not in SEQUENCE_CAPTURED}
-    state: dict = {"seq": False, "sel": None, "offset": 0}
+    state: dict = {"seq": False, "sel": None, "offset": 0, "weight_sum": 0.0}
 
     def hook(name: str):
         def fn(module, args, output):
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
             f32 = flat.float()
-            if relative:
-                w_tok = 1.0 / state["h_ms"].clamp(min=1e-12)
-                s = (f32.abs() * w_tok[:, None]).sum(0).double()
-                wsum[name] = wsum.get(name, 0.0) + float(w_tok.sum())
-            else:
-                s = f32.abs().sum(0).double()
+            tok_w = state["tok_w"]
+            s = ((f32.abs() * tok_w[:, None]) if relative else f32.abs()).sum(0).double()
             sums[name] = sums[name] + s if name in sums else s
             if name in gram_modules:
                 g = (f32.t() @ f32).double()
@@ -350,23 +345,24 @@ def capture(
                 return
             out = output.reshape(-1, output.shape[-1]).float()
             sel = state["sel"]
-            h_ms = state["h_ms"]
             if sel.numel():
                 keep[name].append(f32[sel])
                 outs[name].append(out[sel])
                 where[name].append(sel + state["offset"])
-                ms[name].append(h_ms[sel])
+                rel_w[name].append(tok_w[sel])
             index = torch.arange(flat.shape[0]) + state["offset"]
             by_in, by_out = heavy[name]
-            by_in.offer(f32.pow(2).sum(1), index, f32, out, h_ms)
-            by_out.offer(out.pow(2).sum(1), index, f32, out, h_ms)
+            by_in.offer(f32.pow(2).sum(1), index, f32, out, tok_w)
+            by_out.offer(out.pow(2).sum(1), index, f32, out, tok_w)
 
         return fn
 
     def run(h: torch.Tensor, keep_seq: bool, offset: int) -> torch.Tensor:
         picked = chosen[offset : offset + h.shape[0] * h.shape[1]]
         state["seq"], state["sel"], state["offset"] = keep_seq, picked.nonzero().squeeze(1), offset
-        state["h_ms"] = h.pow(2).mean(-1).reshape(-1)  # the residual stream's size at each token
+        # each token's weight under the relative loss: 1 / the residual stream's mean square
+        state["tok_w"] = 1.0 / h.pow(2).mean(-1).reshape(-1).clamp(min=1e-12)
+        state["weight_sum"] += float(state["tok_w"].sum())
         return run_layer(layer, h, rotary)
 
     handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in CAPTURED]
@@ -394,20 +390,17 @@ def capture(
     n_heavy_rows: dict[str, int] = {}
     for k, pair in heavy.items():
         if keep[k]:
-            sample = (torch.cat(where[k]), torch.cat(keep[k]), torch.cat(outs[k]), torch.cat(ms[k]))
+            sample = (torch.cat(where[k]), torch.cat(keep[k]), torch.cat(outs[k]), torch.cat(rel_w[k]))
         else:  # no random token fell here (tiny inputs): the heavy tokens alone
             sample = (torch.empty(0, dtype=torch.long), *(r[:0] for r in pair[0].rows))
-        (inputs[k], targets[k], h_ms), w, n_heavy_rows[k] = merge_heavy(total, sample, list(pair))
-        if relative:
-            w = w / h_ms.clamp(min=1e-12)
-            w = w / w.mean()
-        weights[k] = w
+        (inputs[k], targets[k], tok_w), w, n_heavy_rows[k] = merge_heavy(total, sample, list(pair))
+        weights[k] = w * tok_w / (w * tok_w).mean() if relative else w
     return LayerCapture(
         h=torch.cat(hs),
         y=torch.cat(ys),
         inputs=inputs,
         targets=targets,
-        abs_mean={k: (v / wsum.get(k, total)).float() for k, v in sums.items()},
+        abs_mean={k: (v / (state["weight_sum"] if relative else total)).float() for k, v in sums.items()},
         weights=weights,
         heavy=n_heavy_rows,
         grams={k: (v.float(), total) for k, v in grams.items()},
