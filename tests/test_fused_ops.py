@@ -323,3 +323,30 @@ def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch):
     assert not pa._kernel_reads(pool)
     ctx = build_paged_context(pool, [SeqSlice([0], 2, 1)])
     assert ctx.decode.tables is None and not ctx.lean  # decode falls back to gather + SDPA
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("D", [64, 12])
+def test_quantized_pool_write_is_bit_identical_to_the_torch_scheme(ext, kv_dtype, D):
+    """quantize_to_pool (the pool's fast write) stores exactly kv_cache.quantize's codes and
+    (scale, zero), for strided rows, magnitudes from 1e-6 to 1e3 and a constant row."""
+    from lowbit.engine.kv_cache import quantize
+
+    N, H = 37, 3
+    x = torch.randn(N, H + 4, D, generator=gen(5))[:, 2 : 2 + H]  # strided view, like k/v of a fused qkv
+    x = x * 10 ** torch.empty(N, 1, 1).uniform_(-6, 3, generator=gen(6))
+    x[0] = 1.5  # max == min: the scale floor
+    q, sz = quantize(x, kv_dtype)
+    rows = 100
+    pool = torch.zeros(rows, H, q.shape[-1], dtype=torch.uint8)
+    scale_zero = torch.zeros(rows, H, 2)
+    slots = torch.randperm(rows, generator=gen(7))[:N]
+    bits = 8 if kv_dtype == "int8" else 4
+    ext.quantize_to_pool(x, slots, pool, scale_zero, bits)
+    assert torch.equal(pool[slots], q)
+    assert torch.equal(scale_zero[slots], sz)
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[slots] = False
+    assert not pool[untouched].any() and not scale_zero[untouched].any()
+    with pytest.raises(RuntimeError, match="outside the KV pool"):
+        ext.quantize_to_pool(x, torch.full((N,), rows, dtype=torch.long), pool, scale_zero, bits)

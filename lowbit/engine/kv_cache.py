@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
+from ..layers import kernels
 
 KV_DTYPES = ("fp32", "int8", "int4")
 _QMAX = {"int8": 255.0, "int4": 15.0}
@@ -140,15 +141,17 @@ class KVCachePool:
             return
         if self.spec.channel_keys:
             self._write_channel_keys(layer, slots, k)
-            q, sz = quantize(v, self.spec.dtype)
-            self.v[layer].view(-1, *q.shape[1:]).index_copy_(0, slots, q)
-            self.v_sz[layer].view(-1, *sz.shape[1:]).index_copy_(0, slots, sz)
-            return
-        q, sz = quantize(torch.stack([k, v]), self.spec.dtype)  # K and V in one pass: fewer small ops
-        self.k[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[0])
-        self.v[layer].view(-1, *q.shape[2:]).index_copy_(0, slots, q[1])
-        self.k_sz[layer].view(-1, *sz.shape[2:]).index_copy_(0, slots, sz[0])
-        self.v_sz[layer].view(-1, *sz.shape[2:]).index_copy_(0, slots, sz[1])
+            parts = [(v, self.v[layer], self.v_sz[layer])]
+        else:
+            parts = [(k, self.k[layer], self.k_sz[layer]), (v, self.v[layer], self.v_sz[layer])]
+        ext, dtype = kernels.OPS.get(), self.spec.dtype
+        for x, codes, scale_zero in parts:
+            if ext is not None and x.dtype == torch.float32 and x.dim() == 3 and x.stride(-1) == 1:
+                ext.quantize_to_pool(x, slots, codes, scale_zero, 8 if dtype == "int8" else 4)  # same codes, one pass
+            else:
+                q, sz = quantize(x, dtype)
+                codes.view(-1, *q.shape[1:]).index_copy_(0, slots, q)
+                scale_zero.view(-1, *sz.shape[1:]).index_copy_(0, slots, sz)
 
     def _write_channel_keys(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
         """Extend each touched block's per-channel K range to cover the new tokens, remap the
