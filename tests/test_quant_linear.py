@@ -97,7 +97,7 @@ def test_sgemm_path_with_several_tiles_on_two_threads(bits, m, inference):
     kernels.reset()
     if not kernels.available():
         pytest.skip("C++ extension unavailable")
-    qw = make_qweight(1000, 576, bits, 64, sym=False, seed=m)  # 1000 rows: 3 tiles of 448
+    qw = make_qweight(1000, 576, bits, 64, sym=False, seed=m)  # 1000 rows: 4 even tiles of 256 (last 232)
     layer = QuantLinear.from_quantized(qw, torch.randn(1000))
     x = torch.randn(m, 576)
     threads = torch.get_num_threads()

@@ -27,7 +27,9 @@ from lowbit.quant.qweight import QuantizedWeight
 #: AVX2 register-tiled loop: compute-bound there, the BLAS uses the machine's widest SIMD.
 #: Measured with benchmarks/bench_kernels.py --modes (2 threads, the default model's shapes): at
 #: M = 16 the blocked kernel wins clearly, at M = 32 the two are even (gate/up 305 vs 312 us,
-#: down 288 vs 304), at M = 64 the sgemm path wins by 1.3-1.5x, at M = 1024 by 1.7-2x.
+#: down 288 vs 304), at M = 64 the sgemm path wins by 1.3-1.5x, at M = 1024 by 1.7-2x. Re-measured
+#: cold (every linear of the default model in turn, as a decode step runs them) once the sgemm
+#: path split its tiles evenly over the threads: even at M = 8 and 16, sgemm 1.28x at M = 32.
 TILE_MIN_M = 32
 
 #: Pure-torch fallback: rows dequantized at once (bounds its transient fp32 memory) and the

@@ -411,7 +411,13 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
       multiply(t, n0, nr);
     }
   } else {
-    const int64_t rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
+    // As many tiles as the L2 budget needs, rounded up to a multiple of the thread count and
+    // then cut equal: at decode widths every thread must get the same rows (2 threads over 960
+    // rows in 448-row tiles gave one thread 896 rows and the other 64).
+    const int64_t max_rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t want = ((L.n + max_rows - 1) / max_rows + threads - 1) / threads * threads;
+    const int64_t rows = std::min<int64_t>(L.n, ((L.n + want - 1) / want + 15) / 16 * 16);
     const int64_t tiles = (L.n + rows - 1) / rows;
     const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
