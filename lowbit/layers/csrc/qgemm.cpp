@@ -416,8 +416,9 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
     // rows in 448-row tiles gave one thread 896 rows and the other 64).
     const int64_t max_rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t want = ((L.n + max_rows - 1) / max_rows + threads - 1) / threads * threads;
-    const int64_t rows = std::min<int64_t>(L.n, ((L.n + want - 1) / want + 15) / 16 * 16);
+    const int64_t needed = (L.n + max_rows - 1) / max_rows;               // tiles the L2 budget asks for
+    const int64_t want = (needed + threads - 1) / threads * threads;      // ... a multiple of the threads
+    const int64_t rows = std::min<int64_t>(L.n, ((L.n + want - 1) / want + 15) / 16 * 16);  // equal, 16-row aligned
     const int64_t tiles = (L.n + rows - 1) / rows;
     const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
