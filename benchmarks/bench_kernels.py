@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--cold-mb", type=int, default=1024)
     ap.add_argument("--torch-ops", action="store_true", default=True)
     ap.add_argument("--no-torch-ops", dest="torch_ops", action="store_false", help="skip PyTorch's int4/int8pack paths")
-    ap.add_argument("--modes", action="store_true", help="also time our small-M and tiled kernels separately")
+    ap.add_argument("--modes", action="store_true", help="also time our kernels one by one (M = 1: fp32-x gemv; M > 1: small-M and tiled)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -174,6 +174,8 @@ def main() -> None:
             paths: dict[str, Fn] = {"fp32 F.linear": _cycler(lambda wi: F.linear(x, wi), ws)}
             for p, lst in lcopies.items():
                 paths[p] = _cycler(lambda layer: layer(x), lst)
+                if args.modes and m == 1:  # the default gemv rounds x to int16; this one keeps fp32
+                    paths[p + " fp32-x"] = _cycler(lambda layer: layer.forward_mode(x, 4), lst)
                 if args.modes and m > 1:
                     paths[p + " small"] = _cycler(lambda layer: layer.forward_mode(x, 2), lst)
                     paths[p + " tiled"] = _cycler(lambda layer: layer.forward_mode(x, 3), lst)
@@ -185,7 +187,7 @@ def main() -> None:
             base = statistics.median(res["fp32 F.linear"])
             for p, ts in res.items():
                 t = statistics.median(ts)
-                key = p.replace(" small", "").replace(" tiled", "")
+                key = p.replace(" small", "").replace(" tiled", "").replace(" fp32-x", "")
                 b = nbytes.get(key, nbytes[next(iter(layers))] if key.startswith("dequant") else 0)
                 gbs = b / t / 1e9
                 print(f"{name:9} {f'{k}->{n}':>11} {m:>3}  {p:24} {t * 1e6:9.1f} {min(ts) * 1e6:9.1f} "

@@ -1,9 +1,10 @@
 """QuantLinear / QuantEmbedding: exactness against the dequantized reference, every code path.
 
 The reference is float64 `x @ qw.dequantize().T + bias`; the kernels must match it to ~1e-4
-relative (they reorder fp32 sums, nothing else). Every kernel path (M = 1 gemv, blocked small/
-large M, tiled sgemm) and the pure-torch fallback are checked, since which one runs depends on M
-and on whether the C++ extension could be built.
+relative (they reorder fp32 sums; the default M = 1 gemv also rounds x to int16 per 64 weights,
+which is checked against its own worst-case bound). Every kernel path (M = 1 gemv with int16 or
+fp32 x, blocked small/large M, tiled sgemm) and the pure-torch fallback are checked, since which
+one runs depends on M and on whether the C++ extension could be built.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_matches_dequantized_reference(backend, bits, group, sym, m):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("mode", [1, 2, 3])
+@pytest.mark.parametrize("mode", [1, 2, 3, 4])
 @pytest.mark.parametrize("m", [1, 2, 5, 7, 64, 70])
 def test_every_kernel_path(bits, mode, m):
     """Forced kernels agree with the reference, including tails of every register tile."""
@@ -86,6 +87,57 @@ def test_every_kernel_path(bits, mode, m):
     layer = QuantLinear.from_quantized(qw, torch.randn(41))
     x = torch.randn(m, 576)
     assert_matches(layer.forward_mode(x, mode), reference(qw, x, layer.bias))
+
+
+def _ext_or_skip() -> None:
+    kernels.reset()
+    if not kernels.available():
+        pytest.skip("C++ extension unavailable")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,group", [(576, 64), (512, 128), (576, None), (200, None)])
+def test_int16_gemv_stays_within_its_rounding_bound(bits, group, k):
+    """The M = 1 default rounds x to int16 with one step per 64 weights (step = max|x_chunk| / 32767)
+    and computes W x_rounded, so each output may move by at most sum_k |w_k| step_k / 2, no further;
+    an outlier channel coarsens only its own chunk. A lane-order mistake would miss by ~|y|."""
+    _ext_or_skip()
+    qw = make_qweight(67, k, bits, group, sym=False, seed=k + bits)
+    layer = QuantLinear.from_quantized(qw, None)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
+    x[0, 3] = 300.0  # an outlier in the first chunk
+    y = layer.forward_mode(x, 1).double()
+    ref = reference(qw, x, None)
+    kp = (k + 63) // 64 * 64
+    xc = torch.nn.functional.pad(x.double().abs(), (0, kp - k)).view(-1, 64)
+    step = (xc.amax(1) / 32767).repeat_interleave(64)[:k]
+    bound = (qw.dequantize(torch.float64).abs() * step).sum(1) / 2  # the result is W x_rounded
+    err = (y - ref).abs()[0]
+    assert (err <= bound * 1.01 + 1e-6 * ref.abs().max()).all(), (err / bound).max()
+    # and it really is the int16 path: the fp32-x gemv is exact to fp32 rounding
+    assert (layer.forward_mode(x, 4).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_int16_gemv_keeps_non_finite_inputs_non_finite():
+    """NaN or Inf in x must reach the output as the fp32 path would, never a rounded finite value."""
+    _ext_or_skip()
+    qw = make_qweight(16, 576, 4, 64, sym=False)
+    layer = QuantLinear.from_quantized(qw, None)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 576)
+        x[0, 100] = bad
+        assert not torch.isfinite(layer.forward_mode(x, 1)).all()
+        assert not torch.isfinite(layer.forward_mode(x, 0)).all()
+
+
+def test_groups_of_32_use_the_fp32_x_gemv():
+    """Two 32-weight groups share each 64-weight chunk's int16 lanes, so they keep fp32 x: the
+    default M = 1 path is then the fp32-x gemv, bit for bit."""
+    _ext_or_skip()
+    qw = make_qweight(33, 256, 4, 32, sym=False)
+    layer = QuantLinear.from_quantized(qw, None)
+    x = torch.randn(1, 256)
+    assert torch.equal(layer.forward_mode(x, 1), layer.forward_mode(x, 4))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -244,7 +244,8 @@ class QuantLinear(nn.Module):
         return self._forward_fallback(x)
 
     def forward_mode(self, x: torch.Tensor, mode: int) -> torch.Tensor:
-        """forward with a forced kernel (benchmarks, tests): 0 auto, 1 gemv, 2 blocked, 3 tiled sgemm."""
+        """forward with a forced kernel (benchmarks, tests): 0 auto, 1 gemv (int16 x where the
+        groups allow, the M = 1 default), 2 blocked, 3 tiled sgemm, 4 gemv with fp32 x."""
         handle = self._handle or self._bind()
         if handle is not False:
             return handle.forward_mode(x, mode)

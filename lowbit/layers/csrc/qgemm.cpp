@@ -17,7 +17,10 @@
 // offset = -zero for 4-bit and 2^(bits-1) - zero for the 8-bit container.
 //
 // M = 1 (gemv) uses a factored dot product: y = sum_g s_g * (dot(q_g, x_g) + off_g * sum(x_g)),
-// so no weight is ever scaled individually: and + cvt + fma per 8 weights (see Gemv).
+// so no weight is ever scaled individually. By default (Gemv16) x is rounded to int16 per
+// 64-weight chunk and dot(q_g, x_g) is an integer sum, 16 multiply-adds per vpmaddwd (1.4-1.5x
+// faster than fp32 x); Gemv keeps x in fp32 (and + cvt + fma per 8 weights) for groups of 32
+// and non-finite x.
 // M > 1 (gemm_blocked) dequantizes a block of rows once into an L2-resident fp32 buffer and
 // runs a register-tiled microkernel over it. Large M (gemm_tiled) dequantizes W into a reused
 // fp32 scratch and hands it to the BLAS sgemm (compute-bound there; see linear.py TILE_MIN_M).
@@ -30,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -213,16 +217,41 @@ void gemv_rows(const Layer& L, const float* x, const float* xs8, int64_t n0, flo
   k.store(y, n0);
 }
 
-template <int BITS>
-void gemv(const Layer& L, const float* x, float* y) {
-  constexpr int R = 4;
-  // Partial sums of x per group, 8 lanes each (from the unscaled x).
+// Partial sums of x per group, 8 lanes each (their total is sum(x_g)).
+inline std::vector<float> group_sums8(const Layer& L, const float* x) {
   std::vector<float> xs8(8 * L.ng);
   for (int64_t g = 0; g < L.ng; ++g) {
     __m256 a = _mm256_setzero_ps();
     for (int64_t p = g * L.gp; p < (g + 1) * L.gp; ++p) a = _mm256_add_ps(a, _mm256_loadu_ps(x + 8 * p));
     _mm256_storeu_ps(xs8.data() + 8 * g, a);
   }
+  return xs8;
+}
+
+// f(std::integral_constant<int, rows>) for 1 <= rows <= R: row counts as template arguments.
+template <int R, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (R > 1) {
+    if (rows < R) return with_rows<R - 1>(rows, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
+
+// Rows in blocks of R over the threads; kernel(n0, rows) computes rows n0 .. n0 + rows - 1.
+template <int R, typename F>
+void over_row_blocks(const Layer& L, F&& kernel) {
+  const int64_t blocks = (L.n + R - 1) / R;
+  // ~32k weights per task: below that, waking a second thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (R * 8 * L.np));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) kernel(b * R, std::min<int64_t>(R, L.n - b * R));
+  });
+}
+
+template <int BITS>
+void gemv(const Layer& L, const float* x, float* y) {
+  constexpr int R = 4;
+  const std::vector<float> xs8 = group_sums8(L, x);
   std::vector<float> xscaled;
   const float* xk = x;
   if constexpr (BITS == 4) {
@@ -234,21 +263,225 @@ void gemv(const Layer& L, const float* x, float* y) {
     }
     xk = xscaled.data();
   }
-  const int64_t blocks = (L.n + R - 1) / R;
-  // ~32k weights per task: below that, waking a second thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (R * 8 * L.np));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * R;
-      switch (std::min<int64_t>(R, L.n - n0)) {
-        case 4: gemv_rows<BITS, 4>(L, xk, xs8.data(), n0, y); break;
-        case 3: gemv_rows<BITS, 3>(L, xk, xs8.data(), n0, y); break;
-        case 2: gemv_rows<BITS, 2>(L, xk, xs8.data(), n0, y); break;
-        default: gemv_rows<BITS, 1>(L, xk, xs8.data(), n0, y); break;
-      }
+  over_row_blocks<R>(L, [&](int64_t n0, int64_t rows) {
+    switch (rows) {
+      case 4: gemv_rows<BITS, 4>(L, xk, xs8.data(), n0, y); break;
+      case 3: gemv_rows<BITS, 3>(L, xk, xs8.data(), n0, y); break;
+      case 2: gemv_rows<BITS, 2>(L, xk, xs8.data(), n0, y); break;
+      default: gemv_rows<BITS, 1>(L, xk, xs8.data(), n0, y); break;
     }
   });
 }
+
+// ---------------------------------------------------------------------------------------
+// M = 1, integer dot products: x is rounded to int16 with one step per 64-weight chunk, so
+// q . x_chunk is an exact integer sum and vpmaddwd does 16 multiply-adds per uop where the float
+// path spends a cvt and an FMA per 8. Per 64 weights and row: 3 shifts + 3 ands + 4 vpmaddwd +
+// 4 adds (4-bit; 4 sign extensions instead for 8-bit), then one cvt + FMA by the chunk's step.
+//
+// Accuracy: the rounding moves each x by at most step/2 = max|x_chunk| / 65534, so a dot product
+// moves by ~1e-5 of |q| |x| (fp16 activations, the usual W4A16, round each x to 5e-4 of itself).
+// Outlier channels only coarsen the step of their own 64-wide chunk. Non-finite x goes to the
+// float path, so NaN/Inf still propagate.
+//
+// Lane order: vpmaddwd adds adjacent int16 products, so x16 is laid out as the weights unpack.
+// 4-bit: bits 4i'..4i'+3 of 16-bit lane 2j + h of a chunk's 32 bytes are nibble 4h + i' of word j,
+// i.e. weight 32h + 8i' + j (see the layout above); piece i' (one shift + mask) of x16 therefore
+// holds x[32h + 8i' + j] at lane 2j + h. 8-bit: natural order (sign-extended bytes).
+constexpr float kX16Max = 32767.0f;
+
+// Int16 copy of x in the kernel's lane order plus each chunk's step; false if x is not finite.
+template <int BITS>
+bool prepare_x16(const float* x, int64_t k8, int64_t chunks, int16_t* xi, float* sx) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 lim = _mm256_set1_ps(kX16Max);
+  for (int64_t c = 0; c < chunks; ++c) {
+    alignas(32) float buf[64];
+    const int64_t k0 = 64 * c, n = std::min<int64_t>(64, k8 - k0);
+    __m256 mv = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int64_t i = 0; i < 64; i += 8) {
+      const __m256 v = i < n ? _mm256_loadu_ps(x + k0 + i) : _mm256_setzero_ps();  // n % 8 == 0
+      _mm256_store_ps(buf + i, v);
+      mv = _mm256_max_ps(mv, _mm256_andnot_ps(sign, v));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // max_ps would drop a NaN
+    }
+    if (_mm256_movemask_ps(bad)) return false;
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float m = _mm_cvtss_f32(m4);
+    if (!std::isfinite(m)) return false;
+    const float step = m > 0 ? m / kX16Max : 1.0f;
+    sx[c] = step;
+    const __m256 inv = _mm256_set1_ps(1.0f / step);
+    __m256i q[8];  // int32 codes of the 8 pieces (round to nearest even, |code| <= 32767)
+    for (int i = 0; i < 8; ++i) {
+      __m256 v = _mm256_mul_ps(_mm256_load_ps(buf + 8 * i), inv);
+      v = _mm256_max_ps(_mm256_min_ps(v, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+      q[i] = _mm256_cvtps_epi32(v);
+    }
+    int16_t* out = xi + 64 * c;
+    if constexpr (BITS == 4) {
+      // piece i' interleaves x[8 i' + j] (low half of each 32-bit lane) with x[32 + 8 i' + j]
+      const __m256i lo16 = _mm256_set1_epi32(0xFFFF);
+      for (int i = 0; i < 4; ++i) {
+        const __m256i v = _mm256_or_si256(_mm256_and_si256(q[i], lo16), _mm256_slli_epi32(q[4 + i], 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * i), v);
+      }
+    } else {
+      for (int i = 0; i < 4; ++i) {  // packs interleaves 128-bit halves; the permute restores order
+        const __m256i v = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2 * i], q[2 * i + 1]), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * i), v);
+      }
+    }
+  }
+  return true;
+}
+
+template <int BITS, int R>
+struct Gemv16 {
+  const Layer& L;
+  const int16_t* xi;
+  const float* sx;
+  const float* xs8;
+  const uint8_t* wr[R];
+  const float* sr[R];
+  const float* zr[R];
+  __m256 tot[R];
+  __m256 acc[R];
+
+  Gemv16(const Layer& layer, const int16_t* xi_, const float* sx_, const float* xs8_, int64_t n0)
+      : L(layer), xi(xi_), sx(sx_), xs8(xs8_) {
+    for (int r = 0; r < R; ++r) {
+      wr[r] = L.w + (n0 + r) * L.row_bytes;
+      sr[r] = L.s + (n0 + r) * L.ng;
+      zr[r] = L.off + (n0 + r) * L.off_row;
+      tot[r] = _mm256_setzero_ps();
+    }
+    const int64_t ahead = kPrefetchBlocks * R;
+    for (int64_t o = 0; o < R * L.ng; o += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(sr[0] + ahead * L.ng + o), _MM_HINT_T0);
+      if (L.off_row) _mm_prefetch(reinterpret_cast<const char*>(zr[0] + ahead * L.off_row + o), _MM_HINT_T0);
+    }
+  }
+
+  static constexpr int kPrefetchBlocks = 4;
+
+  inline void start_group(int64_t g) {
+    const __m256 xs = _mm256_loadu_ps(xs8 + 8 * g);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_mul_ps(_mm256_set1_ps(zr[r][g * L.off_grp]), xs);
+  }
+
+  inline void end_group(int64_t g) {
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(sr[r][g]), tot[r]);
+  }
+
+  // Integer sums of one 64-weight chunk for the R rows.
+  inline void chunk(int64_t c, __m256i* ai) const {
+    const int16_t* xc = xi + 64 * c;
+    if constexpr (BITS == 4) {
+      const __m256i mask = _mm256_set1_epi16(0xF);
+      __m256i v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * c));
+      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xc));
+      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xc + 16));
+      const __m256i x2 = _mm256_loadu_si256((const __m256i*)(xc + 32));
+      const __m256i x3 = _mm256_loadu_si256((const __m256i*)(xc + 48));
+      for (int r = 0; r < R; ++r) {
+        const __m256i p0 = _mm256_madd_epi16(_mm256_and_si256(v[r], mask), x0);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v[r], 4), mask), x1);
+        const __m256i p2 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v[r], 8), mask), x2);
+        const __m256i p3 = _mm256_madd_epi16(_mm256_srli_epi16(v[r], 12), x3);
+        ai[r] = _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3));
+      }
+    } else {
+      const int64_t k0 = 64 * c, n = std::min<int64_t>(64, 8 * L.np - k0);  // a multiple of 8
+      for (int r = 0; r < R; ++r) ai[r] = _mm256_setzero_si256();
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xc + i));
+        for (int r = 0; r < R; ++r) {
+          const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr[r] + k0 + i)));
+          ai[r] = _mm256_add_epi32(ai[r], _mm256_madd_epi16(w, xv));
+        }
+      }
+      if (i < n) {  // 8 left
+        const __m128i xv = _mm_loadu_si128((const __m128i*)(xc + i));
+        for (int r = 0; r < R; ++r) {
+          const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wr[r] + k0 + i)));
+          ai[r] = _mm256_add_epi32(ai[r], _mm256_zextsi128_si256(_mm_madd_epi16(w, xv)));
+        }
+      }
+    }
+  }
+
+  void run() {
+    constexpr int64_t chunk_bytes = BITS == 4 ? 32 : 64;
+    const int64_t chunks = (8 * L.np + 63) / 64;
+    // chunks per quantization group (groups are whole chunks here, or one group per row)
+    const int64_t cpg = L.ng == 1 ? chunks : L.gp / 8;
+    const char* pf = reinterpret_cast<const char*>(wr[0] + kPrefetchBlocks * R * L.row_bytes);
+    int64_t g = 0, left = cpg;
+    start_group(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t o = 0; o < R * chunk_bytes; o += 64) _mm_prefetch(pf + c * R * chunk_bytes + o, _MM_HINT_T0);
+      __m256i ai[R];
+      chunk(c, ai);
+      const __m256 s = _mm256_set1_ps(sx[c]);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r]), s, acc[r]);
+      if (--left == 0) {
+        end_group(g);
+        left = cpg;
+        if (++g < L.ng) start_group(g);
+      }
+    }
+  }
+
+  void store(float* y, int64_t n0) {
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(tot[r]);
+      if (L.bias) v += L.bias[n0 + r];
+      y[n0 + r] = v;
+    }
+  }
+};
+
+template <int BITS, int R>
+void gemv16_rows(const Layer& L, const int16_t* xi, const float* sx, const float* xs8, int64_t n0, float* y) {
+  Gemv16<BITS, R> k(L, xi, sx, xs8, n0);
+  k.run();
+  k.store(y, n0);
+}
+
+template <int BITS>
+bool gemv16(const Layer& L, const float* x, float* y) {
+  // Rows per block, measured (576 -> 3072 and 576 -> 49152, 2 threads): 4-bit 2 rows (3 and 4 spill
+  // registers: 1.1-1.25x slower), 8-bit 3 rows.
+  constexpr int R = BITS == 4 ? 2 : 3;
+  const int64_t chunks = (8 * L.np + 63) / 64;
+  std::vector<int16_t> xi(64 * chunks);
+  std::vector<float> sx(chunks);
+  if (!prepare_x16<BITS>(x, 8 * L.np, chunks, xi.data(), sx.data())) return false;
+  // The zero point's term takes the sums of the *rounded* x, so the result is exactly W x_rounded:
+  // its error is sum_k |w_k| step_k / 2, not the larger |q_k| (codes are not centred).
+  std::vector<float> xs8(8 * L.ng, 0.0f);
+  const int64_t cpg = L.ng == 1 ? chunks : L.gp / 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m256i t = _mm256_setzero_si256();
+    for (int i = 0; i < 64; i += 16)
+      t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(xi.data() + 64 * c + i)), ones));
+    float* d = xs8.data() + 8 * (c / cpg);
+    _mm256_storeu_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(sx[c]), _mm256_loadu_ps(d)));
+  }
+  over_row_blocks<R>(L, [&](int64_t n0, int64_t rows) {
+    with_rows<R>(rows, [&](auto r) { gemv16_rows<BITS, decltype(r)::value>(L, xi.data(), sx.data(), xs8.data(), n0, y); });
+  });
+  return true;
+}
+
+// Whether gemv16 applies: its x steps are per 64-weight chunk, so groups must be whole chunks.
+inline bool gemv16_fits(const Layer& L) { return L.ng == 1 || L.gp % 8 == 0; }
 
 // ---------------------------------------------------------------------------------------
 // Dequantize rows [n0, n1) into out[(n - n0) * ldo + k] (fp32), w = (q + offset) * s.
@@ -473,7 +706,8 @@ Layer make_layer(const at::Tensor& w, const at::Tensor& scales, const at::Tensor
 // y[..., N] = x[..., K] @ W^T (+ bias), computed in fp32 and returned in x's dtype.
 // Reshaping, dtype conversion and padding to K8 happen here rather than in Python because at
 // decode every microsecond of per-call overhead is paid by ~200 linears per token.
-// mode: 0 auto, 1 gemv (per row), 2 blocked dequant + register-tiled GEMM, 3 tiled sgemm.
+// mode: 0 auto, 1 gemv (per row; int16 x where gemv16_fits), 2 blocked dequant + register-tiled GEMM,
+// 3 tiled sgemm, 4 gemv with fp32 x throughout.
 at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int64_t in_features,
                       int64_t k8, int64_t tile_min_m, int64_t mode) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == in_features, "expected input with ", in_features,
@@ -490,10 +724,14 @@ at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int6
     if (mode == 0) mode = (M == 1) ? 1 : (M >= tile_min_m ? 3 : 2);
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    if (mode == 1) {
+    if (mode == 1 || mode == 4) {
+      const bool ints = mode == 1 && gemv16_fits(L);
       for (int64_t m = 0; m < M; ++m) {
-        if (bits == 4) gemv<4>(L, xp + m * x.stride(0), yp + m * L.n);
-        else gemv<8>(L, xp + m * x.stride(0), yp + m * L.n);
+        const float* xm = xp + m * x.stride(0);
+        float* ym = yp + m * L.n;
+        if (ints && (bits == 4 ? gemv16<4>(L, xm, ym) : gemv16<8>(L, xm, ym))) continue;
+        if (bits == 4) gemv<4>(L, xm, ym);
+        else gemv<8>(L, xm, ym);
       }
     } else if (mode == 2) {
       if (bits == 4) gemm_blocked<4>(L, xp, M, x.stride(0), yp);
