@@ -436,10 +436,26 @@ void scores(const PagedArgs& a, const int32_t* table, int64_t h, int64_t start, 
     qg[g] = q0 + (g0 + g) * a.q_s_head;
     qz[g] = 0.0f;
   }
+  const bool pf_v = g0 == 0 && n * (a.row_bytes + (a.v_sz ? 8 : 0)) <= kPrefetchVBytes;
   for (int64_t t = start; t < len;) {
     const int64_t off = t % a.bs, cnt = std::min(a.bs - off, len - t);
     const int64_t blk = table[t / a.bs];
     const int64_t row0 = blk * a.bs + off;
+    // as in attend_seq: the next block's K rows of head h and this block's V rows into L2 (batch 1,
+    // engine decode at ~100 tokens of context: 17.8 -> 13.8 us per layer call)
+    const int64_t tn = t + cnt;
+    if (tn < len) {
+      const int64_t rn = static_cast<int64_t>(table[tn / a.bs]) * a.bs + tn % a.bs;
+      for (int64_t j = 0, cn = std::min(a.bs - tn % a.bs, len - tn); j < cn; ++j) {
+        prefetch_l2(a.k + ((rn + j) * a.Hkv + h) * a.row_bytes, a.row_bytes);
+        if (a.k_sz) prefetch_l2(a.k_sz + ((rn + j) * a.Hkv + h) * 2, 8);
+      }
+    }
+    if (pf_v)
+      for (int64_t j = 0; j < cnt; ++j) {
+        prefetch_l2(a.v + ((row0 + j) * a.Hkv + h) * a.row_bytes, a.row_bytes);
+        if (a.v_sz) prefetch_l2(a.v_sz + ((row0 + j) * a.Hkv + h) * 2, 8);
+      }
     if constexpr (T == Kv::U4) {  // this block's channel ranges folded into q: scratch[g] = q_g * scale
       const uint16_t* sp = a.k_ch + ((blk * 2) * a.Hkv + h) * D;
       const uint16_t* zp = a.k_ch + ((blk * 2 + 1) * a.Hkv + h) * D;
