@@ -221,6 +221,24 @@ def test_greedy_matches_dense(tiny_dir, cfg):
     assert_pool_free(engine)
 
 
+def test_equal_length_fresh_prompts_share_one_attention_call(tiny_dir, monkeypatch):
+    """Consecutive fresh prompts of one length are attended in one batched causal call (a different
+    length or a chunk that reads the cache breaks the run); the tokens stay the dense reference's."""
+    import lowbit.layers.paged_attention as pa
+
+    sizes: list[int] = []
+    batched = pa._causal_batch
+    monkeypatch.setattr(pa, "_causal_batch", lambda q, k, v, b: sizes.append(b) or batched(q, k, v, b))
+    engine = engine_for(tiny_dir)
+    prompts = prompts_of([12, 12, 12, 7, 12, 12], seed=9)
+    final = run(engine, prompts)
+    layers = engine.runner.config.num_layers
+    assert sorted(set(sizes)) == [2, 3] and len(sizes) == 2 * layers
+    for i, p in enumerate(prompts):
+        assert final[f"r{i}"].outputs[0].token_ids == dense_greedy(engine.runner.model, p, 12), f"prompt {i}"
+    assert_pool_free(engine)
+
+
 @pytest.mark.parametrize("caching", [True, False])
 def test_preemption_under_a_tiny_pool_gives_the_same_tokens(wide_dir, caching):
     engine = engine_for(wide_dir, enable_prefix_caching=caching, max_num_batched_tokens=64)

@@ -92,6 +92,7 @@ class PagedAttentionContext:
         self._ext = kernels.OPS.get()
         self.lean = self._ext is not None and decode is not None and decode.tables is not None and not prefills
         self.scale = 1.0 / math.sqrt(pool.spec.head_dim)
+        self._runs: list[list[_PrefillMeta]] | None = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [N, Hq, D], k/v: [N, Hkv, D] (rotary applied) -> [N, Hq, D]."""
@@ -132,10 +133,31 @@ class PagedAttentionContext:
         parts = []
         if self.decode is not None:
             parts.append(self._decode(layer_idx, q[: self.decode.batch]))
-        for p in self.prefills:
+        for run in self._prefill_runs:
+            if len(run) > 1:  # fresh prompts of one length: one batched causal SDPA call
+                rows = slice(run[0].row, run[-1].row + run[-1].num_new)
+                parts.append(_causal_batch(q[rows], k[rows], v[rows], len(run)))
+                continue
+            p = run[0]
             rows = slice(p.row, p.row + p.num_new)
             parts.append(self._prefill(layer_idx, p, q[rows], k[rows], v[rows]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    @property
+    def _prefill_runs(self) -> list[list[_PrefillMeta]]:
+        """The prefill chunks in row order, consecutive fresh chunks of equal length grouped (a full
+        step of 128-token prompts is 8 SDPA calls per layer otherwise, ~30% slower in all)."""
+        if self._runs is None:
+            runs: list[list[_PrefillMeta]] = []
+            for p in self.prefills:
+                last = runs[-1][-1] if runs else None
+                if (last is not None and _fresh(p) and _fresh(last) and p.num_new == last.num_new
+                        and p.row == last.row + last.num_new):
+                    runs[-1].append(p)
+                else:
+                    runs.append([p])
+            self._runs = runs
+        return self._runs
 
     def _decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         d = self.decode
@@ -176,6 +198,19 @@ class PagedAttentionContext:
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+
+def _fresh(p: _PrefillMeta) -> bool:
+    """A chunk that attends only to itself with a plain causal mask (a prompt's first chunk)."""
+    return p.start == 0 and p.mask is None and p.prefix_blocks is None and not p.from_pool
+
+
+def _causal_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
+    """Causal attention of `batch` equal-length sequences stacked on dim 0: q [B*T, Hq, D]."""
+    T = q.shape[0] // batch
+    q, k, v = (t.view(batch, T, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2).reshape(batch * T, out.shape[1], out.shape[3])
 
 
 def build_paged_context(
