@@ -11,6 +11,12 @@ benchmarks/bench_kernels.py), so we repack into layouts read by our AVX2 kernels
 Containers: 2/3/4-bit weights are stored one value per nibble (exact: q < 16), 5..8-bit one
 value per byte. No fp32 copy of W is ever kept; the pure-torch path dequantizes a bounded block
 of rows at a time.
+
+Precision: activations stay fp32 between layers. Inside the M = 1 kernel x is rounded to int16
+with one step per 64 inputs (max |x| of those 64 / 32767) so the products are exact integer
+multiply-adds (vpmaddwd); the result is exactly W x_rounded, off by at most sum |w| step / 2
+(~1e-5 relative, tighter than the fp16 activations of GPU W4A16 kernels) and 1.4-1.5x faster.
+`forward_mode(x, 4)` runs the fp32-x gemv; groups of 32 and non-finite x always use it.
 """
 from __future__ import annotations
 
