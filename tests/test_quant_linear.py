@@ -130,6 +130,20 @@ def test_int16_gemv_keeps_non_finite_inputs_non_finite():
         assert not torch.isfinite(layer.forward_mode(x, 0)).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_auto_runs_the_int16_gemv_row_by_row_up_to_six_rows(bits):
+    """Decode batches of 2-6 rows take gemv16 per row (fewer uops than dequantizing to fp32); from
+    7 rows on the blocked kernel; groups of 32 keep the gemv for M = 1 only."""
+    _ext_or_skip()
+    layer = QuantLinear.from_quantized(make_qweight(50, 576, bits, 64, sym=False), None)
+    for m, mode in ((1, 1), (3, 1), (6, 1), (7, 2), (16, 2)):
+        x = torch.randn(m, 576)
+        assert torch.equal(layer(x), layer.forward_mode(x, mode)), (m, mode)
+    g32 = QuantLinear.from_quantized(make_qweight(50, 576, 4, 32, sym=False), None)
+    x = torch.randn(3, 576)
+    assert torch.equal(g32(x), g32.forward_mode(x, 2))
+
+
 def test_groups_of_32_use_the_fp32_x_gemv():
     """Two 32-weight groups share each 64-weight chunk's int16 lanes, so they keep fp32 x: the
     default M = 1 path is then the fp32-x gemv, bit for bit."""
