@@ -104,15 +104,15 @@ def test_int16_gemv_stays_within_its_rounding_bound(bits, group, k):
     _ext_or_skip()
     qw = make_qweight(67, k, bits, group, sym=False, seed=k + bits)
     layer = QuantLinear.from_quantized(qw, None)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(k))  # one pass of 4 rows + 2
     x[0, 3] = 300.0  # an outlier in the first chunk
     y = layer.forward_mode(x, 1).double()
     ref = reference(qw, x, None)
     kp = (k + 63) // 64 * 64
-    xc = torch.nn.functional.pad(x.double().abs(), (0, kp - k)).view(-1, 64)
-    step = (xc.amax(1) / 32767).repeat_interleave(64)[:k]
-    bound = (qw.dequantize(torch.float64).abs() * step).sum(1) / 2  # the result is W x_rounded
-    err = (y - ref).abs()[0]
+    xc = torch.nn.functional.pad(x.double().abs(), (0, kp - k)).view(6, -1, 64)
+    step = (xc.amax(2) / 32767).repeat_interleave(64, dim=1)[:, :k]  # [6, k]
+    bound = step @ qw.dequantize(torch.float64).abs().t() / 2  # the result is W x_rounded
+    err = (y - ref).abs()
     assert (err <= bound * 1.01 + 1e-6 * ref.abs().max()).all(), (err / bound).max()
     # and it really is the int16 path: the fp32-x gemv is exact to fp32 rounding
     assert (layer.forward_mode(x, 4).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -128,15 +128,21 @@ def test_int16_gemv_keeps_non_finite_inputs_non_finite():
         x[0, 100] = bad
         assert not torch.isfinite(layer.forward_mode(x, 1)).all()
         assert not torch.isfinite(layer.forward_mode(x, 0)).all()
+        # among other rows: only that row is affected, the rest are what they are alone
+        xs = torch.randn(5, 576)
+        xs[2, 7] = bad
+        y = layer.forward_mode(xs, 1)
+        assert not torch.isfinite(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+        assert torch.equal(y[[0, 1, 3, 4]], layer.forward_mode(xs[[0, 1, 3, 4]], 1))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_auto_runs_the_int16_gemv_row_by_row_up_to_six_rows(bits):
-    """Decode batches of 2-6 rows take gemv16 per row (fewer uops than dequantizing to fp32); from
-    7 rows on the blocked kernel; groups of 32 keep the gemv for M = 1 only."""
+def test_auto_runs_the_int16_gemv_up_to_twelve_rows(bits):
+    """Decode batches of up to 12 rows take gemv16 (fewer uops than dequantizing to fp32); from 13
+    rows on the blocked kernel; groups of 32 keep the gemv for M = 1 only."""
     _ext_or_skip()
     layer = QuantLinear.from_quantized(make_qweight(50, 576, bits, 64, sym=False), None)
-    for m, mode in ((1, 1), (3, 1), (6, 1), (7, 2), (16, 2)):
+    for m, mode in ((1, 1), (3, 1), (12, 1), (13, 2), (16, 2)):
         x = torch.randn(m, 576)
         assert torch.equal(layer(x), layer.forward_mode(x, mode)), (m, mode)
     g32 = QuantLinear.from_quantized(make_qweight(50, 576, 4, 32, sym=False), None)

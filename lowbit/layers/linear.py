@@ -12,8 +12,8 @@ Containers: 2/3/4-bit weights are stored one value per nibble (exact: q < 16), 5
 value per byte. No fp32 copy of W is ever kept; the pure-torch path dequantizes a bounded block
 of rows at a time.
 
-Precision: activations stay fp32 between layers. Inside the gemv kernel (decode, 1-6 rows, run
-row by row) x is rounded to int16 with one step per 64 inputs (max |x| of those 64 / 32767) so
+Precision: activations stay fp32 between layers. Inside the gemv kernel (decode, 1-12 rows, W
+streamed once per 4 rows) x is rounded to int16 with one step per 64 inputs (max |x| of those 64 / 32767) so
 the products are exact integer multiply-adds (vpmaddwd); the result is exactly W x_rounded, off
 by at most sum |w| step / 2 (~1e-5 relative, tighter than the fp16 activations of GPU W4A16
 kernels) and 1.4-1.5x faster. `forward_mode(x, 4)` runs the fp32-x gemv; groups of 32 and
@@ -252,7 +252,7 @@ class QuantLinear(nn.Module):
 
     def forward_mode(self, x: torch.Tensor, mode: int) -> torch.Tensor:
         """forward with a forced kernel (benchmarks, tests): 0 auto, 1 gemv row by row (int16 x
-        where the groups allow; the default up to 6 rows), 2 blocked, 3 tiled sgemm, 4 gemv with
+        where the groups allow; the default up to 12 rows), 2 blocked, 3 tiled sgemm, 4 gemv with
         fp32 x."""
         handle = self._handle or self._bind()
         if handle is not False:

@@ -16,11 +16,12 @@
 // every zero is equal, e.g. symmetric quantization), so W = (stored + offset) * scale, i.e.
 // offset = -zero for 4-bit and 2^(bits-1) - zero for the 8-bit container.
 //
-// M = 1 (gemv) uses a factored dot product: y = sum_g s_g * (dot(q_g, x_g) + off_g * sum(x_g)),
-// so no weight is ever scaled individually. By default (Gemv16) x is rounded to int16 per
-// 64-weight chunk and dot(q_g, x_g) is an integer sum, 16 multiply-adds per vpmaddwd (1.4-1.5x
-// faster than fp32 x); Gemv keeps x in fp32 (and + cvt + fma per 8 weights) for groups of 32
-// and non-finite x.
+// Small M (gemv, decode) uses a factored dot product: y = sum_g s_g * (dot(q_g, x_g) + off_g *
+// sum(x_g)), so no weight is ever scaled individually. By default (Gemv16, M <= kGemvMaxM) x is
+// rounded to int16 per 64-weight chunk and dot(q_g, x_g) is an integer sum, 16 multiply-adds per
+// vpmaddwd (1.4-1.5x faster than fp32 x), each chunk of W unpacked once for up to 4 rows of x;
+// Gemv keeps x in fp32 (and + cvt + fma per 8 weights) for groups of 32 (M = 1 only) and
+// non-finite x.
 // M > 1 (gemm_blocked) dequantizes a block of rows once into an L2-resident fp32 buffer and
 // runs a register-tiled microkernel over it. Large M (gemm_tiled) dequantizes W into a reused
 // fp32 scratch and hands it to the BLAS sgemm (compute-bound there; see linear.py TILE_MIN_M).
@@ -338,25 +339,52 @@ bool prepare_x16(const float* x, int64_t k8, int64_t chunks, int16_t* xi, float*
   return true;
 }
 
-template <int BITS, int R>
+// X16: one activation row prepared for Gemv16 (int16 codes in lane order, per-chunk steps, and
+// the per-group sums of the rounded x for the zero point's term).
+struct X16 {
+  std::vector<int16_t> xi;
+  std::vector<float> sx, xs8;
+};
+
+// False if x is not finite (the caller then runs the fp32-x gemv for that row).
+template <int BITS>
+bool prepare_row16(const Layer& L, const float* x, X16& o) {
+  const int64_t chunks = (8 * L.np + 63) / 64;
+  o.xi.resize(64 * chunks);
+  o.sx.resize(chunks);
+  if (!prepare_x16<BITS>(x, 8 * L.np, chunks, o.xi.data(), o.sx.data())) return false;
+  // The zero point's term takes the sums of the *rounded* x, so the result is exactly W x_rounded:
+  // its error is sum_k |w_k| step_k / 2, not the larger |q_k| (codes are not centred).
+  o.xs8.assign(8 * L.ng, 0.0f);
+  const int64_t cpg = L.ng == 1 ? chunks : L.gp / 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m256i t = _mm256_setzero_si256();
+    for (int i = 0; i < 64; i += 16)
+      t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(o.xi.data() + 64 * c + i)), ones));
+    float* d = o.xs8.data() + 8 * (c / cpg);
+    _mm256_storeu_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(o.sx[c]), _mm256_loadu_ps(d)));
+  }
+  return true;
+}
+
+// R weight rows against MR activation rows: every chunk of W is unpacked once for all MR rows.
+template <int BITS, int R, int MR>
 struct Gemv16 {
   const Layer& L;
-  const int16_t* xi;
-  const float* sx;
-  const float* xs8;
+  const X16* const* xr;  // MR prepared activation rows
   const uint8_t* wr[R];
   const float* sr[R];
   const float* zr[R];
-  __m256 tot[R];
-  __m256 acc[R];
+  __m256 tot[R][MR];
+  __m256 acc[R][MR];
 
-  Gemv16(const Layer& layer, const int16_t* xi_, const float* sx_, const float* xs8_, int64_t n0)
-      : L(layer), xi(xi_), sx(sx_), xs8(xs8_) {
+  Gemv16(const Layer& layer, const X16* const* xr_, int64_t n0) : L(layer), xr(xr_) {
     for (int r = 0; r < R; ++r) {
       wr[r] = L.w + (n0 + r) * L.row_bytes;
       sr[r] = L.s + (n0 + r) * L.ng;
       zr[r] = L.off + (n0 + r) * L.off_row;
-      tot[r] = _mm256_setzero_ps();
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
     }
     const int64_t ahead = kPrefetchBlocks * R;
     for (int64_t o = 0; o < R * L.ng; o += 16) {
@@ -368,49 +396,65 @@ struct Gemv16 {
   static constexpr int kPrefetchBlocks = 4;
 
   inline void start_group(int64_t g) {
-    const __m256 xs = _mm256_loadu_ps(xs8 + 8 * g);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_mul_ps(_mm256_set1_ps(zr[r][g * L.off_grp]), xs);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xs = _mm256_loadu_ps(xr[m]->xs8.data() + 8 * g);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_mul_ps(_mm256_set1_ps(zr[r][g * L.off_grp]), xs);
+    }
   }
 
   inline void end_group(int64_t g) {
-    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(sr[r][g]), tot[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(sr[r][g]);
+      for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_fmadd_ps(acc[r][m], s, tot[r][m]);
+    }
   }
 
-  // Integer sums of one 64-weight chunk for the R rows.
-  inline void chunk(int64_t c, __m256i* ai) const {
-    const int16_t* xc = xi + 64 * c;
+  // acc[r][m] += step_m(c) * (integer sum of chunk c of row r against x row m).
+  inline void chunk(int64_t c) {
     if constexpr (BITS == 4) {
       const __m256i mask = _mm256_set1_epi16(0xF);
-      __m256i v[R];
-      for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * c));
-      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xc));
-      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xc + 16));
-      const __m256i x2 = _mm256_loadu_si256((const __m256i*)(xc + 32));
-      const __m256i x3 = _mm256_loadu_si256((const __m256i*)(xc + 48));
       for (int r = 0; r < R; ++r) {
-        const __m256i p0 = _mm256_madd_epi16(_mm256_and_si256(v[r], mask), x0);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v[r], 4), mask), x1);
-        const __m256i p2 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v[r], 8), mask), x2);
-        const __m256i p3 = _mm256_madd_epi16(_mm256_srli_epi16(v[r], 12), x3);
-        ai[r] = _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3));
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wr[r] + 32 * c));
+        const __m256i w0 = _mm256_and_si256(v, mask);
+        const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask);
+        const __m256i w3 = _mm256_srli_epi16(v, 12);
+        for (int m = 0; m < MR; ++m) {
+          const int16_t* xc = xr[m]->xi.data() + 64 * c;
+          const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)(xc)));
+          const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xc + 16)));
+          const __m256i p2 = _mm256_madd_epi16(w2, _mm256_loadu_si256((const __m256i*)(xc + 32)));
+          const __m256i p3 = _mm256_madd_epi16(w3, _mm256_loadu_si256((const __m256i*)(xc + 48)));
+          const __m256i ai = _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(xr[m]->sx[c]), acc[r][m]);
+        }
       }
     } else {
       const int64_t k0 = 64 * c, n = std::min<int64_t>(64, 8 * L.np - k0);  // a multiple of 8
-      for (int r = 0; r < R; ++r) ai[r] = _mm256_setzero_si256();
+      __m256i ai[R][MR];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MR; ++m) ai[r][m] = _mm256_setzero_si256();
       int64_t i = 0;
       for (; i + 16 <= n; i += 16) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xc + i));
         for (int r = 0; r < R; ++r) {
           const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr[r] + k0 + i)));
-          ai[r] = _mm256_add_epi32(ai[r], _mm256_madd_epi16(w, xv));
+          for (int m = 0; m < MR; ++m)
+            ai[r][m] = _mm256_add_epi32(
+                ai[r][m], _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i*)(xr[m]->xi.data() + k0 + i))));
         }
       }
       if (i < n) {  // 8 left
-        const __m128i xv = _mm_loadu_si128((const __m128i*)(xc + i));
         for (int r = 0; r < R; ++r) {
           const __m128i w = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(wr[r] + k0 + i)));
-          ai[r] = _mm256_add_epi32(ai[r], _mm256_zextsi128_si256(_mm_madd_epi16(w, xv)));
+          for (int m = 0; m < MR; ++m) {
+            const __m128i p = _mm_madd_epi16(w, _mm_loadu_si128((const __m128i*)(xr[m]->xi.data() + k0 + i)));
+            ai[r][m] = _mm256_add_epi32(ai[r][m], _mm256_zextsi128_si256(p));
+          }
         }
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256 s = _mm256_set1_ps(xr[m]->sx[c]);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r][m]), s, acc[r][m]);
       }
     }
   }
@@ -425,10 +469,7 @@ struct Gemv16 {
     start_group(0);
     for (int64_t c = 0; c < chunks; ++c) {
       for (int64_t o = 0; o < R * chunk_bytes; o += 64) _mm_prefetch(pf + c * R * chunk_bytes + o, _MM_HINT_T0);
-      __m256i ai[R];
-      chunk(c, ai);
-      const __m256 s = _mm256_set1_ps(sx[c]);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r]), s, acc[r]);
+      chunk(c);
       if (--left == 0) {
         end_group(g);
         left = cpg;
@@ -437,56 +478,65 @@ struct Gemv16 {
     }
   }
 
-  void store(float* y, int64_t n0) {
-    for (int r = 0; r < R; ++r) {
-      float v = hsum(tot[r]);
-      if (L.bias) v += L.bias[n0 + r];
-      y[n0 + r] = v;
-    }
+  // y row of activation row m is y_rows[m]
+  void store(float* const* y_rows, int64_t n0) {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MR; ++m) {
+        float v = hsum(tot[r][m]);
+        if (L.bias) v += L.bias[n0 + r];
+        y_rows[m][n0 + r] = v;
+      }
   }
 };
 
-template <int BITS, int R>
-void gemv16_rows(const Layer& L, const int16_t* xi, const float* sx, const float* xs8, int64_t n0, float* y) {
-  Gemv16<BITS, R> k(L, xi, sx, xs8, n0);
-  k.run();
-  k.store(y, n0);
-}
-
+// y[m] = W x[m] for M activation rows (row stride ldx / ldy). Rows with non-finite x run the
+// fp32-x gemv; the others go through Gemv16 four at a time, W streamed once per four rows.
 template <int BITS>
-bool gemv16(const Layer& L, const float* x, float* y) {
-  // Rows per block, measured (576 -> 3072 and 576 -> 49152, 2 threads): 4-bit 2 rows (3 and 4 spill
-  // registers: 1.1-1.25x slower), 8-bit 3 rows.
-  constexpr int R = BITS == 4 ? 2 : 3;
-  const int64_t chunks = (8 * L.np + 63) / 64;
-  std::vector<int16_t> xi(64 * chunks);
-  std::vector<float> sx(chunks);
-  if (!prepare_x16<BITS>(x, 8 * L.np, chunks, xi.data(), sx.data())) return false;
-  // The zero point's term takes the sums of the *rounded* x, so the result is exactly W x_rounded:
-  // its error is sum_k |w_k| step_k / 2, not the larger |q_k| (codes are not centred).
-  std::vector<float> xs8(8 * L.ng, 0.0f);
-  const int64_t cpg = L.ng == 1 ? chunks : L.gp / 8;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m256i t = _mm256_setzero_si256();
-    for (int i = 0; i < 64; i += 16)
-      t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(xi.data() + 64 * c + i)), ones));
-    float* d = xs8.data() + 8 * (c / cpg);
-    _mm256_storeu_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(sx[c]), _mm256_loadu_ps(d)));
+void gemv16_batch(const Layer& L, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
+  constexpr int kRowsPerPass = 4;  // activation rows per sweep over W (accumulators fill the registers)
+  std::vector<X16> prepared(M);
+  std::vector<const X16*> xr;
+  std::vector<float*> yr;
+  for (int64_t m = 0; m < M; ++m) {
+    if (prepare_row16<BITS>(L, x + m * ldx, prepared[m])) {
+      xr.push_back(&prepared[m]);
+      yr.push_back(y + m * ldy);
+    } else {
+      gemv<BITS>(L, x + m * ldx, y + m * ldy);
+    }
   }
-  over_row_blocks<R>(L, [&](int64_t n0, int64_t rows) {
-    with_rows<R>(rows, [&](auto r) { gemv16_rows<BITS, decltype(r)::value>(L, xi.data(), sx.data(), xs8.data(), n0, y); });
-  });
-  return true;
+  const int64_t n = static_cast<int64_t>(xr.size());
+  if (n == 1) {
+    // Rows per block, measured (576 -> 3072 and 576 -> 49152, 2 threads): 4-bit 2 rows (3 and 4
+    // spill registers: 1.1-1.25x slower), 8-bit 3 rows.
+    constexpr int R = BITS == 4 ? 2 : 3;
+    over_row_blocks<R>(L, [&](int64_t n0, int64_t rows) {
+      with_rows<R>(rows, [&](auto r) {
+        Gemv16<BITS, decltype(r)::value, 1> k(L, xr.data(), n0);
+        k.run();
+        k.store(yr.data(), n0);
+      });
+    });
+  } else if (n > 1) {
+    over_row_blocks<1>(L, [&](int64_t n0, int64_t) {
+      for (int64_t m0 = 0; m0 < n; m0 += kRowsPerPass) {
+        with_rows<kRowsPerPass>(std::min<int64_t>(kRowsPerPass, n - m0), [&](auto mr) {
+          Gemv16<BITS, 1, decltype(mr)::value> k(L, xr.data() + m0, n0);
+          k.run();
+          k.store(yr.data() + m0, n0);
+        });
+      }
+    });
+  }
 }
 
 // Whether gemv16 applies: its x steps are per 64-weight chunk, so groups must be whole chunks.
 inline bool gemv16_fits(const Layer& L) { return L.ng == 1 || L.gp % 8 == 0; }
 
-// Up to this many rows, gemv16 row by row beats dequantizing into fp32 (gemm_blocked): every
-// linear of the default model in turn, cold, 2 threads: M = 2 6.1 vs 13.2 ms, M = 4 11.6 vs 14.0,
-// M = 6 16.6 vs 19.4, M = 8 21.7 vs 19.5 (later rows find the layer's bytes in L2).
-constexpr int64_t kGemvMaxM = 6;
+// Up to this many rows, gemv16 (W streamed once per 4 activation rows) beats dequantizing into
+// fp32 (gemm_blocked): every linear of the default model in turn, cold, 2 threads: M = 2 5.4 vs
+// 12.7 ms, M = 4 8.3 vs 13.7, M = 8 16.6 vs 21.0, M = 12 28.9 vs 28.5, M = 16 32.8 vs 31.0.
+constexpr int64_t kGemvMaxM = 12;
 
 // ---------------------------------------------------------------------------------------
 // Dequantize rows [n0, n1) into out[(n - n0) * ldo + k] (fp32), w = (q + offset) * s.
@@ -711,7 +761,7 @@ Layer make_layer(const at::Tensor& w, const at::Tensor& scales, const at::Tensor
 // y[..., N] = x[..., K] @ W^T (+ bias), computed in fp32 and returned in x's dtype.
 // Reshaping, dtype conversion and padding to K8 happen here rather than in Python because at
 // decode every microsecond of per-call overhead is paid by ~200 linears per token.
-// mode: 0 auto, 1 gemv (per row; int16 x where gemv16_fits), 2 blocked dequant + register-tiled GEMM,
+// mode: 0 auto, 1 gemv (int16 x where gemv16_fits, else fp32 x row by row), 2 blocked dequant + register-tiled GEMM,
 // 3 tiled sgemm, 4 gemv with fp32 x throughout.
 at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int64_t in_features,
                       int64_t k8, int64_t tile_min_m, int64_t mode) {
@@ -729,14 +779,13 @@ at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int6
     if (mode == 0) mode = (M == 1 || (M <= kGemvMaxM && gemv16_fits(L))) ? 1 : (M >= tile_min_m ? 3 : 2);
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    if (mode == 1 || mode == 4) {
-      const bool ints = mode == 1 && gemv16_fits(L);
+    if (mode == 1 && gemv16_fits(L)) {
+      if (bits == 4) gemv16_batch<4>(L, xp, M, x.stride(0), yp, L.n);
+      else gemv16_batch<8>(L, xp, M, x.stride(0), yp, L.n);
+    } else if (mode == 1 || mode == 4) {
       for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xp + m * x.stride(0);
-        float* ym = yp + m * L.n;
-        if (ints && (bits == 4 ? gemv16<4>(L, xm, ym) : gemv16<8>(L, xm, ym))) continue;
-        if (bits == 4) gemv<4>(L, xm, ym);
-        else gemv<8>(L, xm, ym);
+        if (bits == 4) gemv<4>(L, xp + m * x.stride(0), yp + m * L.n);
+        else gemv<8>(L, xp + m * x.stride(0), yp + m * L.n);
       }
     } else if (mode == 2) {
       if (bits == 4) gemm_blocked<4>(L, xp, M, x.stride(0), yp);
