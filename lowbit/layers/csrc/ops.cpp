@@ -846,16 +846,19 @@ void attend_seq(const PagedArgs& a, int64_t b, std::vector<float>& buf) {
     const int64_t blk = table[t / a.bs];
     const int64_t row0 = blk * a.bs + off;
     const int64_t tn = t + cnt;
+    const uint8_t* pk = nullptr;  // next block's K, prefetched a kv head's share at a time below
+    int64_t pk_bytes = 0, rn = 0, cn = 0;
     if (tn < len) {
-      const int64_t rn = static_cast<int64_t>(table[tn / a.bs]) * a.bs + tn % a.bs;
-      const int64_t cn = std::min(a.bs - tn % a.bs, len - tn);
-      prefetch_l2(a.k + rn * Hkv * a.row_bytes, cn * Hkv * a.row_bytes);
+      rn = static_cast<int64_t>(table[tn / a.bs]) * a.bs + tn % a.bs;
+      cn = std::min(a.bs - tn % a.bs, len - tn);
+      pk = a.k + rn * Hkv * a.row_bytes;
+      pk_bytes = cn * Hkv * a.row_bytes;
       if (a.k_sz) prefetch_l2(a.k_sz + rn * Hkv * 2, cn * Hkv * 8);
     }
-    if (pf_v) {
-      prefetch_l2(a.v + row0 * Hkv * a.row_bytes, cnt * Hkv * a.row_bytes);
-      if (a.v_sz) prefetch_l2(a.v_sz + row0 * Hkv * 2, cnt * Hkv * 8);
-    }
+    const uint8_t* pv = pf_v ? a.v + row0 * Hkv * a.row_bytes : nullptr;
+    const int64_t pv_bytes = cnt * Hkv * a.row_bytes;
+    if (pf_v && a.v_sz) prefetch_l2(a.v_sz + row0 * Hkv * 2, cnt * Hkv * 8);
+    const int64_t pk_share = (pk_bytes / Hkv + 63) / 64 * 64, pv_share = (pv_bytes / Hkv + 63) / 64 * 64;
     if constexpr (T == Kv::U4) {
       for (int64_t h = 0; h < Hkv; ++h) {
         const uint16_t* sp = a.k_ch + ((blk * 2) * Hkv + h) * D;
@@ -875,6 +878,9 @@ void attend_seq(const PagedArgs& a, int64_t b, std::vector<float>& buf) {
     }
     const int64_t qstride = T == Kv::U4 ? D : a.q_s_head;
     for (int64_t h = 0; h < Hkv; ++h) {
+      // spread over the heads, so the prefetches do not all wait for line-fill buffers at once
+      if (pk) prefetch_l2(pk + h * pk_share, std::min(pk_share, pk_bytes - h * pk_share));
+      if (pv) prefetch_l2(pv + h * pv_share, std::min(pv_share, pv_bytes - h * pv_share));
       const float* qh = T == Kv::U4 ? qs + h * GN * D : qb + h * GN * a.q_s_head;
       const int64_t idx0 = t - start;
       int64_t r = 0;
