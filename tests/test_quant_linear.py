@@ -150,6 +150,23 @@ def test_auto_runs_the_int16_gemv_up_to_twelve_rows(bits):
     assert torch.equal(g32(x), g32.forward_mode(x, 2))
 
 
+def test_int16_gemv_handles_tiny_and_zero_inputs():
+    """A zero chunk and inputs so small that 1 / step would overflow (they take the fp32-x gemv)
+    still give the exact products, never a saturated code."""
+    _ext_or_skip()
+    qw = make_qweight(20, 576, 4, 64, sym=False)
+    layer = QuantLinear.from_quantized(qw, None)
+    x = torch.randn(3, 576)
+    x[0, :64] = 0.0
+    x[1] *= 1e-35
+    x[2] = 0.0
+    ref = reference(qw, x, None)
+    y = layer.forward_mode(x, 1)
+    assert (y[0].double() - ref[0]).abs().max() <= 1e-4 * ref[0].abs().max()
+    assert torch.equal(y[1], layer.forward_mode(x[1:2], 4)[0])  # the fp32-x gemv, bit for bit
+    assert torch.equal(y[2], torch.zeros(20))
+
+
 def test_groups_of_32_use_the_fp32_x_gemv():
     """Two 32-weight groups share each 64-weight chunk's int16 lanes, so they keep fp32 x: the
     default M = 1 path is then the fp32-x gemv, bit for bit."""

@@ -275,15 +275,16 @@ void gemv(const Layer& L, const float* x, float* y) {
 }
 
 // ---------------------------------------------------------------------------------------
-// M = 1, integer dot products: x is rounded to int16 with one step per 64-weight chunk, so
+// Small M, integer dot products: x is rounded to int16 with one step per 64-weight chunk, so
 // q . x_chunk is an exact integer sum and vpmaddwd does 16 multiply-adds per uop where the float
 // path spends a cvt and an FMA per 8. Per 64 weights and row: 3 shifts + 3 ands + 4 vpmaddwd +
 // 4 adds (4-bit; 4 sign extensions instead for 8-bit), then one cvt + FMA by the chunk's step.
 //
-// Accuracy: the rounding moves each x by at most step/2 = max|x_chunk| / 65534, so a dot product
-// moves by ~1e-5 of |q| |x| (fp16 activations, the usual W4A16, round each x to 5e-4 of itself).
-// Outlier channels only coarsen the step of their own 64-wide chunk. Non-finite x goes to the
-// float path, so NaN/Inf still propagate.
+// Accuracy: the rounding moves each x by at most step/2 = max|x_chunk| / 65534 and the result is
+// exactly W x_rounded, so an output moves by at most sum_k |w_k| step_k / 2, ~1e-5 relative (fp16
+// activations, the usual W4A16, round each x to 5e-4 of itself). Outlier channels only coarsen the
+// step of their own 64-wide chunk. Non-finite x, and x so small that 1 / step would overflow, go
+// to the float path, so NaN/Inf still propagate.
 //
 // Lane order: vpmaddwd adds adjacent int16 products, so x16 is laid out as the weights unpack.
 // 4-bit: bits 4i'..4i'+3 of 16-bit lane 2j + h of a chunk's 32 bytes are nibble 4h + i' of word j,
@@ -311,7 +312,7 @@ bool prepare_x16(const float* x, int64_t k8, int64_t chunks, int16_t* xi, float*
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float m = _mm_cvtss_f32(m4);
-    if (!std::isfinite(m)) return false;
+    if (!std::isfinite(m) || (m > 0 && m < 1e-30f)) return false;
     const float step = m > 0 ? m / kX16Max : 1.0f;
     sx[c] = step;
     const __m256 inv = _mm256_set1_ps(1.0f / step);
