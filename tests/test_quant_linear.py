@@ -1,8 +1,8 @@
 """QuantLinear / QuantEmbedding: exactness against the dequantized reference, every code path.
 
 The reference is float64 `x @ qw.dequantize().T + bias`; the kernels must match it to ~1e-4
-relative (they reorder fp32 sums; the default M = 1 gemv also rounds x to int16 per 64 weights,
-which is checked against its own worst-case bound). Every kernel path (M = 1 gemv with int16 or
+relative (they reorder fp32 sums; the default gemv, up to 12 rows, also rounds x to int16 per 64
+weights, which is checked against its own worst-case bound). Every kernel path (gemv with int16 or
 fp32 x, blocked small/large M, tiled sgemm) and the pure-torch fallback are checked, since which
 one runs depends on M and on whether the C++ extension could be built.
 """
@@ -75,20 +75,6 @@ def test_matches_dequantized_reference(backend, bits, group, sym, m):
     assert_matches(layer(x), reference(qw, x, bias))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("mode", [1, 2, 3, 4])
-@pytest.mark.parametrize("m", [1, 2, 5, 7, 64, 70])
-def test_every_kernel_path(bits, mode, m):
-    """Forced kernels agree with the reference, including tails of every register tile."""
-    kernels.reset()
-    if not kernels.available():
-        pytest.skip("C++ extension unavailable")
-    qw = make_qweight(41, 576, bits, 64, sym=False, seed=m)
-    layer = QuantLinear.from_quantized(qw, torch.randn(41))
-    x = torch.randn(m, 576)
-    assert_matches(layer.forward_mode(x, mode), reference(qw, x, layer.bias))
-
-
 def _ext_or_skip() -> None:
     kernels.reset()
     if not kernels.available():
@@ -96,9 +82,21 @@ def _ext_or_skip() -> None:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mode", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 5, 7, 64, 70])
+def test_every_kernel_path(bits, mode, m):
+    """Forced kernels agree with the reference, including tails of every register tile."""
+    _ext_or_skip()
+    qw = make_qweight(41, 576, bits, 64, sym=False, seed=m)
+    layer = QuantLinear.from_quantized(qw, torch.randn(41))
+    x = torch.randn(m, 576)
+    assert_matches(layer.forward_mode(x, mode), reference(qw, x, layer.bias))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k,group", [(576, 64), (512, 128), (576, None), (200, None)])
 def test_int16_gemv_stays_within_its_rounding_bound(bits, group, k):
-    """The M = 1 default rounds x to int16 with one step per 64 weights (step = max|x_chunk| / 32767)
+    """The default gemv rounds x to int16 with one step per 64 weights (step = max|x_chunk| / 32767)
     and computes W x_rounded, so each output may move by at most sum_k |w_k| step_k / 2, no further;
     an outlier channel coarsens only its own chunk. A lane-order mistake would miss by ~|y|."""
     _ext_or_skip()
@@ -183,9 +181,7 @@ def test_groups_of_32_use_the_fp32_x_gemv():
 def test_sgemm_path_with_several_tiles_on_two_threads(bits, m, inference):
     """The sgemm path splits W into tiles shared out to threads; worker threads must write the
     output under the caller's inference mode (the engine runs in torch.inference_mode)."""
-    kernels.reset()
-    if not kernels.available():
-        pytest.skip("C++ extension unavailable")
+    _ext_or_skip()
     qw = make_qweight(1000, 576, bits, 64, sym=False, seed=m)  # 1000 rows: 4 even tiles of 256 (last 232)
     layer = QuantLinear.from_quantized(qw, torch.randn(1000))
     x = torch.randn(m, 576)

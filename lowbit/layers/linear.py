@@ -13,11 +13,11 @@ value per byte. No fp32 copy of W is ever kept; the pure-torch path dequantizes 
 of rows at a time.
 
 Precision: activations stay fp32 between layers. Inside the gemv kernel (decode, 1-12 rows, W
-streamed once per 4 rows) x is rounded to int16 with one step per 64 inputs (max |x| of those 64 / 32767) so
-the products are exact integer multiply-adds (vpmaddwd); the result is exactly W x_rounded, off
-by at most sum |w| step / 2 (~1e-5 relative, tighter than the fp16 activations of GPU W4A16
-kernels) and 1.4-1.5x faster. `forward_mode(x, 4)` runs the fp32-x gemv; groups of 32 and
-non-finite x always use it (groups of 32 only at M = 1).
+streamed once per 4 rows) x is rounded to int16 with one step per 64 inputs (max |x| of those 64
+/ 32767) so the products are exact integer multiply-adds (vpmaddwd); the result is exactly
+W x_rounded, off by at most sum |w| step / 2 (~1e-5 relative, tighter than the fp16 activations
+of GPU W4A16 kernels) and 1.4-1.5x faster. `forward_mode(x, 4)` runs the fp32-x gemv; groups of
+32 and non-finite x always use it (groups of 32 only at M = 1).
 """
 from __future__ import annotations
 

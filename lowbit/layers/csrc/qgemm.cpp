@@ -86,6 +86,24 @@ inline __m256 byte8(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
 
+// Both gemv kernels prefetch the row block this many blocks ahead (rows are contiguous, so that
+// is one sequential stream): one block is ~0.1 us of work, shorter than a DRAM round trip.
+constexpr int kPrefetchBlocks = 4;
+
+// The scales/offsets of the R-row block kPrefetchBlocks ahead of row n0.
+inline void prefetch_group_params(const Layer& L, int64_t n0, int R) {
+  const int64_t ahead = n0 + kPrefetchBlocks * R;
+  for (int64_t o = 0; o < R * L.ng; o += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(L.s + ahead * L.ng + o), _MM_HINT_T0);
+    if (L.off_row) _mm_prefetch(reinterpret_cast<const char*>(L.off + ahead * L.off_row + o), _MM_HINT_T0);
+  }
+}
+
+// The packed bytes of that block, given the block's first row (the loops add the chunk offset).
+inline const char* prefetch_rows_base(const Layer& L, const uint8_t* row0, int R) {
+  return reinterpret_cast<const char*>(row0 + kPrefetchBlocks * R * L.row_bytes);
+}
+
 // ---------------------------------------------------------------------------------------
 // M = 1: R rows at a time share every activation load. xs8[g] holds 8 partial sums of x
 // over group g (their total is sum(x_g)), so the zero-point term costs one multiply per
@@ -116,12 +134,7 @@ struct Gemv {
       zr[r] = L.off + (n0 + r) * L.off_row;
       tot[r] = _mm256_setzero_ps();
     }
-    // The block kPrefetchBlocks ahead also needs its scales/offsets (rows are contiguous).
-    const int64_t ahead = kPrefetchBlocks * R;
-    for (int64_t o = 0; o < R * L.ng; o += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(sr[0] + ahead * L.ng + o), _MM_HINT_T0);
-      if (L.off_row) _mm_prefetch(reinterpret_cast<const char*>(zr[0] + ahead * L.off_row + o), _MM_HINT_T0);
-    }
+    prefetch_group_params(L, n0, R);
     start_group();
   }
 
@@ -154,16 +167,9 @@ struct Gemv {
     end_piece();
   }
 
-  // Software prefetch of the row block kPrefetchBlocks ahead (rows are contiguous, so that is
-  // one sequential stream): one block is ~0.1 us of work, shorter than a DRAM round trip.
-  static constexpr int kPrefetchBlocks = 4;
-  inline const char* prefetch_base() const {
-    return reinterpret_cast<const char*>(wr[0] + kPrefetchBlocks * R * L.row_bytes);
-  }
-
   void run4() {
     const int64_t full = L.np / 8;
-    const char* pf = prefetch_base();
+    const char* pf = prefetch_rows_base(L, wr[0], R);
     __m256i v[R];
     for (int64_t c = 0; c < full; ++c) {
       for (int o = 0; o < R * 32; o += 64) _mm_prefetch(pf + c * R * 32 + o, _MM_HINT_T0);
@@ -192,7 +198,7 @@ struct Gemv {
   }
 
   void run8() {
-    const char* pf = prefetch_base();
+    const char* pf = prefetch_rows_base(L, wr[0], R);
     for (int64_t p = 0; p < L.np; ++p) {
       if ((p & 7) == 0)
         for (int o = 0; o < R * 64; o += 64) _mm_prefetch(pf + p * R * 8 + o, _MM_HINT_T0);
@@ -265,12 +271,7 @@ void gemv(const Layer& L, const float* x, float* y) {
     xk = xscaled.data();
   }
   over_row_blocks<R>(L, [&](int64_t n0, int64_t rows) {
-    switch (rows) {
-      case 4: gemv_rows<BITS, 4>(L, xk, xs8.data(), n0, y); break;
-      case 3: gemv_rows<BITS, 3>(L, xk, xs8.data(), n0, y); break;
-      case 2: gemv_rows<BITS, 2>(L, xk, xs8.data(), n0, y); break;
-      default: gemv_rows<BITS, 1>(L, xk, xs8.data(), n0, y); break;
-    }
+    with_rows<R>(rows, [&](auto r) { gemv_rows<BITS, decltype(r)::value>(L, xk, xs8.data(), n0, y); });
   });
 }
 
@@ -340,6 +341,11 @@ bool prepare_x16(const float* x, int64_t k8, int64_t chunks, int16_t* xi, float*
   return true;
 }
 
+// 64-weight chunks per row, and chunks per quantization group (groups are whole chunks on the
+// Gemv16 path, or one group spans the row).
+inline int64_t chunks_of(const Layer& L) { return (8 * L.np + 63) / 64; }
+inline int64_t chunks_per_group(const Layer& L) { return L.ng == 1 ? chunks_of(L) : L.gp / 8; }
+
 // X16: one activation row prepared for Gemv16 (int16 codes in lane order, per-chunk steps, and
 // the per-group sums of the rounded x for the zero point's term).
 struct X16 {
@@ -350,14 +356,14 @@ struct X16 {
 // False if x is not finite (the caller then runs the fp32-x gemv for that row).
 template <int BITS>
 bool prepare_row16(const Layer& L, const float* x, X16& o) {
-  const int64_t chunks = (8 * L.np + 63) / 64;
+  const int64_t chunks = chunks_of(L);
   o.xi.resize(64 * chunks);
   o.sx.resize(chunks);
   if (!prepare_x16<BITS>(x, 8 * L.np, chunks, o.xi.data(), o.sx.data())) return false;
   // The zero point's term takes the sums of the *rounded* x, so the result is exactly W x_rounded:
   // its error is sum_k |w_k| step_k / 2, not the larger |q_k| (codes are not centred).
   o.xs8.assign(8 * L.ng, 0.0f);
-  const int64_t cpg = L.ng == 1 ? chunks : L.gp / 8;
+  const int64_t cpg = chunks_per_group(L);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t c = 0; c < chunks; ++c) {
     __m256i t = _mm256_setzero_si256();
@@ -387,14 +393,8 @@ struct Gemv16 {
       zr[r] = L.off + (n0 + r) * L.off_row;
       for (int m = 0; m < MR; ++m) tot[r][m] = _mm256_setzero_ps();
     }
-    const int64_t ahead = kPrefetchBlocks * R;
-    for (int64_t o = 0; o < R * L.ng; o += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(sr[0] + ahead * L.ng + o), _MM_HINT_T0);
-      if (L.off_row) _mm_prefetch(reinterpret_cast<const char*>(zr[0] + ahead * L.off_row + o), _MM_HINT_T0);
-    }
+    prefetch_group_params(L, n0, R);
   }
-
-  static constexpr int kPrefetchBlocks = 4;
 
   inline void start_group(int64_t g) {
     for (int m = 0; m < MR; ++m) {
@@ -462,10 +462,8 @@ struct Gemv16 {
 
   void run() {
     constexpr int64_t chunk_bytes = BITS == 4 ? 32 : 64;
-    const int64_t chunks = (8 * L.np + 63) / 64;
-    // chunks per quantization group (groups are whole chunks here, or one group per row)
-    const int64_t cpg = L.ng == 1 ? chunks : L.gp / 8;
-    const char* pf = reinterpret_cast<const char*>(wr[0] + kPrefetchBlocks * R * L.row_bytes);
+    const int64_t chunks = chunks_of(L), cpg = chunks_per_group(L);
+    const char* pf = prefetch_rows_base(L, wr[0], R);
     int64_t g = 0, left = cpg;
     start_group(0);
     for (int64_t c = 0; c < chunks; ++c) {
@@ -495,9 +493,21 @@ struct Gemv16 {
 template <int BITS>
 void gemv16_batch(const Layer& L, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
   constexpr int kRowsPerPass = 4;  // activation rows per sweep over W (accumulators fill the registers)
-  std::vector<X16> prepared(M);
-  std::vector<const X16*> xr;
-  std::vector<float*> yr;
+  // Reused across calls (a decode token runs ~120 linears): buffers keep their capacity. Bound to
+  // local references, so the worker threads below read the calling thread's copies (a lambda
+  // naming a thread_local directly would get the worker's own, empty one).
+  struct Scratch {
+    std::vector<X16> prepared;
+    std::vector<const X16*> xr;
+    std::vector<float*> yr;
+  };
+  thread_local Scratch scratch;
+  auto& prepared = scratch.prepared;
+  auto& xr = scratch.xr;
+  auto& yr = scratch.yr;
+  if (static_cast<int64_t>(prepared.size()) < M) prepared.resize(M);
+  xr.clear();
+  yr.clear();
   for (int64_t m = 0; m < M; ++m) {
     if (prepare_row16<BITS>(L, x + m * ldx, prepared[m])) {
       xr.push_back(&prepared[m]);
