@@ -47,7 +47,8 @@ from lowbit.bench.offline import run_latency  # noqa: E402
 from lowbit.engine.args import EngineArgs  # noqa: E402
 from lowbit.engine.llm_engine import LLMEngine  # noqa: E402
 from lowbit.engine.sampling_params import SamplingParams  # noqa: E402
-from lowbit.layers import kernels, ops  # noqa: E402
+from lowbit import kernels  # noqa: E402
+from lowbit.layers import ops  # noqa: E402
 from lowbit.layers import paged_attention as pa  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit.layers import kernels  # noqa: E402
+from lowbit import kernels  # noqa: E402
 from lowbit.layers.linear import QuantLinear, quantize_embedding  # noqa: E402
 from lowbit.quant.qweight import QuantizedWeight  # noqa: E402
 

@@ -7,8 +7,9 @@ import os
 import sys
 
 from .errors import LowbitError
+from .kernels.errors import KernelConfigError
 
-COMMANDS = ("generate", "quantize", "eval", "serve", "chat", "bench")
+COMMANDS = ("generate", "quantize", "eval", "serve", "chat", "bench", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except LowbitError as e:
+    except (LowbitError, KernelConfigError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

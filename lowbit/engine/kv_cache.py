@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
-from ..layers import kernels
+from .. import kernels
 
 KV_DTYPES = ("fp32", "int8", "int4")
 _QMAX = {"int8": 255.0, "int4": 15.0}

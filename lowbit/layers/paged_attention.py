@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..engine import kv_cache
 from ..engine.kv_cache import KVCachePool
-from . import kernels, ops
+from .. import kernels
+from . import ops
 
 
 @dataclass

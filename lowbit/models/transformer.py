@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import kernels, ops
+from .. import kernels
+from ..layers import ops
 from ..layers.attention import AttentionContext, causal_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
