@@ -19,7 +19,6 @@ class EngineArgs:
     quantize_lm_head: bool = False  # int8 embedding/LM head
     session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
     max_sessions: int = 256
-    num_threads: int | None = None  # torch threads; None -> all cores
     seed: int = 0
 
     def __post_init__(self) -> None:
