@@ -102,7 +102,8 @@ def main() -> int:
     from safetensors.torch import save_file
 
     from lowbit.eval.perplexity import perplexity, read_eval_text, tokenize_stream
-    from lowbit.models.loader import load_model, load_tokenizer, resolve_model_dir
+    from lowbit.models.loader import load_tokenizer, resolve_model_dir
+    from lowbit.quant.loader import load_model
     from lowbit.quant.calibration import build_calibration
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

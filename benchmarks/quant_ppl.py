@@ -44,7 +44,9 @@ class Row:
 
 def main() -> int:
     from lowbit.eval.perplexity import perplexity, read_eval_text, tokenize_stream
-    from lowbit.models.loader import load_model, resolve_model_dir
+    from lowbit.models.loader import resolve_model_dir
+    from lowbit.quant.heap import pin_mmap_threshold
+    from lowbit.quant.loader import load_model
     from lowbit.quant.pipeline import quantize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,6 +59,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    pin_mmap_threshold()  # as `lowbit quantize` does: this script owns its process
     work = Path(a.workdir)
     text = read_eval_text(a.dataset)
     model_dir = resolve_model_dir(a.model)

@@ -13,7 +13,8 @@ import torch
 from conftest import make_tiny_model
 from lowbit.errors import LowbitError, QuantizationError
 from lowbit.layers.rotary import RotaryEmbedding
-from lowbit.models.loader import load_model, read_hf_config
+from lowbit.models.loader import read_hf_config
+from lowbit.quant.loader import load_model
 from lowbit.models.registry import resolve_config
 from lowbit.quant import awq as A
 from lowbit.quant.pipeline import LazyCheckpoint, build_layer, quantize

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lowbit import kernels
+from lowbit.engine import executor
 from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec
+from lowbit.engine.paged_attention import SeqSlice, build_paged_context
 from lowbit.layers import ops
-from lowbit.layers.paged_attention import SeqSlice, build_paged_context
-from lowbit.layers.rotary import RotaryEmbedding
-from lowbit.models.config import RopeConfig
-from lowbit.models.loader import load_model
+from lowbit.layers.rotary import RopeConfig, RotaryEmbedding
+from lowbit.quant.loader import load_model
 
 from conftest import make_tiny_model, use_kernels
 
@@ -253,7 +253,7 @@ def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
-def test_lean_decode_loop_equals_the_module_path(tmp_path, isa, kv_dtype):
+def test_lean_decode_loop_equals_the_module_path(tmp_path, monkeypatch, isa, kv_dtype):
     """Pure decode steps skip nn.Module dispatch; the result must be bit-identical to the module
     path (forced here by a no-op hook, which the lean loop must notice)."""
     if kv_dtype == "int4" and not getattr(KVCacheSpec(1, 1, 16, 8, "int4"), "channel_keys", False):
@@ -263,8 +263,8 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, isa, kv_dtype):
     model.fuse_projections()
     cfg = model.config
     calls = []
-    real_lean = model._forward_lean
-    model._forward_lean = lambda *a: calls.append(1) or real_lean(*a)
+    real_lean = executor.forward_lean
+    monkeypatch.setattr(executor, "forward_lean", lambda *a: calls.append(1) or real_lean(*a))
 
     def run(hooked: bool) -> list[torch.Tensor]:
         handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None) if hooked else None
@@ -275,14 +275,14 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, isa, kv_dtype):
         with torch.inference_mode():
             ctx = build_paged_context(pool, [SeqSlice(tables[0], 0, 9), SeqSlice(tables[1], 0, 14)])
             assert not ctx.lean  # a prefill step
-            model(torch.cat(prompts), ctx.positions, ctx)
+            executor.execute(model, torch.cat(prompts), ctx.positions, ctx)
             lens = [9, 14]
             for step in range(4):
                 items = [SeqSlice(t, n, 1) for t, n in zip(tables, lens)]
                 ctx = build_paged_context(pool, items)
                 assert ctx.lean
                 ids = torch.tensor([(17 * step + i) % 256 for i in range(2)])
-                outs.append(model(ids, ctx.positions, ctx))
+                outs.append(executor.execute(model, ids, ctx.positions, ctx))
                 lens = [n + 1 for n in lens]
         if handle is not None:
             handle.remove()
@@ -300,13 +300,13 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, isa, kv_dtype):
 def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch, isa):
     """The decode path probes each quantized pool scheme once: if the pool's own dequantization
     disagrees with what the kernel assumes, the torch path is used instead of misreading it."""
-    from lowbit.engine import kv_cache
-    from lowbit.layers import paged_attention as pa
+    from lowbit.engine import paged_attention as pa
+    from lowbit.layers import kv_quant
 
     monkeypatch.setattr(pa, "_LAYOUT_OK", {})
     assert pa._probe_layout("int8")
-    real = kv_cache.dequantize
-    monkeypatch.setattr(kv_cache, "dequantize", lambda q, sz, dtype: real(q, sz, dtype) * 1.5)  # "a new scheme"
+    real = kv_quant.dequantize
+    monkeypatch.setattr(kv_quant, "dequantize", lambda q, sz, dtype: real(q, sz, dtype) * 1.5)  # "a new scheme"
     assert not pa._probe_layout("int8")
     pool = KVCachePool(KVCacheSpec(1, 2, 32, 4, "int8"), 4)
     assert not pa._kernel_reads(pool)
@@ -317,9 +317,9 @@ def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch, isa):
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 @pytest.mark.parametrize("D", [64, 12])
 def test_quantized_pool_write_is_bit_identical_to_the_torch_scheme(ext, kv_dtype, D):
-    """quantize_to_pool (the pool's fast write) stores exactly kv_cache.quantize's codes and
+    """quantize_to_pool (the pool's fast write) stores exactly kv_quant.quantize's codes and
     (scale, zero), for strided rows, magnitudes from 1e-6 to 1e3 and a constant row."""
-    from lowbit.engine.kv_cache import quantize
+    from lowbit.layers.kv_quant import quantize
 
     N, H = 37, 3
     x = torch.randn(N, H + 4, D, generator=gen(5))[:, 2 : 2 + H]  # strided view, like k/v of a fused qkv

@@ -16,7 +16,7 @@ import torch
 from lowbit import kernels
 from lowbit.errors import QuantizationError
 from lowbit.layers.linear import QuantEmbedding, QuantLinear, quantize_embedding
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 RTOL = 1e-4
 

@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..quant.awq import AwqConfig
+    from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
     cfg = AwqConfig(
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         search_samples=None if args.search_samples == 0 else args.search_samples,
         search_tokens=None if args.search_tokens == 0 else args.search_tokens,
     )
+    pin_mmap_threshold()  # process-wide and permanent: this command owns the process (quant/heap.py)
     report = quantize(
         args.model, args.method, args.w_bit, args.group_size, args.sym, args.calib, args.calib_samples,
         args.calib_seqlen, args.fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,

@@ -27,7 +27,7 @@ from torch import nn
 
 from lowbit.errors import QuantizationError
 from lowbit import kernels
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 #: From this many activation rows on (prefill chunks, wide decode batches) the kernel dequantizes
 #: W tile by tile into fp32 scratch and hands it to the BLAS sgemm instead of running its own

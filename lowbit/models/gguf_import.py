@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..layers.rotary import RopeConfig, base_inv_frequencies, scaled_inv_frequencies
 
 GGUF_MAGIC = b"GGUF"
 
@@ -307,11 +308,11 @@ def convert_tensors(reader, hp: HyperParams) -> tuple[dict[str, np.ndarray], np.
 
 
 def _llama3_factors(dim: int, theta: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
-    """The per-frequency divisors Llama 3.1 rope scaling implies (llama.cpp stores them as rope_freqs)."""
-    inv_freq = theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
-    wavelen = 2 * math.pi / inv_freq
-    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
-    return 1.0 / ((1.0 - smooth) / factor + smooth)
+    """The per-frequency divisors Llama 3.1 rope scaling implies (llama.cpp stores them as rope_freqs):
+    the unscaled frequencies over the scaled ones, as the decoder's rotary computes both."""
+    rope = RopeConfig(theta=float(theta), type="llama3", factor=float(factor), low_freq_factor=float(low),
+                      high_freq_factor=float(high), original_max_position_embeddings=int(orig))
+    return (base_inv_frequencies(dim, theta) / scaled_inv_frequencies(dim, rope)).numpy()
 
 
 def llama3_scaling_from_freqs(freqs: np.ndarray, hp: HyperParams, orig: int) -> dict[str, Any]:
@@ -325,7 +326,7 @@ def llama3_scaling_from_freqs(freqs: np.ndarray, hp: HyperParams, orig: int) -> 
     factor = float(freqs.max())
     if freqs.size != hp.head_dim // 2 or factor <= 1.0 or abs(freqs.min() - 1.0) > 1e-4:
         raise ModelLoadError("rope_freqs.weight does not look like Llama-3 rope scaling factors")
-    inv_freq = hp.rope_theta ** -(np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim)
+    inv_freq = base_inv_frequencies(hp.head_dim, hp.rope_theta).numpy()
     x = inv_freq / (2 * math.pi)  # 1 / wavelength
     tol = 1e-4 * factor
     mid = (np.abs(freqs - 1.0) > tol) & (np.abs(freqs - factor) > tol)

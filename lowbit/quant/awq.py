@@ -43,7 +43,7 @@ from torch import nn
 
 from ..layers.rotary import RotaryEmbedding
 from ..models.transformer import DecoderLayer
-from .qweight import QuantizedWeight
+from ..layers.qweight import QuantizedWeight
 from .rtn import QuantSpec, linear_names, load_dequantized_, rtn_quantize_layer
 
 FP16_SAFE = 6.0e4  # store a chunk in float16 only if all its values are below this in magnitude

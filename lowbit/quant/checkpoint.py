@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from lowbit.errors import LowbitError, ModelLoadError, QuantizationError
 from lowbit.quant.formats import awq_gemm
 from lowbit.quant.formats import compressed_tensors as ct
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 FORMATS = ("awq", "compressed-tensors")
 MAX_SHARD_BYTES = 2 * 1024**3

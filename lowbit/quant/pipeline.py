@@ -6,6 +6,9 @@ quantized results are ever in memory. Weights are read per layer from the safete
 calibration tokens' embedding rows are read in blocks, and finished layers are spilled to a
 scratch folder until the checkpoint writer packs them. A model larger than RAM can therefore be
 quantized; the checkpoint writer itself still holds the packed output (see the report).
+Freed memory is handed back after each layer (malloc_trim); keeping big tensors out of the heap
+in the first place needs glibc's mmap threshold pinned, a process-wide setting that cannot be
+undone, so the entry point that owns the process does it (`lowbit quantize`; see quant/heap.py).
 """
 from __future__ import annotations
 
@@ -27,11 +30,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..errors import LowbitError, ModelLoadError, QuantizationError
-from ..layers.rotary import RotaryEmbedding
 from ..models.config import ModelConfig
 from ..models.loader import load_tokenizer, read_hf_config, resolve_model_dir
 from ..models.registry import resolve_config
-from ..models.transformer import DecoderLayer
+from ..models.transformer import DecoderLayer, rotary_for
 from ..models.weights import safetensors_files
 from .awq import ActivationStore, AwqConfig, LayerResult, awq_quantize_layer, propagate
 from .calibration import (
@@ -41,8 +43,8 @@ from .calibration import (
     build_calibration,
     calibration_from_ids,
 )
-from .heap import pin_mmap_threshold, release_freed_memory
-from .qweight import QuantizedWeight
+from .heap import release_freed_memory
+from ..layers.qweight import QuantizedWeight
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
 
 METHODS = ("awq", "rtn")
@@ -422,8 +424,7 @@ def _quantize_layers(
 ) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
     """Quantize layer after layer into `spill`; returns AWQ's per-layer results and the
     non-quantized layer tensors AWQ changed (folded norms and biases)."""
-    rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
-    pin_mmap_threshold()
+    rotary = rotary_for(cfg)
     store: ActivationStore | None = None
     if calib is not None:
         store = ActivationStore()

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.background import BackgroundTask
 
-from ..engine.outputs import CompletionOutput, Logprob, RequestOutput
+from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..errors import LowbitError
+from ..logprobs import Logprob
 from .completions import (
     SSE_DONE,
     collect,

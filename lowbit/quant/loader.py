@@ -1,19 +1,31 @@
-"""Build a CausalLM from a quantized checkpoint (AutoAWQ GEMM or compressed-tensors).
+"""Load any model the toolkit supports: fp checkpoints, and quantized ones (AutoAWQ GEMM or
+compressed-tensors) whose linears become QuantLinear modules.
 
-Quantized linears become QuantLinear modules whose kernels repack the weights at load; q/k/v and
-gate/up are fused here, at the QuantizedWeight level, so each layer runs two low-bit matmuls fewer.
+Why here and not in models/: a quantized checkpoint needs the quant formats, which sit above the
+models, so the loader that knows every kind of checkpoint sits at this level; models/loader.py
+keeps what needs no quantization (resolving a model name, reading config and tokenizer, building
+an fp model).
+
+Quantized linears' kernels repack the weights at load; q/k/v and gate/up are fused here, at the
+QuantizedWeight level, so each layer runs two low-bit matmuls fewer.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelLoadError
-from ..quant.qweight import QuantizedWeight
-from .config import ModelConfig
-from .loader_utils import replace_module
-from .transformer import CausalLM
+from ..layers.linear import QuantLinear
+from ..layers.qweight import QuantizedWeight
+from ..models.config import ModelConfig
+from ..models.loader import LoadedModel, build_fp_model, load_tokenizer, read_hf_config, resolve_model_dir
+from ..models.loader_utils import replace_module
+from ..models.registry import resolve_config
+from ..models.transformer import CausalLM
+from ..models.weights import iter_tensors
+from .checkpoint import load_quantized
 
 FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -35,15 +47,11 @@ def _bias(fp: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
 
 
 def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
-    from ..layers.linear import QuantLinear
-    from ..quant.checkpoint import load_quantized
-
     ckpt = load_quantized(model_dir)
     fp = dict(ckpt.fp_tensors)
     quantized = dict(ckpt.quantized)
     with torch.device("meta"):
         model = CausalLM(cfg)
-    model.rotary = type(model.rotary)(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
 
     for i in range(cfg.num_layers):
         prefix = f"model.layers.{i}."
@@ -74,3 +82,18 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     model.tie_weights()
     model.requires_grad_(False)
     return model.eval()
+
+
+def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True) -> LoadedModel:
+    """A model directory, .gguf file, hub id or the default alias -> a loaded CausalLM (quantized
+    when its config.json has a quantization_config), with its tokenizer unless told otherwise."""
+    model_dir = resolve_model_dir(spec)
+    hf = read_hf_config(model_dir)
+    cfg = resolve_config(hf)
+    qcfg = hf.get("quantization_config")
+    if qcfg:
+        model = build_quantized_model(cfg, model_dir)
+    else:
+        model = build_fp_model(cfg, iter_tensors(model_dir))
+    tok = load_tokenizer(model_dir) if with_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tok, config=cfg, path=model_dir, quantization=qcfg)
