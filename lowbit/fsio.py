@@ -21,6 +21,16 @@ from pathlib import Path
 from .errors import LowbitError
 
 
+def check_target(target: Path, replace: bool, *, error: type[LowbitError] = LowbitError,
+                 hint: str = "pass force to replace it") -> None:
+    """Refuse up front, before any work, what publishing would refuse at the end: an existing
+    target without `replace`, or a target that is not a folder."""
+    if target.exists() and not replace:
+        raise error(f"output folder {target} already exists; {hint}")
+    if target.exists() and not target.is_dir():
+        raise error(f"output path {target} exists and is not a folder")
+
+
 @contextmanager
 def publish_dir(
     target: str | os.PathLike,
@@ -37,6 +47,8 @@ def publish_dir(
     exception, inside the block or while publishing, the staging folder is removed.
     """
     target = Path(target).absolute()
+    if keep is None or not (target.exists() and keep(target)):
+        check_target(target, replace, error=error)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(target, "tmp")
     staging.mkdir()

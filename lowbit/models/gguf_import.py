@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
-from ..fsio import publish_dir
+from ..fsio import check_target, publish_dir
 from .registry import ArchSpec, gguf_architectures
 
 GGUF_MAGIC = b"GGUF"
@@ -433,8 +433,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, force: boo
     or complete. An existing `out_dir` is replaced only with force=True.
     """
     gguf_path, out_dir = Path(gguf_path).expanduser().resolve(), Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not force:
-        raise ModelLoadError(f"output directory {out_dir} already exists (pass force=True to replace it)")
+    check_target(out_dir, force, error=ModelLoadError, hint="pass force=True to replace it")
     with publish_dir(out_dir, replace=force, error=ModelLoadError) as staging:
         build_hf_dir(gguf_path, staging)
     return out_dir

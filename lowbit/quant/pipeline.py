@@ -1,10 +1,10 @@
 """quantize(): model in, quantized checkpoint out, one decoder layer at a time.
 
 Why layer by layer: only one layer's fp32 weights, the calibration activations and the
-quantized results are ever in memory. Weights are read per layer through the lazy safetensors reader
-(models.weights: each file opened only while its tensors are read, so its pages leave the process again), the
-calibration tokens' embedding rows are read in blocks, and finished layers are spilled to a
-scratch folder until the checkpoint writer packs them. A model larger than RAM can therefore be
+quantized results are ever in memory. Weights are read per layer through the lazy safetensors
+reader (models.weights: each file is opened only while its tensors are read, so its pages leave
+the process again), the calibration tokens' embedding rows are read in blocks, and finished
+layers are spilled to a scratch folder until the checkpoint writer packs them. A model larger than RAM can therefore be
 quantized; the checkpoint writer itself still holds the packed output (see the report).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..errors import LowbitError, ModelLoadError, QuantizationError
+from ..fsio import check_target
 from ..layers.rotary import RotaryEmbedding
 from ..models.config import ModelConfig
 from ..models.loader import load_tokenizer, read_hf_config, resolve_model_dir
@@ -284,10 +285,7 @@ def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str) -> N
 
 
 def check_out_dir(out_dir: Path, model_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise LowbitError(f"output folder {out_dir} already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LowbitError(f"output path {out_dir} exists and is not a folder")
+    check_target(out_dir, force, hint="pass --force to replace it")
     if out_dir.resolve() == model_dir.resolve():
         raise LowbitError(f"output folder {out_dir} is the source model's folder; choose another one")
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ...errors import LowbitError, QuantizationError
-from ...fsio import publish_dir
+from ...fsio import check_target, publish_dir
 from ...models.weights import INDEX_FILE
 from ..formats import awq_gemm
 from ..formats import compressed_tensors as ct
@@ -81,7 +81,7 @@ def save_quantized(
     Returns out_dir.
     """
     out_dir = Path(out_dir).absolute()
-    _check_destination(out_dir, force)
+    check_target(out_dir, force)
     bits, group_size, sym = _uniform_params(quantized, fmt)
     _check_names(fp_tensors, quantized)
     skipped = _not_converted(fp_tensors, quantized) if modules_to_not_convert is None else list(modules_to_not_convert)
@@ -128,13 +128,6 @@ def _fp_dtype(fmt: str, hf_config: dict) -> torch.dtype | None:
     if fmt == "awq":
         return torch.float16
     return _DTYPE_NAMES.get(_config_dtype(hf_config) or "")
-
-
-def _check_destination(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise LowbitError(f"output folder {out_dir} already exists; pass force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LowbitError(f"output path {out_dir} exists and is not a folder")
 
 
 def _uniform_params(quantized: dict[str, QuantizedWeight], fmt: str) -> tuple[int, int, bool]:
