@@ -19,7 +19,7 @@ def _group_size(text: str) -> int | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..quant.awq import AwqConfig
+    from ..quant.awq_config import AwqConfig
     from ..quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
     d = AwqConfig()
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quant.awq import AwqConfig
+    from ..quant.awq_config import AwqConfig
     from ..quant.pipeline import quantize
 
     cfg = AwqConfig(

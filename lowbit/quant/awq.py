@@ -40,15 +40,13 @@ import torch
 from ..errors import QuantizationError
 from ..layers.rotary import RotaryEmbedding
 from ..models.transformer import DecoderLayer
-from .activations import ActivationStore, chunk_sequences, propagate, run_layer
+from .activations import ActivationStore, chunk_sequences, run_layer
 from .awq_clip import clamp_groups, clip_layer
 from .awq_config import AwqConfig, LayerCapture, LayerResult, finite, scale_groups
 from .awq_scale import SqErr, apply_scales, search_scales
 from .capture import ActivationCapture, ChannelAbsMean, SequenceSample, TokenSample, sample_tokens
 from .qweight import QuantizedWeight
 from .rtn import QuantSpec, linear_names, load_dequantized_, rtn_quantize_layer
-
-__all__ = ["ActivationStore", "AwqConfig", "LayerResult", "awq_quantize_layer", "capture", "propagate"]
 
 HEAVY_MAX_SHARE = 64  # at most 1/64 of the calibration tokens count as heavy (per criterion)
 CAPTURED = ("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
