@@ -94,7 +94,7 @@ def run_quantize(model: str, out: str, samples: int, seqlen: int, search: int, t
     """The measured child: AWQ W4 g128 into the AWQ format."""
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(int(os.environ.get("LOWBIT_THREADS", "2")))
-    from lowbit.quant.awq import AwqConfig
+    from lowbit.quant.awq_config import AwqConfig
     from lowbit.quant.heap import pin_mmap_threshold
     from lowbit.quant.pipeline import quantize
 

@@ -217,7 +217,7 @@ def test_env_command_reports_every_choice(capsys, monkeypatch):
 def test_dispatcher_ops_equal_the_direct_bindings(isa):
     """torch.ops.lowbit_<isa>.* run the same C++ functions as the hot path's direct bindings."""
     from lowbit.layers.linear import QuantLinear
-    from lowbit.quant.qweight import QuantizedWeight
+    from lowbit.layers.qweight import QuantizedWeight
 
     ns = getattr(torch.ops, f"lowbit_{isa}")
     ext = kernels.OPS.get()

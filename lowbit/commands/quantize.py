@@ -19,7 +19,7 @@ def _group_size(text: str) -> int | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..quant.awq import AwqConfig
+    from ..quant.awq_config import AwqConfig
     from ..quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
     d = AwqConfig()
@@ -41,10 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-tokens", type=int, default=d.search_tokens,
                    help="tokens sampled from all calibration data for the per-token (MLP, o/down_proj) searches "
                         "(default %(default)s; 0 = all)")
-    p.add_argument("--duo-scaling", choices=["on", "off", "both"], default=None,
-                   help="scale grid: on = activations and weights (AutoAWQ), off = activations only (llm-awq), "
-                        "both = search both grids (llm-compressor's 'both'); default on")
-    p.add_argument("--no-duo-scaling", action="store_true", help="same as --duo-scaling off")
+    p.add_argument("--duo-scaling", choices=["on", "off"], default="on",
+                   help="scale grid: on = activations and weights (AutoAWQ, default), off = activations only "
+                        "(llm-awq, as published)")
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--absolute-loss", action="store_true",
                    help="score the searches on absolute output error, as published (default: error relative "
@@ -59,12 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quant.awq import AwqConfig
+    from ..quant.awq_config import AwqConfig
     from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
     cfg = AwqConfig(
-        duo_scaling=_duo(args),
+        duo_scaling=args.duo_scaling == "on",
         clip=not args.no_clip,
         relative_loss=not args.absolute_loss,
         search_samples=None if args.search_samples == 0 else args.search_samples,
@@ -85,11 +84,3 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     return 0
 
-
-def _duo(args) -> bool | str:
-    if args.no_duo_scaling and args.duo_scaling not in (None, "off"):
-        from ..errors import QuantizationError
-
-        raise QuantizationError("--no-duo-scaling contradicts --duo-scaling " + args.duo_scaling)
-    choice = "off" if args.no_duo_scaling else (args.duo_scaling or "on")
-    return {"on": True, "off": False, "both": "both"}[choice]
