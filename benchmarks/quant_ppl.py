@@ -130,8 +130,12 @@ def main() -> int:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--workdir", default=str(ROOT / "out" / "quant_ppl"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="rtn,awq", help="rtn,awq (default) or one of them (smoke runs)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args()
+    methods = a.methods.split(",")
+    if not methods or set(methods) - {"rtn", "awq"}:
+        raise SystemExit(f"--methods: rtn, awq or rtn,awq, not {a.methods!r}")
     torch.set_num_threads(a.threads)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -150,7 +154,7 @@ def main() -> int:
     fp, fp_s = ppl_of(model_dir)
     rows.append(Row("-", "fp", fp, None, None, fp_s))
     for cfg in configs:
-        for method in ("rtn", "awq"):
+        for method in methods:
             out = work / f"{Path(model_dir).name}-{method}-{cfg.name}"
             if (out / "config.json").exists():
                 q_s, rss = recorded_run(out)
