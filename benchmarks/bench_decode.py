@@ -41,7 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers.prompts import decode_prompt  # noqa: E402
+from benchmarks.models import resolve as resolve_named  # noqa: E402
+from benchmarks.peers.prompts import decode_prompt, prompt_vocab_size  # noqa: E402
 from lowbit.bench.ceilings import read_bandwidth  # noqa: E402
 from lowbit.bench.offline import run_latency  # noqa: E402
 from lowbit.engine.args import EngineArgs  # noqa: E402
@@ -211,8 +212,11 @@ def breakdown(engine: LLMEngine, prompt: list[int], steps: int, batch: int, cloc
 
 # ----------------------------------------------------------------------------- main
 def bench_model(label: str, model: str | None, args, bandwidth: float) -> list[dict]:
+    from lowbit.models.loader import resolve_model_dir
+
     rows = []
-    prompt = decode_prompt(49152)
+    model = resolve_named(model)
+    prompt = decode_prompt(prompt_vocab_size(resolve_model_dir(model)))  # 49152 on the default model, as before
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -256,7 +260,7 @@ def bench_model(label: str, model: str | None, args, bandwidth: float) -> list[d
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fp", default=None, help="fp32 model (default: the built-in default model)")
+    ap.add_argument("--fp", default=None, help="fp32 model (default: the built-in default model; or a benchmarks/models.py name)")
     ap.add_argument("--w4", default=None, help="W4A16 checkpoint of the same model")
     ap.add_argument("--skip-fp", action="store_true")
     ap.add_argument("--threads", default="1,2")
