@@ -40,7 +40,10 @@ def interpreting() -> bool:
 
 
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a None entry in sys.modules: import blocked
+        return False
 
 
 def available() -> bool:
