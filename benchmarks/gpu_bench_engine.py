@@ -34,8 +34,8 @@ def _save_tokenizer(out: Path, vocab: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(out)
 
 
-def make_fp_model(out: Path, shape: dict, dtype: torch.dtype, std: float = 0.02):
-    """A random Llama of `shape` built on the GPU, saved as safetensors; returns the HF model."""
+def make_fp_model(out: Path, shape: dict, dtype: torch.dtype, std: float = 0.02, device: str = "cuda"):
+    """A random Llama of `shape` built on `device`, saved as safetensors; returns the HF model."""
     import transformers as tf
 
     cfg = tf.LlamaConfig(initializer_range=std, bos_token_id=1, eos_token_id=2, **shape)
@@ -43,7 +43,7 @@ def make_fp_model(out: Path, shape: dict, dtype: torch.dtype, std: float = 0.02)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = tf.LlamaForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(prev)
@@ -77,9 +77,9 @@ def make_w4_checkpoint(fp_model, src: Path, out: Path) -> None:
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = awq_gemm.quantization_config(4, 128, True, ["lm_head"])
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in src.glob("tokenizer*"):
-        (out / f.name).write_bytes(f.read_bytes())
-    (out / "special_tokens_map.json").write_bytes((src / "special_tokens_map.json").read_bytes())
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            (out / f.name).write_bytes(f.read_bytes())
 
 
 def engine_tok_s(model_dir: Path, prompts: list[list[int]], out_len: int, **engine_args) -> tuple[float, list]:

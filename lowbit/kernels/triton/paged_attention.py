@@ -44,9 +44,7 @@ def _paged_decode_kernel(
     h = tl.program_id(1)
     sp = tl.program_id(2)
     L = tl.load(lens_ptr + b)
-    start = 0
-    if window > 0:
-        start = tl.maximum(L - window, 0)
+    start = tl.where(window > 0, tl.maximum(L - window, 0), 0)  # first key kept (sliding window)
     first = start // BS
     last = (L + BS - 1) // BS
     if SPLITS > 1:

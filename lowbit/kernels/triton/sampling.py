@@ -22,28 +22,32 @@ _BIG = 2**31 - 1
 
 @triton.jit
 def _pick_kernel(x_ptr, seed_ptr, out_ptr, V, s_x, BLOCK: tl.constexpr, RACE: tl.constexpr):
+    """Per lane: the best value so far and its index (strictly greater wins, so a lane keeps its
+    earliest maximum) and the first NaN; the lanes are reduced once at the end."""
     row = tl.program_id(0)
-    best = tl.full((), float("-inf"), dtype=tl.float32)
-    best_i = tl.full((), 0, dtype=tl.int32)
-    nan_i = tl.full((), _BIG, dtype=tl.int32)
+    lane = tl.arange(0, BLOCK)
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    best_i = lane * 0
+    nan_i = lane * 0 + _BIG
     if RACE:
         seed = tl.load(seed_ptr + row)
     for v0 in range(0, V, BLOCK):
-        idx = v0 + tl.arange(0, BLOCK)
+        idx = v0 + lane
         m = idx < V
         x = tl.load(x_ptr + row * s_x + idx, mask=m, other=float("-inf")).to(tl.float32)
         if RACE:  # p / q with q ~ Exp(1); u = 0 gives q = inf: that token cannot win
             u = tl.rand(seed, idx)
             x = x / (-tl.log(u))
-        isn = x != x
-        nan_i = tl.minimum(nan_i, tl.min(tl.where(isn & m, idx, _BIG), axis=0))
-        x = tl.where(isn | (~m), float("-inf"), x)
-        cmax = tl.max(x, axis=0)
-        ci = tl.min(tl.where((x == cmax) & m, idx, _BIG), axis=0)
-        upd = cmax > best  # strictly greater: an earlier chunk keeps its tie
-        best_i = tl.where(upd, ci, best_i)
-        best = tl.where(upd, cmax, best)
-    tl.store(out_ptr + row, tl.where(nan_i < _BIG, nan_i, best_i).to(tl.int64))
+        isn = (x != x) & m
+        nan_i = tl.where(isn & (nan_i == _BIG), idx, nan_i)
+        x = tl.where(isn, float("-inf"), x)
+        upd = x > best
+        best_i = tl.where(upd, idx, best_i)
+        best = tl.where(upd, x, best)
+    top = tl.max(best, axis=0)
+    first = tl.min(tl.where(best == top, best_i, _BIG), axis=0)  # an all -inf row: lane 0's index 0
+    first_nan = tl.min(nan_i, axis=0)
+    tl.store(out_ptr + row, tl.where(first_nan < _BIG, first_nan, first).to(tl.int64))
 
 
 def _pick(x: torch.Tensor, seeds: torch.Tensor | None) -> torch.Tensor:
