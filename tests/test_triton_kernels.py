@@ -1,5 +1,6 @@
 """The triton kernels against torch references (lowbit/kernels/triton/ref.py) and lowbit's own CPU
-ops (the KV pool's write and gather, RMSNorm, rotary), on small shapes.
+references (the KV pool's write and gather, lowbit/kernels/ref.py's RMSNorm, SiLU-and-mul, rotary),
+on small shapes.
 
 Without CUDA the kernels run on CPU tensors through triton's interpreter: TRITON_INTERPRET=1 is
 set only while this module imports (reloads) the kernel modules, since triton reads it when
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -58,7 +58,7 @@ def _interpret_while_testing():
 def _torch_path_cpu_pool(monkeypatch):
     """The CPU pool writes through its torch path here (the C++ one computes the same codes and
     has its own tests), so these tests never wait for the extension's build."""
-    from lowbit.layers import kernels
+    from lowbit import kernels
 
     monkeypatch.setattr(kernels.OPS, "get", lambda: None)
 
@@ -89,9 +89,9 @@ qg, pa, kw, ew, sm = _load_kernels()
 
 from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec  # noqa: E402
 from lowbit.kernels.triton import layouts, ref  # noqa: E402
-from lowbit.layers import ops  # noqa: E402
+from lowbit.kernels import ref as cpu_ref  # noqa: E402
 from lowbit.quant.formats import awq_gemm  # noqa: E402
-from lowbit.quant.qweight import QuantizedWeight  # noqa: E402
+from lowbit.layers.qweight import QuantizedWeight  # noqa: E402
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -333,17 +333,16 @@ def test_triton_norms_and_silu_match_the_cpu_ops(dtype):
     close = dict(rtol=_RTOL[dtype], atol=1e-5)
     got = ew.rms_norm(x.to(DEV), w.to(DEV), 1e-6).cpu()
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), ops.rms_norm_ref(x, w, 1e-6).float(), **close)
+    torch.testing.assert_close(got.float(), cpu_ref.rms_norm(x, w, 1e-6).float(), **close)
     r_dev = r.to(DEV, copy=True)  # updated in place: never the CPU original
     got = ew.fused_add_rms_norm(x.to(DEV), r_dev, w.to(DEV), 1e-6).cpu()
     r_want = r + x
     _close_or_bf16_step(r_dev.cpu(), r_want, exact=dtype != torch.bfloat16 or CUDA)
-    torch.testing.assert_close(got.float(), ops.rms_norm_ref(r_want, w, 1e-6).float(), **close)
+    torch.testing.assert_close(got.float(), cpu_ref.rms_norm(r_want, w, 1e-6).float(), **close)
     gu = torch.randn(3, 2, 40, generator=g).to(dtype)
-    gate, up = gu.chunk(2, dim=-1)
     got = ew.silu_and_mul(gu.to(DEV)).cpu()
     assert got.shape == (3, 2, 20)
-    torch.testing.assert_close(got.float(), (F.silu(gate) * up).float(), **close)
+    torch.testing.assert_close(got.float(), cpu_ref.silu_and_mul(gu).float(), **close)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -355,8 +354,8 @@ def test_triton_rotary_matches_rotate_ref(dtype):
     qd, kd = q.to(DEV, copy=True), k.to(DEV, copy=True)  # rotated in place
     ew.rotary_(qd, kd, pos.to(DEV), cos_sin.to(DEV))
     exact = dtype != torch.bfloat16 or CUDA
-    _close_or_bf16_step(qd.cpu(), ops.rotate_ref(q, cos, sin), exact)
-    _close_or_bf16_step(kd.cpu(), ops.rotate_ref(k, cos, sin), exact)
+    _close_or_bf16_step(qd.cpu(), cpu_ref.rotate(q, cos, sin), exact)
+    _close_or_bf16_step(kd.cpu(), cpu_ref.rotate(k, cos, sin), exact)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -410,7 +409,7 @@ def test_triton_gpu_bf16_casts_round_like_torch():
     q, k = torch.randn(8, 4, 64, device="cuda").bfloat16(), torch.randn(8, 2, 64, device="cuda").bfloat16()
     pos, cs = torch.arange(8, device="cuda"), torch.randn(16, 64, device="cuda")
     cos, sin = cs[pos].unsqueeze(-2).chunk(2, dim=-1)
-    want_q = ops.rotate_ref(q, cos, sin)
+    want_q = cpu_ref.rotate(q, cos, sin)
     ew.rotary_(q, k, pos, cs)
     assert torch.equal(q, want_q)
 

@@ -1,11 +1,11 @@
 """Fused row ops for the GPU decode path: RMSNorm (with the residual add), SiLU-and-mul, rotary.
 
-Each computes what lowbit's CPU reference computes (lowbit/layers/ops.py), in the same order
+Each computes what lowbit's CPU reference computes (lowbit/kernels/ref.py), in the same order
 and precision: RMSNorm normalises in fp32, casts to the activation dtype, then scales by the
 weight (HF order); the residual add rounds to the residual's dtype first; SiLU rounds to the
 activation dtype before the multiply (as F.silu(gate) * up does); rotary is the non-interleaved
 ("neox", rotate-half) form in fp32 with multiply and add kept separate (no FMA), so it matches
-the CPU rotate_ref bit for bit. One program per row (token): these ops are bandwidth-bound and a
+the CPU reference's rotate bit for bit. One program per row (token): these ops are bandwidth-bound and a
 row of a 4096-wide model is one tile.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The KV write that quantizes on store, into the CPU pool's layout (lowbit/engine/kv_cache.py).
+"""The KV write that quantizes on store, into the CPU pool's layout (lowbit/engine/kv_cache.py; the
+schemes are defined in lowbit/layers/kv_quant.py).
 
 * float pool (fp32/fp16/bf16): a cast and a store per token.
 * int8, and int4 V: per token and head, scale = (max - min) / qmax (>= 1e-8), zero = min,

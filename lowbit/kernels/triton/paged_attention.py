@@ -1,7 +1,8 @@
 """Paged decode attention: one new query token per sequence over its cached keys and values,
 read in place through the block table, GQA, fp16/bf16/fp32 or int8/int4 KV.
 
-The pool layout and quantization are the CPU pool's (lowbit/engine/kv_cache.py), so one pool
+The pool layout and quantization are the CPU pool's (lowbit/engine/kv_cache.py, schemes in
+lowbit/layers/kv_quant.py), so one pool
 format serves both devices: K/V [num_blocks, block_size, Hkv, D] floats, or uint8 codes with
 value = code * scale + zero; int8: per token and head, sz fp32 [blocks, bs, Hkv, 2] = (scale,
 zero); int4: codes [.., D/2], element j in the low nibble of byte j and j + D/2 in the high one;

@@ -1,9 +1,10 @@
 """Pure-torch references for the triton kernels (the tests' ground truth), written for clarity.
 
 The elementwise ops (RMSNorm, SiLU-and-mul, rotary) and the KV pool's quantizing write already
-have CPU references in lowbit (lowbit/layers/ops.py, lowbit/engine/kv_cache.py); the tests use
-those, so the triton kernels are held to the CPU engine's own math. What lowbit has no torch
-form of in the GPU layouts lives here.
+have CPU references in lowbit (lowbit/kernels/ref.py; lowbit/engine/kv_cache.py over
+lowbit/layers/kv_quant.py); the tests use those, so the triton kernels are held to the CPU
+engine's own math. What lowbit has no torch form of in the GPU layouts lives here. (This package
+imports nothing from lowbit outside lowbit/kernels, so these are written out, not imported.)
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def quant_matmul_ref(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | Non
 
 
 def dequantize_blocks(codes: torch.Tensor, sz: torch.Tensor | None, kv_dtype: str, channel: bool = False) -> torch.Tensor:
-    """Pool blocks [M, bs, H, D or D/2] -> fp32 [M, bs, H, D] (kv_cache.py's schemes).
+    """Pool blocks [M, bs, H, D or D/2] -> fp32 [M, bs, H, D] (lowbit/layers/kv_quant.py's schemes).
 
     Per token (int8, int4 V): sz [M, bs, H, 2] = (scale, zero). Per channel (int4 K): sz
     [M, 2, H, D] fp16. int4 keeps element j in the low nibble of byte j, j + D/2 in the high one.
