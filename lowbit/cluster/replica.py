@@ -152,6 +152,13 @@ class EngineReplica:
         self.incarnation = f"{self.node}:{self.pid}:{time.time():.6f}"
         self.generating = 0
 
+    async def warmup(self) -> None:
+        """One 1-token request before the replica takes traffic: the first engine step loads (and
+        may have to compile) the C++ kernels, which the first user request should not pay for."""
+        params = SamplingParams(max_tokens=1, temperature=0)
+        async for _ in self.engine.generate([0, 0], params, f"warmup-{self.incarnation}"):
+            pass
+
     def info(self) -> ReplicaInfo:
         e = self.engine
         return ReplicaInfo(e.tokenizer, e.model_config, int(e.max_model_len), int(e.args.block_size), e.args)

@@ -56,6 +56,7 @@ class _Member:
     index: int
     actor: Any
     watch: Any = None  # the pending watch call
+    warming: Any = None  # the warm-up call; the replica takes no requests before it ends
     poll: Any = None  # the pending report call
     poll_sent: float = 0.0
 
@@ -112,6 +113,7 @@ class ReplicaPool:
                                   max_concurrency=4096).remote(args, cores)
         member = _Member(name, index, actor)
         member.watch = actor.watch.remote()
+        member.warming = actor.warmup.remote()
         with self._lock:
             self._members[name] = member
         self.router.add(name)
@@ -119,9 +121,13 @@ class ReplicaPool:
 
     def _wait_ready(self, names: list[str]) -> ReplicaInfo:
         ray = self._ray
-        actors = [self._members[n].actor for n in names]
+        members = [self._members[n] for n in names]
+        actors = [m.actor for m in members]
         sent = time.monotonic()
         try:
+            ray.get([m.warming for m in members], timeout=self.config.start_timeout)
+            for m in members:
+                m.warming = None
             reports = ray.get([a.report.remote() for a in actors], timeout=self.config.start_timeout)
             info = ray.get(actors[0].info.remote(), timeout=self.config.start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -215,7 +221,8 @@ class ReplicaPool:
         for m in members:
             if m.poll is None:
                 m.poll, m.poll_sent = m.actor.report.remote(), now
-        pending = [m.poll for m in members] + [m.watch for m in members]
+        pending = [m.poll for m in members] + [m.watch for m in members] + \
+            [m.warming for m in members if m.warming is not None]
         if not pending:
             self._stop.wait(self.config.poll_interval)
             return
@@ -226,6 +233,14 @@ class ReplicaPool:
                 log.warning("replica %s died; Ray restarts it (up to max_restarts)", m.name)
                 self.router.lost(m.name)
                 m.watch = m.actor.watch.remote()
+            if m.warming is not None:
+                if m.warming not in ready_set:
+                    continue  # still loading: not routable yet
+                try:
+                    ray.get(m.warming)
+                except ray.exceptions.RayError as e:
+                    log.warning("replica %s failed to warm up: %s", m.name, _cause(e))
+                m.warming = None
             if m.poll in ready_set:
                 ref, sent, m.poll = m.poll, m.poll_sent, None
                 try:
