@@ -73,7 +73,7 @@ class ClusterEngine:
 
     @classmethod
     def start(cls, engine_args: Any, config: ClusterConfig, router: Router | None = None) -> "ClusterEngine":
-        router = router or Router(load_factor=config.load_factor)
+        router = router or Router(load_factor=config.load_factor, policy=config.routing)
         pool = ReplicaPool(engine_args, config, router)
         return cls(pool, pool.start())
 

@@ -58,4 +58,5 @@ def config_from_args(args: Any) -> ClusterConfig:
         pin_cores=args.pin_cores,
         max_restarts=args.max_restarts,
         prefix_blocks=args.route_prefix_blocks,
+        routing=args.routing,
     )

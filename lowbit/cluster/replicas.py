@@ -35,6 +35,7 @@ class ClusterConfig:
     pin_cores: bool = False  # sched_setaffinity each replica to its own cores (one machine)
     max_restarts: int = 5  # per replica; -1: forever
     load_factor: float = 1.25  # prefix affinity yields once the owner is this far above the mean load
+    routing: str = "affinity"  # or "random" (a baseline for benchmarks)
     prefix_blocks: int = 1  # prompt blocks hashed for prefix affinity
     poll_interval: float = 0.5  # seconds between load reports
     poll_timeout: float = 30.0  # a replica silent this long is taken out of routing

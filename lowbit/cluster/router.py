@@ -42,6 +42,8 @@ from ..errors import LowbitError
 SESSION = "session"
 PREFIX = "prefix"
 LOAD = "load"
+RANDOM = "random"
+POLICIES = ("affinity", "random")  # random: a uniform pick per request, the baseline for benchmarks
 
 
 class NoReplicaError(LowbitError):
@@ -99,9 +101,12 @@ class Router:
     replica's share of prefixes even; `max_sessions` bounds the session table (LRU)."""
 
     def __init__(self, *, load_factor: float = 1.25, vnodes: int = 64, max_sessions: int = 65536,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, policy: str = "affinity") -> None:
         if load_factor < 1.0:
             raise LowbitError(f"load_factor must be >= 1, got {load_factor}")
+        if policy not in POLICIES:
+            raise LowbitError(f"routing policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
         self.load_factor = load_factor
         self.vnodes = vnodes
         self.max_sessions = max_sessions
@@ -173,6 +178,8 @@ class Router:
             if not live:
                 raise NoReplicaError("no replica is available right now (starting, restarting or draining); "
                                      "retry shortly")
+            if self.policy == RANDOM:
+                return self._count(self.rng.choice(live), RANDOM, None)
             rebuilt_from = None
             if session_id is not None:
                 entry = self._sessions.get(session_id)

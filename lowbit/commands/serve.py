@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-restarts", type=int, default=5, help="Ray restarts of a dead replica (-1: forever)")
     c.add_argument("--route-prefix-blocks", type=int, default=1,
                    help="prompt KV blocks hashed for prefix-affinity routing (default %(default)s)")
+    c.add_argument("--routing", choices=["affinity", "random"], default="affinity",
+                   help="session, then prefix, then load (default); random is a baseline for benchmarks")
     p.set_defaults(func=run)
 
 
