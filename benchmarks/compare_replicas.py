@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import statistics
@@ -49,7 +50,9 @@ def server(flags: list[str], log_dir: Path, tag: str, timeout: float) -> Iterato
     cmd = [sys.executable, "-m", "lowbit.cli", "serve", "--port", str(port), "--served-model-name", "m"] + flags
     print(f"== {tag}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     log = open(log_dir / f"{tag}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    # PYTHONPATH: Ray's worker processes import this checkout of lowbit too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env)
     try:
         wait_http_ready(f"http://127.0.0.1:{port}/v1/models", proc, timeout=timeout, poll_s=2)
         yield f"http://127.0.0.1:{port}"

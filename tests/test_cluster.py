@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import make_tiny_model
 from lowbit.cluster.engine import RouteNote, current_note
@@ -246,8 +247,8 @@ class Cluster:
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
-    def post(self, path: str, body: Any, **kw: Any) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, headers=self.headers, timeout=120, **kw)
+    def post(self, path: str, body: Any, timeout: float = 120) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=self.headers, timeout=timeout)
 
     def status(self) -> dict[str, dict]:
         rows = httpx.get(self.url + "/cluster/replicas", headers=self.headers, timeout=30).json()["replicas"]
@@ -279,8 +280,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     from lowbit.serve.app import serve_in_background
 
     d = tmp_path_factory.mktemp("tiny-cluster-model")
-    make_tiny_model("llama", d, vocab_size=258, bos_token_id=256, eos_token_id=257,
-                    max_position_embeddings=TINY_CONTEXT)
+    model = make_tiny_model("llama", d, vocab_size=258, bos_token_id=256, eos_token_id=257,
+                            max_position_embeddings=TINY_CONTEXT)
+    with torch.no_grad():  # greedy replies in printable ASCII: they re-tokenize to the same ids, so a
+        model.lm_head.weight[128:] = 0  # session's history always matches (random bytes may not round-trip)
+        model.lm_head.weight[:32] = 0
+    model.save_pretrained(d, safe_serialization=True)
     tok = save_tiny_tokenizer(d)
     # the replicas' worker processes must import this checkout of lowbit, as the test process does
     old = os.environ.get("PYTHONPATH")
@@ -471,7 +476,7 @@ def test_kill_a_replica_mid_stream(cluster: Cluster):
     # Ray restarts the victim: a new process that takes requests again
     st = cluster.wait(lambda st: st[victim]["alive"] and st[victim].get("pid") not in (None, pid), 180,
                       "the killed replica to come back")
-    assert st[victim]["epoch"] > 0
+    assert 1 <= st[victim]["epoch"] <= 3  # one death seen (by the stream and the watch), one restart
     assert httpx.delete(cluster.url + "/v1/sessions/doomed", headers=cluster.headers).status_code == 200
     st = cluster.wait(lambda st: idle_and_leak_free(st) and all(r["session_blocks"] == 0 for r in st.values()),
                       60, "no request or session left")
@@ -503,7 +508,7 @@ def test_scale_down_drains_before_stopping(cluster: Cluster):
         th = threading.Thread(target=lambda: scaled.update(
             r=cluster.post("/cluster/scale", {"replicas": len(names) - 1}, timeout=300)))
         th.start()
-        cluster.wait(lambda st: st[gone]["draining"], 30, "the replica to start draining")
+        cluster.wait(lambda st: gone not in st or st[gone]["draining"], 30, "the replica to start draining")
         events = sse_events_from(lines)
     th.join(timeout=300)
     assert '"finish_reason":"length"' in "".join(events) and not any('"error"' in e for e in events)

@@ -58,6 +58,7 @@ class _Member:
     actor: Any
     watch: Any = None  # the pending watch call
     warming: Any = None  # the warm-up call; the replica takes no requests before it ends
+    down: str | None = None  # the incarnation that died, until a new one answers
     poll: Any = None  # the pending report call
     poll_sent: float = 0.0
 
@@ -231,8 +232,10 @@ class ReplicaPool:
         ready_set = set(ready)
         for m in members:
             if m.watch in ready_set:  # the watch never returns by itself: the process died
-                log.warning("replica %s died; Ray restarts it (up to max_restarts)", m.name)
-                self.router.lost(m.name)
+                if m.down is None:  # calls fail at once while Ray restarts it: report one death once
+                    m.down = self._reports[m.name].incarnation if m.name in self._reports else "?"
+                    log.warning("replica %s died; Ray restarts it (up to max_restarts)", m.name)
+                    self.router.lost(m.name)
                 m.watch = m.actor.watch.remote()
             if m.warming is not None:
                 if m.warming not in ready_set:
@@ -245,9 +248,12 @@ class ReplicaPool:
             if m.poll in ready_set:
                 ref, sent, m.poll = m.poll, m.poll_sent, None
                 try:
-                    self._record(m.name, ray.get(ref), sent)
+                    rep = ray.get(ref)
                 except ray.exceptions.RayError:
-                    self.router.lost(m.name)
+                    continue  # died: the watch says so
+                if m.down is not None and rep.incarnation != m.down:
+                    m.down = None
+                self._record(m.name, rep, sent)
             elif time.monotonic() - m.poll_sent > self.config.poll_timeout:
                 self.router.observe(m.name, None)  # silent: no new requests until it answers
 
