@@ -196,7 +196,7 @@ def cluster_status(cluster: ClusterEngine) -> dict:
             row.update(pid=rep.pid, node=rep.node, threads=rep.threads, cores=rep.cores,
                        num_running=s.num_running, num_waiting=s.num_waiting, num_free_blocks=s.num_free_blocks,
                        num_total_blocks=s.num_total_blocks, session_blocks=rep.session_blocks,
-                       num_sessions=s.num_sessions,
+                       num_sessions=s.num_sessions, generating=rep.generating,
                        prefix_cache_hit_rate=s.prefix_cache_hits / s.prefix_cache_queries
                        if s.prefix_cache_queries else 0.0)
         rows.append(row)

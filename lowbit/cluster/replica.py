@@ -19,7 +19,7 @@ import asyncio
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ..engine.args import EngineArgs
@@ -130,7 +130,6 @@ class ReplicaReport:
     stats: EngineStats
     session_blocks: int  # KV blocks referenced by idle sessions (in use, yet no request runs)
     generating: int  # generate calls in progress in this actor
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 # ---- the actor ----------------------------------------------------------------------------------
