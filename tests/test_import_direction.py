@@ -36,7 +36,7 @@ LAYERS: dict[str, int] = {
     "lowbit": 9,  # lowbit/__init__.py: the public API, on top of everything
 }
 #: Dependency-free modules every layer may use.
-LEAVES = {"lowbit.errors", "lowbit.logprobs"}
+LEAVES = {"lowbit.errors", "lowbit.logprobs", "lowbit.fsio"}
 
 MAX_PY_LINES = 500
 MAX_CPP_LINES = 600
