@@ -213,3 +213,16 @@ def test_child_run_measures_its_own_peak_rss():
     assert big.peak_rss_bytes > 300 * 2**20 > small.peak_rss_bytes  # per child, not the max over children
     bad = run_child([sys.executable, "-c", "import sys; print('partial'); sys.exit('Error: it broke')"])
     assert bad.returncode == 1 and bad.last_line() == "Error: it broke"
+    assert run_child(["/no/such/program"]).returncode == 127
+
+
+def test_child_peak_rss_is_not_the_parents():
+    """Linux starts an exec'd program's ru_maxrss at its parent's size: a child started straight from a
+    big benchmark process would report the benchmark's memory. The launcher must keep it out."""
+    from benchmarks.childproc import run_child
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # resident in this process
+    small = run_child([sys.executable, "-c", "print('small')"])
+    assert small.returncode == 0 and small.peak_rss_bytes < 200 * 2**20, small.peak_rss_bytes
+    del ballast
