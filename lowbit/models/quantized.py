@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..quant.formats.actorder import fold_into_previous
 from ..quant.qweight import QuantizedWeight
 from .config import ModelConfig
 from .loader_utils import replace_module
@@ -34,6 +35,20 @@ def _bias(fp: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
     return None if b is None else b.float()
 
 
+def _same_perm(perms: list[torch.Tensor | None]) -> bool:
+    """Fused parts must read their input in one order (q/k/v of act-order GPTQ share H, so do)."""
+    return all(p is None for p in perms) or (
+        all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms[1:]))
+
+
+def _permuted(module, perm: torch.Tensor | None):
+    if perm is None:
+        return module
+    from ..layers.permuted import InputPermuted
+
+    return InputPermuted(module, perm)
+
+
 def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     from ..layers.linear import QuantLinear
     from ..quant.checkpoint import load_quantized
@@ -41,6 +56,8 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     ckpt = load_quantized(model_dir)
     fp = dict(ckpt.fp_tensors)
     quantized = dict(ckpt.quantized)
+    # act-order checkpoints: down_proj's permutation folds into gate/up rows, the rest gather x
+    perms = fold_into_previous(quantized, fp, ckpt.input_perms) if ckpt.input_perms else {}
     with torch.device("meta"):
         model = CausalLM(cfg)
     model.rotary = type(model.rotary)(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
@@ -49,18 +66,18 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
         prefix = f"model.layers.{i}."
         for fused, parts in FUSED.items():
             names = [prefix + fused.split(".")[0] + "." + p for p in parts]
-            if all(n in quantized for n in names):
+            if all(n in quantized for n in names) and _same_perm([perms.get(n) for n in names]):
                 merged = concat_quantized([quantized[n] for n in names])
                 if merged is not None:
                     biases = [_bias(fp, n) for n in names]
                     bias = torch.cat(biases) if all(b is not None for b in biases) else None
                     for n in names:
                         del quantized[n]
-                    replace_module(model, prefix + fused, QuantLinear.from_quantized(merged, bias))
+                    replace_module(model, prefix + fused, _permuted(QuantLinear.from_quantized(merged, bias), perms.get(names[0])))
                     for n in names:
                         replace_module(model, n, None)
     for name, qw in quantized.items():
-        replace_module(model, name, QuantLinear.from_quantized(qw, _bias(fp, name)))
+        replace_module(model, name, _permuted(QuantLinear.from_quantized(qw, _bias(fp, name)), perms.get(name)))
 
     state = {k: v.float() for k, v in fp.items()}
     expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}

@@ -165,6 +165,10 @@ def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | Non
     if kind is _QuantLinear:
         handle = m._handle or m._bind()
         return handle.forward if handle is not False else None
+    direct = getattr(m, "direct", None)  # a wrapper (layers/permuted.py): its inner module's call
+    if direct is not None:
+        inner = _direct(m._modules.get("inner"))
+        return direct(inner) if inner is not None else None
     return None
 
 

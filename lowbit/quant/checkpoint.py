@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError, ModelLoadError, QuantizationError
-from lowbit.quant.formats import awq_gemm
+from lowbit.quant.formats import actorder, awq_gemm
 from lowbit.quant.formats import compressed_tensors as ct
 from lowbit.quant.qweight import QuantizedWeight
 
@@ -74,6 +74,9 @@ class QuantizedCheckpoint:
     quantized: dict[str, QuantizedWeight]
     modules_to_not_convert: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    # act-order weights (formats/actorder.py): module -> input-channel permutation; such a
+    # module's QuantizedWeight is group-contiguous in that order (column j = channel perm[j])
+    input_perms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # ============================================================================= saving
@@ -92,6 +95,8 @@ def save_quantized(
     modules_to_not_convert: list[str] | None = None,
     scale_dtype: torch.dtype | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    input_perms: dict[str, torch.Tensor] | None = None,
+    actorder_name: str | None = None,
 ) -> Path:
     """Write a checkpoint loadable by vLLM / transformers (and by load_quantized).
 
@@ -101,9 +106,14 @@ def save_quantized(
     LM head (e.g. one down_proj kept in full precision). scale_dtype: float16 for AWQ; for
     compressed-tensors the model dtype (storage_scale_dtype), unless the scales are exactly
     float16 values that the model dtype would round, in which case float16 keeps them exact.
+    input_perms: act-order weights (group-contiguous in perm order, formats/actorder.py), written
+    as compressed-tensors actorder "group" with weight_g_idx; actorder_name: the config's
+    "actorder" otherwise (GPTQ's "weight" order leaves no trace in the tensors).
     Returns out_dir.
     """
     out_dir = Path(out_dir).absolute()
+    if input_perms and fmt != "compressed-tensors":
+        raise QuantizationError("act-order (g_idx) weights can be saved in the compressed-tensors format only")
     _check_destination(out_dir, force)
     bits, group_size, sym = _uniform_params(quantized, fmt)
     _check_names(fp_tensors, quantized)
@@ -111,9 +121,12 @@ def save_quantized(
     if fmt == "awq":
         _check_awq_skips(skipped, quantized)
     scale_dtype = scale_dtype or _choose_scale_dtype(fmt, hf_config, quantized)
-    tensors = _packed_tensors(quantized, fmt, scale_dtype)
+    tensors = _packed_tensors(quantized, fmt, scale_dtype, input_perms or {})
     _add_fp_tensors(tensors, fp_tensors, _fp_dtype(fmt, hf_config))
     config = _output_config(hf_config, fmt, bits, group_size, sym, skipped, fp_tensors)
+    if fmt == "compressed-tensors" and (input_perms or actorder_name):
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = (
+            "group" if input_perms else actorder_name)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -225,10 +238,13 @@ def _check_awq_skips(skipped: list[str], quantized: dict[str, QuantizedWeight]) 
 
 
 def _packed_tensors(
-    quantized: dict[str, QuantizedWeight], fmt: str, scale_dtype: torch.dtype
+    quantized: dict[str, QuantizedWeight], fmt: str, scale_dtype: torch.dtype, perms: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():
+        if name in perms:  # codes back in channel order, the group of each channel in g_idx
+            tensors[f"{name}.{actorder.G_IDX}"] = actorder.g_idx_of(perms[name], qw.group_size)
+            qw = actorder.stored_columns(qw, perms[name])
         parts = awq_gemm.pack(qw, name) if fmt == "awq" else ct.pack(qw, scale_dtype, name)
         for key, t in parts.items():
             tensors[f"{name}.{key}"] = t
@@ -389,9 +405,13 @@ def load_quantized(model_dir: str | Path) -> QuantizedCheckpoint:
             return _load_awq(qcfg, config, handles, where)
         if method == "compressed-tensors":
             return _load_ct(qcfg, config, handles, where)
+        if method == "gptq":
+            from lowbit.quant.gptq_checkpoint import load_gptq
+
+            return load_gptq(qcfg, config, lambda key: _get(handles, where, key), where)
     raise ModelLoadError(
         f"{folder}: quantization method {qcfg.get('quant_method')!r} is not supported; "
-        "expected AWQ (GEMM) or compressed-tensors (pack-quantized)"
+        "expected AWQ (GEMM), compressed-tensors (pack-quantized) or GPTQ (AutoGPTQ / GPTQModel)"
     )
 
 
@@ -433,7 +453,7 @@ def _quantization_config(folder: Path, config: dict) -> dict:
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"{name} in {folder} is not valid JSON: {e}") from e
-            data.setdefault("quant_method", "awq")
+            data.setdefault("quant_method", "gptq" if "desc_act" in data else "awq")  # AutoGPTQ's has desc_act
             return data
     raise ModelLoadError(f"{folder} is not a quantized checkpoint: config.json has no quantization_config")
 
@@ -513,7 +533,7 @@ def _load_awq(qcfg: dict, config: dict, handles, where) -> QuantizedCheckpoint:
 
 def _load_ct(qcfg: dict, config: dict, handles, where) -> QuantizedCheckpoint:
     version = qcfg.get("version")
-    quantized, consumed, first = {}, set(), None
+    quantized, consumed, first, perms = {}, set(), None, {}
     for module in _modules_with(where, ".weight_packed"):
         try:
             gname, group = ct.group_for(qcfg, module)
@@ -526,7 +546,9 @@ def _load_ct(qcfg: dict, config: dict, handles, where) -> QuantizedCheckpoint:
         keys = {k: f"{module}.{k}" for k in ct.TENSOR_NAMES if f"{module}.{k}" in where}
         parts = {k: _get(handles, where, v) for k, v in keys.items()}
         qw = _decode(lambda: ct.unpack(parts, args, version, module), where[f"{module}.weight_packed"])
-        _check_g_idx(handles, where, module, qw, consumed)
+        qw, perm = _check_g_idx(handles, where, module, qw, consumed)
+        if perm is not None:
+            perms[module] = perm
         quantized[module] = qw
         consumed.update(keys.values())
         first = first or args
@@ -540,20 +562,18 @@ def _load_ct(qcfg: dict, config: dict, handles, where) -> QuantizedCheckpoint:
         quantized=quantized,
         modules_to_not_convert=list(qcfg.get("ignore") or []),
         config=config,
+        input_perms=perms,
     )
 
 
-def _check_g_idx(handles, where, module: str, qw: QuantizedWeight, consumed: set[str]) -> None:
-    """Activation-order checkpoints map columns to groups through g_idx; only the trivial map
-    (column i in group i // G) fits QuantizedWeight."""
-    key = f"{module}.weight_g_idx"
+def _check_g_idx(handles, where, module: str, qw: QuantizedWeight, consumed: set[str]):
+    """Activation-order checkpoints map columns to groups through g_idx: regrouped here into the
+    group-contiguous layout plus an input permutation (formats/actorder.py). Returns (qw, perm)."""
+    key = f"{module}.{actorder.G_IDX}"
     if key not in where:
-        return
-    g_idx = _get(handles, where, key).to(torch.int64)
-    trivial = torch.arange(qw.in_features, dtype=torch.int64) // qw.group_size
-    if g_idx.shape != trivial.shape or not torch.equal(g_idx, trivial):
-        raise ModelLoadError(f"{module}: activation-ordered groups (g_idx) are not supported")
+        return qw, None
     consumed.add(key)
+    return _decode(lambda: actorder.regroup(qw, _get(handles, where, key), module), where[key])
 
 
 def _decode(fn, path: Path) -> QuantizedWeight:
