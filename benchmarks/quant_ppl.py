@@ -1,4 +1,4 @@
-"""FP vs RTN vs AWQ perplexity on WikiText-2 (raw test, seqlen 2048, first N windows) for the
+"""FP vs RTN vs AWQ (vs GPTQ / AWQ-GPTQ with --methods) perplexity on WikiText-2 (raw test, seqlen 2048, first N windows) for the
 default model at W4 g64, W3 g64 and W8 per-channel (all asymmetric), plus quantization times.
 
 Each quantized model is written as a real checkpoint (W4: AutoAWQ format; W3/W8:
@@ -9,7 +9,10 @@ what `lowbit eval ppl` measures. Checkpoints are kept in --workdir and reused on
   W3 g64: AWQ clearly below RTN
   W8 per-channel: within 0.5% of FP
 
-Run:  python benchmarks/quant_ppl.py [--windows 16] [--configs w4g64,w3g64,w8ch] [--workdir out/quant_ppl]
+--methods adds GPTQ and AWQ-GPTQ (default: rtn,awq); the gap each closes is printed for each.
+
+Run:  python benchmarks/quant_ppl.py [--windows 16] [--configs w4g64,w3g64,w8ch] [--methods rtn,awq,gptq,awq-gptq]
+      [--workdir out/quant_ppl]
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--workdir", default=str(ROOT / "out" / "quant_ppl"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="rtn,awq", help="comma-separated: rtn, awq, gptq, awq-gptq (rtn is always run)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.workdir)
@@ -71,7 +75,8 @@ def main() -> int:
     rows.append(Row("-", "fp", fp, None, fp_s))
     for name in a.configs.split(","):
         bits, gs, fmt = CONFIGS[name]
-        for method in ("rtn", "awq"):
+        methods = ["rtn", *[m for m in a.methods.split(",") if m and m != "rtn"]]
+        for method in methods:
             out = work / f"{Path(model_dir).name}-{method}-{name}"
             q_s = None
             if not (out / "config.json").exists():
@@ -85,12 +90,17 @@ def main() -> int:
             print(f"{name} {method}: ppl {p:.4f}", flush=True)
 
     print(f"\nWikiText-2 raw test, seqlen {a.seqlen}, first {a.windows} windows; model {model_dir}")
-    print(f"{'config':8} {'method':6} {'ppl':>9} {'vs FP':>8} {'quant s':>8} {'eval s':>7}")
+    print(f"{'config':8} {'method':8} {'ppl':>9} {'vs FP':>8} {'quant s':>8} {'eval s':>7}")
     for r in rows:
         qs = f"{r.quant_seconds:.0f}" if r.quant_seconds is not None else "-"
-        print(f"{r.config:8} {r.method:6} {r.ppl:9.4f} {100 * (r.ppl / fp - 1):+7.2f}% {qs:>8} {r.eval_seconds:7.0f}")
+        print(f"{r.config:8} {r.method:8} {r.ppl:9.4f} {100 * (r.ppl / fp - 1):+7.2f}% {qs:>8} {r.eval_seconds:7.0f}")
     by = {(r.config, r.method): r.ppl for r in rows}
     print()
+    for (config, method), p in by.items():
+        if method in ("gptq", "awq-gptq") and (config, "rtn") in by:
+            rtn = by[(config, "rtn")]
+            closed = (rtn - p) / (rtn - fp) if rtn != fp else float("nan")
+            print(f"{config}: {method.upper()} ppl {p:.4f}, closes {100 * closed:.1f}% of RTN's gap")
     if ("w4g64", "awq") in by:
         rtn, awq = by[("w4g64", "rtn")], by[("w4g64", "awq")]
         closed = (rtn - awq) / (rtn - fp) if rtn != fp else float("nan")

@@ -16,6 +16,8 @@ from .transformer import CausalLM
 from .weights import iter_tensors
 
 DEFAULT_ALIASES = ("smollm2-135m", "default")
+# quantization configs kept beside config.json by older AutoAWQ / AutoGPTQ releases
+LEGACY_QUANT_CONFIGS = ("quantize_config.json", "quant_config.json")
 
 
 @dataclass
@@ -113,11 +115,23 @@ def build_fp_model(cfg: ModelConfig, tensors) -> CausalLM:
     return model.eval()
 
 
+def _legacy_quant_config(model_dir: Path) -> dict[str, Any] | None:
+    """quantize_config.json / quant_config.json of a checkpoint whose config.json has none."""
+    for name in LEGACY_QUANT_CONFIGS:
+        path = model_dir / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{path}: unreadable quantization config ({e})") from None
+    return None
+
+
 def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True) -> LoadedModel:
     model_dir = resolve_model_dir(spec)
     hf = read_hf_config(model_dir)
     cfg = resolve_config(hf)
-    qcfg = hf.get("quantization_config")
+    qcfg = hf.get("quantization_config") or _legacy_quant_config(model_dir)
     if qcfg:
         from .quantized import build_quantized_model
 

@@ -240,6 +240,8 @@ def gptq_quantize(
     if static is not None:  # back to the original column order, the original groups' grids
         codes = unpermute_columns(codes, perm)
         scales, zeros, perm = static.scales.clone(), static.zeros.float(), None
+    elif perm is not None and n_groups == 1:  # one group: the order within it is free to undo
+        codes, perm = unpermute_columns(codes, perm), None
     qw = QuantizedWeight(
         q=codes.to(torch.uint8), scales=scales.contiguous(), zeros=zeros.to(torch.uint8).contiguous(),
         bits=spec.bits, group_size=g, sym=spec.sym,
