@@ -24,15 +24,18 @@ unscaled weights), so one run shows all four methods side by side.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import QuantizationError
 from ..layers.rotary import RotaryEmbedding
 from ..models.transformer import DecoderLayer
 from . import awq as A
 from .gptq import GptqConfig, GptqResult, HessianAccumulator, gptq_quantize
+from .method_report import errors_png
 from .qweight import QuantizedWeight
 from .rtn import QuantSpec, linear_names
 
@@ -128,6 +131,11 @@ class GptqLayerOutput:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _finite(v: float) -> float:
+    """JSON-safe error: inf/NaN recorded as -1, as the AWQ report does."""
+    return v if math.isfinite(v) else -1.0
+
+
 def load_gptq_(layer: DecoderLayer, results: dict[str, GptqResult]) -> None:
     """Each Linear's weight := its GPTQ result dequantized, in the original channel order."""
     for name, r in results.items():
@@ -152,7 +160,8 @@ def _gptq_all(layer: DecoderLayer, hc: HessianCapture, spec: QuantSpec, cfg: Gpt
 
 
 def _output(results: dict[str, GptqResult], res: GptqLayerResult, fp_next) -> GptqLayerOutput:
-    res.linears = [LinearStats(n, r.err_rtn, r.err, r.damp, r.damp_raised) for n, r in results.items()]
+    res.linears = [LinearStats(n, _finite(r.err_rtn), _finite(r.err), r.damp, r.damp_raised)  # JSON-safe
+                   for n, r in results.items()]
     perms = {n: r.perm for n, r in results.items() if r.perm is not None}
     return GptqLayerOutput({n: r.qweight for n, r in results.items()}, perms, res, fp_next)
 
@@ -271,6 +280,20 @@ def totals(layers: list[GptqLayerResult]) -> dict:
     out["layers_better_than_rtn"] = sum(1 for r in layers if r.err_method is not None and 0 <= r.err_method <= r.err_rtn)
     out["damp_raised"] = [f"{r.index}:{s.name}" for r in layers for s in r.linears if s.damp_raised]
     return out
+
+
+def check_request(cfg: GptqConfig, fmt: str) -> None:
+    """GPTQ's part of pipeline.check_request: refused before any weight is read."""
+    cfg.validate()
+    if cfg.act_order == "group" and fmt != "compressed-tensors":
+        raise QuantizationError(
+            "act order 'group' needs a g_idx, which only the compressed-tensors format stores; "
+            "use --format compressed-tensors, or --act-order weight (no g_idx, any format)"
+        )
+
+
+def report_png(layers: list[GptqLayerResult], title: str) -> bytes:
+    return errors_png([r.index for r in layers], error_series(layers), title)
 
 
 def error_series(layers: list[GptqLayerResult]) -> dict[str, list[float]]:

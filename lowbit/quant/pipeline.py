@@ -41,10 +41,9 @@ from .calibration import (
     build_calibration,
     calibration_from_ids,
 )
-from .gptq import GptqConfig
 from . import gptq_layer
+from .gptq import GptqConfig
 from .gptq_layer import GPTQ_METHODS
-from .method_report import errors_png
 from .heap import pin_mmap_threshold, release_freed_memory
 from .qweight import QuantizedWeight
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
@@ -315,13 +314,8 @@ def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str, gptq
         raise QuantizationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if fmt not in FORMATS:
         raise QuantizationError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if method in GPTQ_METHODS and gptq_cfg is not None:
-        gptq_cfg.validate()
-        if gptq_cfg.act_order == "group" and fmt != "compressed-tensors":
-            raise QuantizationError(
-                "act order 'group' needs a g_idx, which only the compressed-tensors format stores; "
-                "use --format compressed-tensors, or --act-order weight (no g_idx, any format)"
-            )
+    if method in GPTQ_METHODS:
+        gptq_layer.check_request(gptq_cfg or GptqConfig(), fmt)
     if fmt == "awq" and spec.bits != 4:
         raise QuantizationError(
             f"the awq checkpoint format stores 4-bit weights only; use --format compressed-tensors for {spec.bits} bits"
@@ -414,13 +408,12 @@ def quantize(
             cfg, ckpt, spec, method, awq_cfg, calib_data, spill, progress, report, gptq_cfg, perms)
         report.quantize_seconds = round(time.perf_counter() - t_start, 2)
         report.quantized_linears = len(spill)
-        report.totals = gptq_layer.totals(layer_results) if method in GPTQ_METHODS else _totals(layer_results)
+        report.totals = (gptq_layer.totals if method in GPTQ_METHODS else _totals)(layer_results)
         fp = FpTensors(ckpt, {f"{n}.weight" for n in spill}, overrides)
         extra = {REPORT_JSON: b""}
         if layer_results:
             title = f"{cfg.architecture} W{w_bit} g{group_size}{' sym' if sym else ''}: per-layer output error"
-            extra[REPORT_PNG] = (errors_png([r.index for r in layer_results], gptq_layer.error_series(layer_results), title)
-                                 if method in GPTQ_METHODS else report_png(layer_results, title))
+            extra[REPORT_PNG] = (gptq_layer.report_png if method in GPTQ_METHODS else report_png)(layer_results, title)
         t_save = time.perf_counter()
         report.total_seconds = round(t_save - t_start, 2)  # updated below; the file records up to the save
         extra[REPORT_JSON] = report.to_json().encode()
@@ -441,9 +434,8 @@ def _quantize_layers(
     calib: CalibrationData | None, spill: SpilledWeights, progress: bool, report: QuantizeReport,
     gptq_cfg: GptqConfig | None = None, perms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list, dict[str, torch.Tensor]]:
-    """Quantize layer after layer into `spill`; returns the per-layer results (AWQ's or GPTQ's)
-    and the non-quantized layer tensors AWQ changed (folded norms and biases). GPTQ's act-order
-    permutations are added to `perms`."""
+    """Quantize layer after layer into `spill`; returns AWQ's / GPTQ's per-layer results and the non-quantized
+    layer tensors AWQ changed (folded norms and biases). GPTQ's act-order permutations go into `perms`."""
     rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
     pin_mmap_threshold()
     store: ActivationStore | None = None
@@ -466,17 +458,15 @@ def _quantize_layers(
             else:
                 step = gptq_layer.quantize_layer(method, layer, rotary, store, spec, gptq_cfg or GptqConfig(), awq_cfg, index=i)
                 qweights, res, fp_next = step.qweights, step.result, step.fp_next
-                if perms is not None:
-                    perms.update({prefix + n: p for n, p in step.perms.items()})
+                (perms if perms is not None else {}).update({prefix + n: p for n, p in step.perms.items()})
             results.append(res)
             if i + 1 == cfg.num_layers:
                 store = None
             else:
                 store = fp_next if fp_next is not None else propagate(layer, rotary, store)
-            if progress and method == "awq":
-                bar.set_postfix(err_awq=f"{res.err_awq:.2e}", err_rtn=f"{res.err_rtn:.2e}")
-            elif progress:
-                bar.set_postfix(err=f"{res.err_method:.2e}", err_rtn=f"{res.err_rtn:.2e}")
+            if progress:  # AWQ: err_awq, GPTQ / AWQ-GPTQ: err (the method's own)
+                err = ("err_awq", res.err_awq) if method == "awq" else ("err", res.err_method)
+                bar.set_postfix({err[0]: f"{err[1]:.2e}", "err_rtn": f"{res.err_rtn:.2e}"})
             # norms and biases changed by folding the scales: written instead of the source's
             src_dtypes = _source_dtypes(ckpt, prefix)
             for k, t in layer.state_dict().items():
