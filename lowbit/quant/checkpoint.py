@@ -108,7 +108,7 @@ def save_quantized(
     float16 values that the model dtype would round, in which case float16 keeps them exact.
     input_perms: act-order weights (group-contiguous in perm order, formats/actorder.py), written
     as compressed-tensors actorder "group" with weight_g_idx; actorder_name: the config's
-    "actorder" otherwise (GPTQ's "weight" order leaves no trace in the tensors).
+    "actorder" when there are none (GPTQ's "weight" order leaves no trace in the tensors).
     Returns out_dir.
     """
     out_dir = Path(out_dir).absolute()

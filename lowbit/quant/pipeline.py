@@ -420,7 +420,7 @@ def quantize(
         save_quantized(
             out, hf_config=hf, fp_tensors=fp, quantized=spill, fmt=fmt, copy_files_from=model_dir,
             force=force, extra_files=extra, scale_dtype=spec.scale_dtype, input_perms=perms,
-            actorder_name=gptq_cfg.act_order if method in GPTQ_METHODS else None,
+            actorder_name="weight" if method in GPTQ_METHODS and gptq_cfg.act_order == "weight" else None,
         )
         report.save_seconds = round(time.perf_counter() - t_save, 2)
         report.total_seconds = round(time.perf_counter() - t_start, 2)
