@@ -41,14 +41,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers.prompts import decode_prompt  # noqa: E402
+from benchmarks.models import resolve as resolve_named  # noqa: E402
+from benchmarks.peers.prompts import decode_prompt, prompt_vocab_size  # noqa: E402
 from lowbit.bench.ceilings import read_bandwidth  # noqa: E402
 from lowbit.bench.offline import run_latency  # noqa: E402
 from lowbit.engine.args import EngineArgs  # noqa: E402
 from lowbit.engine.llm_engine import LLMEngine  # noqa: E402
 from lowbit.engine.sampling_params import SamplingParams  # noqa: E402
-from lowbit.layers import kernels, ops  # noqa: E402
-from lowbit.layers import paged_attention as pa  # noqa: E402
+from lowbit import kernels  # noqa: E402
+from lowbit.layers import ops  # noqa: E402
 
 
 def read_bandwidth_cpu(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -126,10 +127,9 @@ _EXT_LABELS = {
 @contextmanager
 def instrumented(engine: LLMEngine, timers: Timers):
     """Times op families without leaving the engine's lean decode loop: wraps the extension's
-    functions, the linears' direct calls (transformer._direct), the LM head, embedding, sampler
+    functions, the linears' direct calls (executor._direct), the LM head, embedding, sampler
     and step metadata. No hook is put on a decoder module (that would force the module path)."""
-    from lowbit.engine import model_runner
-    from lowbit.models import transformer
+    from lowbit.engine import executor, model_runner
 
     model = engine.runner.model
     ext = kernels.OPS.get()
@@ -137,7 +137,7 @@ def instrumented(engine: LLMEngine, timers: Timers):
     if ext is not None:
         patches += [(ext, name, label) for name, label in _EXT_LABELS.items()]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    direct, sampler = transformer._direct, engine.runner.sampler
+    direct, sampler = executor._direct, engine.runner.sampler
     handles = []
 
     def timed_direct(m):
@@ -147,7 +147,7 @@ def instrumented(engine: LLMEngine, timers: Timers):
     try:
         for obj, name, label in patches:
             setattr(obj, name, timers.wrap(label, getattr(obj, name)))
-        transformer._direct = timed_direct
+        executor._direct = timed_direct
         engine.runner.sampler = timers.wrap("sampler", sampler)
         handles += timers.hook("lm head", model.lm_head)
         handles += timers.hook("embedding", model.model.embed_tokens)
@@ -157,7 +157,7 @@ def instrumented(engine: LLMEngine, timers: Timers):
             h.remove()
         for obj, name, fn in saved:
             setattr(obj, name, fn)
-        transformer._direct, engine.runner.sampler = direct, sampler
+        executor._direct, engine.runner.sampler = direct, sampler
 
 
 def start_batch(engine: LLMEngine, prompt: list[int], batch: int, steps: int) -> None:
@@ -212,12 +212,15 @@ def breakdown(engine: LLMEngine, prompt: list[int], steps: int, batch: int, cloc
 
 # ----------------------------------------------------------------------------- main
 def bench_model(label: str, model: str | None, args, bandwidth: float) -> list[dict]:
+    from lowbit.models.loader import resolve_model_dir
+
     rows = []
-    prompt = decode_prompt(49152)
+    model = resolve_named(model)
+    prompt = decode_prompt(prompt_vocab_size(resolve_model_dir(model)))  # 49152 on the default model, as before
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for threads in args.threads:
         torch.set_num_threads(threads)
-        engine = LLMEngine(EngineArgs(model=model, num_threads=threads, quantize_lm_head=args.quantize_lm_head
+        engine = LLMEngine(EngineArgs(model=model, quantize_lm_head=args.quantize_lm_head
                                       and label != "fp32", kv_cache_memory=256 << 20))
         wbytes = weight_bytes_per_token(engine.runner.model)
         res = run_latency(engine, output_len=args.output_len, repeats=args.repeats, prompt=prompt)
@@ -257,7 +260,7 @@ def bench_model(label: str, model: str | None, args, bandwidth: float) -> list[d
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fp", default=None, help="fp32 model (default: the built-in default model)")
+    ap.add_argument("--fp", default=None, help="fp32 model (default: the built-in default model; or a benchmarks/models.py name)")
     ap.add_argument("--w4", default=None, help="W4A16 checkpoint of the same model")
     ap.add_argument("--skip-fp", action="store_true")
     ap.add_argument("--threads", default="1,2")

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowbit.layers import kernels  # noqa: E402
+from lowbit import kernels  # noqa: E402
 from lowbit.layers.linear import QuantLinear, quantize_embedding  # noqa: E402
-from lowbit.quant.qweight import QuantizedWeight  # noqa: E402
+from lowbit.layers.qweight import QuantizedWeight  # noqa: E402
 
 # (in_features, out_features, name) for the default model: hidden 576, 9x64 heads, 3x64 kv heads,
 # ffn 1536, vocab 49152 (tied LM head).

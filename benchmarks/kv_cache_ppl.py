@@ -26,7 +26,7 @@ LIMITS = {"int8": 1.0, "int4": 5.0}  # max |Δppl| in % vs the fp32 KV cache
 def main() -> int:
     from lowbit.eval.kv_perplexity import kv_spec_for, perplexity_with_kv_cache, tokens_per_budget
     from lowbit.eval.perplexity import perplexity, read_eval_text, tokenize_stream
-    from lowbit.models.loader import load_model
+    from lowbit.quant.loader import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: the built-in default model")

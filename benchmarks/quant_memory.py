@@ -94,9 +94,11 @@ def run_quantize(model: str, out: str, samples: int, seqlen: int, search: int, t
     """The measured child: AWQ W4 g128 into the AWQ format."""
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(int(os.environ.get("LOWBIT_THREADS", "2")))
-    from lowbit.quant.awq import AwqConfig
+    from lowbit.quant.awq_config import AwqConfig
+    from lowbit.quant.heap import pin_mmap_threshold
     from lowbit.quant.pipeline import quantize
 
+    pin_mmap_threshold()  # as `lowbit quantize` does: the measured child owns its process
     ids = torch.randint(0, SHAPE["vocab"], (samples, seqlen), generator=torch.Generator().manual_seed(0))
     rep = quantize(model, "awq", 4, 128, fmt="awq", out_dir=out, force=True, calib_ids=ids, calib_samples=samples,
                    calib_seqlen=seqlen, awq_config=AwqConfig(search_samples=search, search_tokens=tokens))

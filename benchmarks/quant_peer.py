@@ -1,17 +1,21 @@
-"""lowbit AWQ vs llm-compressor AWQ on the default model: end-to-end quantization time and
-WikiText-2 perplexity, side by side.
+"""FP vs lowbit RTN vs lowbit AWQ vs llm-compressor AWQ in one run: end-to-end quantization time, the
+quantizing process's peak RSS and WikiText-2 perplexity, side by side.
 
 Same model directory, same calibration token blocks (lowbit's default C4 sample cut into
 --samples x --seqlen blocks, handed to llm-compressor as a pre-tokenized dataset), same scheme
-(W4 asymmetric, group 64, lm_head kept), same threads, and the same evaluation (lowbit's
-perplexity over each saved checkpoint; llm-compressor writes compressed-tensors, which lowbit
-loads). Times are wall-clock for the whole job in a fresh process: load, calibrate, search, save.
+(W4 asymmetric, group 128 or lowbit's automatic size where 128 does not divide: 64 on the default
+model; lm_head kept), same threads, and the same evaluation (lowbit's perplexity over each saved
+checkpoint; llm-compressor writes compressed-tensors, which lowbit loads). Times are wall-clock for
+the whole job in a fresh process: load, calibrate, search, save. If llm-compressor fails, its row
+says so with the error line.
 
 llm-compressor runs from its own virtual environment (./.bench-venvs/llmcompressor), created on
 first use: CPU torch 2.13.0 is installed FIRST (from the local wheel), then llmcompressor with
 torch pinned, so no CUDA build is ever pulled. It is never a lowbit dependency.
 
-Run:  python benchmarks/quant_peer.py [--windows 16] [--samples 32 --seqlen 512] [--skip-install]
+Run:  python benchmarks/quant_peer.py [--model qwen2.5-coder-0.5b] [--windows 16] [--samples 32 --seqlen 512]
+                                      [--skip-install]
+--model: a directory, a .gguf, the default model (omitted), or a name from benchmarks/models.py.
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ import json
 import os
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.childproc import ChildRun, run_child  # noqa: E402
 VENV = ROOT / ".bench-venvs" / "llmcompressor"
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 LLMC_VERSION = "0.14.0.1"
@@ -86,35 +94,34 @@ def ensure_venv() -> Path:
     return py
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd[:4])} ...")
-    return dt, proc.stdout + proc.stderr
+def measured(cmd: list[str], env: dict[str, str]) -> ChildRun:
+    """Run a quantization job in a child; its wall time and its own peak RSS."""
+    return run_child(cmd, env=env, cwd=str(ROOT))
 
 
 def main() -> int:
-    sys.path.insert(0, str(ROOT))
     import torch
     from safetensors.torch import save_file
 
+    from benchmarks.models import resolve as resolve_named
     from lowbit.eval.perplexity import perplexity, read_eval_text, tokenize_stream
-    from lowbit.models.loader import load_model, load_tokenizer, resolve_model_dir
+    from lowbit.models.loader import load_tokenizer, read_hf_config, resolve_model_dir
+    from lowbit.models.registry import resolve_config
+    from lowbit.quant.loader import load_model
     from lowbit.quant.calibration import build_calibration
+    from lowbit.quant.pipeline import auto_group_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="default: the built-in default model")
+    ap.add_argument("--model", default=None, help="default: the built-in default model; or a benchmarks/models.py name")
     ap.add_argument("--samples", type=int, default=None, help="calibration blocks (default: lowbit's default)")
     ap.add_argument("--seqlen", type=int, default=None, help="tokens per block (default: lowbit's default)")
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="default: 128, or lowbit's automatic size where 128 does not divide (64 on the default model)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--dataset", default=str(DATA))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", default=str(ROOT / "out" / "quant_peer"))
+    ap.add_argument("--workdir", default=None, help="default: out/quant_peer (default model), out/quant_peer-<model>")
     ap.add_argument("--skip-install", action="store_true", help="use the existing venv as is")
     ap.add_argument("--reuse-peer", action="store_true",
                     help="do not re-run llm-compressor: evaluate its checkpoint from an earlier run in --workdir and "
@@ -124,9 +131,10 @@ def main() -> int:
 
     samples, seqlen = a.samples or DEFAULT_SAMPLES, a.seqlen or DEFAULT_SEQLEN
     torch.set_num_threads(a.threads)
-    work = Path(a.workdir)
+    model_dir = resolve_model_dir(resolve_named(a.model))
+    group_size = a.group_size or auto_group_size(resolve_config(read_hf_config(model_dir)))
+    work = Path(a.workdir) if a.workdir else ROOT / "out" / ("quant_peer" if a.model is None else f"quant_peer-{model_dir.name}")
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_dir(a.model)
     previous = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else None
     py = VENV / "bin" / "python" if (a.skip_install or a.reuse_peer) else ensure_venv()
 
@@ -135,15 +143,29 @@ def main() -> int:
     if previous is not None and "calib_sha256" not in previous and calib_file.exists():
         previous["calib_sha256"] = _sha256(calib_file)  # written by that run (older result files lack the hash)
     save_file({"input_ids": calib.input_ids.contiguous()}, str(calib_file))
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-    tag = f"w{a.bits}g{a.group_size}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    tag = f"w{a.bits}g{group_size}"
+    seconds: dict[str, float | None] = {}
+    rss: dict[str, int | None] = {}
+    errors: dict[str, str] = {}
 
-    ours = work / f"lowbit-awq-{tag}"
-    t_ours, _ = timed([sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(model_dir), "--method", "awq",
-                       "--w-bit", str(a.bits), "--group-size", str(a.group_size), "--calib-samples", str(samples),
-                       "--calib-seqlen", str(seqlen), "--format", "compressed-tensors", "--out", str(ours),
-                       "--force", "--quiet"], env)
-    print(f"lowbit AWQ: {t_ours:.0f} s", flush=True)
+    def lowbit_quantize(method: str) -> Path:
+        out = work / f"lowbit-{method}-{tag}"
+        run = measured([sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(model_dir), "--method", method,
+                        "--w-bit", str(a.bits), "--group-size", str(group_size), "--calib-samples", str(samples),
+                        "--calib-seqlen", str(seqlen), "--format", "compressed-tensors", "--out", str(out),
+                        "--force", "--quiet"], env)
+        if run.returncode != 0:
+            sys.stderr.write(run.tail())
+            raise SystemExit(f"lowbit {method} failed: {run.last_line()}")
+        label = f"lowbit {method.upper()}"
+        seconds[label], rss[label] = run.seconds, run.peak_rss_bytes
+        print(f"{label}: {run.seconds:.0f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB", flush=True)
+        return out
+
+    rtn = lowbit_quantize("rtn")
+    ours = lowbit_quantize("awq")
 
     peer = work / f"llmcompressor-awq-{tag}"
     if a.reuse_peer:
@@ -151,35 +173,77 @@ def main() -> int:
         if not same or not (peer / "config.json").exists() or previous.get("calib_sha256") != _sha256(calib_file):
             print(f"--reuse-peer: no earlier llm-compressor run on the same calibration blocks in {work}", file=sys.stderr)
             return 2
-        t_peer = previous["seconds"]["llm-compressor"]
-        print(f"llm-compressor AWQ: {t_peer:.0f} s (recorded by the earlier run, not re-run)", flush=True)
+        seconds[PEER] = previous["seconds"]["llm-compressor"]
+        rss[PEER] = (previous.get("peak_rss_bytes") or {}).get(PEER)
+        print(f"{PEER}: {seconds[PEER]:.0f} s (recorded by the earlier run, not re-run)", flush=True)
     else:
-        t_peer, log = timed([str(py), "-c", LLMC_CHILD, str(model_dir), str(calib_file), str(peer), str(a.bits),
-                             str(a.group_size), str(a.threads)], env)
-        print(f"llm-compressor AWQ: {t_peer:.0f} s", flush=True)
+        run = measured([str(py), "-c", LLMC_CHILD, str(model_dir), str(calib_file), str(peer), str(a.bits),
+                        str(group_size), str(a.threads)], env)
+        if run.returncode == 0:
+            seconds[PEER], rss[PEER] = run.seconds, run.peak_rss_bytes
+            print(f"{PEER}: {run.seconds:.0f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB", flush=True)
+        else:  # the table shows the failure with its error line rather than dropping the row
+            sys.stderr.write(run.tail())
+            errors[PEER] = run.last_line()
+            print(f"{PEER}: FAILED: {errors[PEER]}", flush=True)
 
     text = read_eval_text(a.dataset)
-    results = {}
-    for label, spec in (("FP", model_dir), ("lowbit AWQ", ours), ("llm-compressor AWQ", peer)):
+    results: dict[str, float] = {}
+    for label, spec in (("FP", model_dir), ("lowbit RTN", rtn), ("lowbit AWQ", ours), (PEER, peer)):
+        if label in errors:
+            continue
         lm = load_model(spec)
         r = perplexity(lm.model, tokenize_stream(lm.tokenizer, text), 2048, a.windows, progress=True, desc=label)
         results[label] = r.ppl
         del lm
-    print(f"\nW{a.bits} g{a.group_size} asym AWQ on {model_dir.name}; calibration {samples} x {seqlen} tokens "
-          f"(same blocks for both); WikiText-2 test, seqlen 2048, first {a.windows} windows; {a.threads} threads")
-    print(f"{'':22} {'ppl':>9} {'quantize (wall, s)':>20}")
-    print(f"{'FP':22} {results['FP']:9.4f} {'-':>20}")
-    print(f"{'lowbit AWQ':22} {results['lowbit AWQ']:9.4f} {t_ours:20.0f}")
-    print(f"{'llm-compressor AWQ':22} {results['llm-compressor AWQ']:9.4f} {t_peer:20.0f}")
-    faster = t_ours < t_peer
-    no_worse = results["lowbit AWQ"] <= results["llm-compressor AWQ"]
-    print(f"\nlowbit is {t_peer / t_ours:.2f}x faster: {'PASS' if faster else 'FAIL'}; "
-          f"ppl no worse: {'PASS' if no_worse else 'FAIL'}")
-    (work / "result.json").write_text(json.dumps({"ppl": results, "seconds": {"lowbit": t_ours, "llm-compressor": t_peer},
-                                                  "samples": samples, "seqlen": seqlen, "windows": a.windows,
-                                                  "calib_sha256": _sha256(calib_file),
+    print(f"\nW{a.bits} g{group_size} asym on {model_dir.name}; calibration {samples} x {seqlen} tokens "
+          f"(same blocks for both AWQs); WikiText-2 test, seqlen 2048, first {a.windows} windows; {a.threads} threads")
+    print(f"{'':22} {'ppl':>9} {'quantize (wall, s)':>20} {'peak RSS (GiB)':>15}")
+    for label in ("FP", "lowbit RTN", "lowbit AWQ", PEER):
+        if label in errors:
+            print(f"{label:22} FAILED: {errors[label]}")
+            continue
+        s_ = f"{seconds[label]:.0f}" if seconds.get(label) is not None else "-"
+        m_ = f"{rss[label] / 2**30:.2f}" if rss.get(label) else "-"
+        print(f"{label:22} {results[label]:9.4f} {s_:>20} {m_:>15}")
+    verdict = peer_verdicts(results, seconds)
+    for line in verdict.lines:
+        print(line)
+    (work / "result.json").write_text(json.dumps({"ppl": results, "seconds": {"lowbit": seconds["lowbit AWQ"],
+                                                                            "lowbit RTN": seconds["lowbit RTN"],
+                                                                            "llm-compressor": seconds.get(PEER)},
+                                                  "peak_rss_bytes": rss, "errors": errors, "group_size": group_size,
+                                                  "model": str(model_dir), "samples": samples, "seqlen": seqlen,
+                                                  "windows": a.windows, "calib_sha256": _sha256(calib_file),
                                                   "peer_reused": a.reuse_peer}, indent=2))
-    return 0 if faster and no_worse else 2
+    return 0 if verdict.ok else 2
+
+
+PEER = "llm-compressor AWQ"
+
+
+@dataclass
+class Verdict:
+    lines: list[str]
+    ok: bool
+
+
+def peer_verdicts(ppl: dict[str, float], seconds: dict[str, float | None]) -> Verdict:
+    """The goals: lowbit AWQ closes >= 50% of RTN's gap, is no worse than llm-compressor's, and faster."""
+    lines, ok = [""], True
+    fp, rtn, awq = ppl.get("FP"), ppl.get("lowbit RTN"), ppl.get("lowbit AWQ")
+    if None not in (fp, rtn, awq):
+        closed = (rtn - awq) / (rtn - fp) if rtn != fp else float("nan")
+        ok &= closed >= 0.5
+        lines.append(f"lowbit AWQ closes {100 * closed:.1f}% of RTN's gap (goal >= 50%): {'PASS' if closed >= 0.5 else 'FAIL'}")
+    if PEER not in ppl:
+        lines.append(f"{PEER} did not run: no comparison (FAIL)")
+        return Verdict(lines, False)
+    faster = seconds["lowbit AWQ"] < seconds[PEER]
+    no_worse = awq <= ppl[PEER]
+    lines.append(f"lowbit is {seconds[PEER] / seconds['lowbit AWQ']:.2f}x faster: {'PASS' if faster else 'FAIL'}; "
+                 f"ppl no worse: {'PASS' if no_worse else 'FAIL'}")
+    return Verdict(lines, ok and faster and no_worse)
 
 
 def _sha256(path: Path) -> str:

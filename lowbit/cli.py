@@ -7,8 +7,9 @@ import os
 import sys
 
 from .errors import LowbitError
+from .kernels.errors import KernelConfigError
 
-COMMANDS = ("generate", "quantize", "eval", "serve", "chat", "bench")
+COMMANDS = ("generate", "quantize", "eval", "serve", "chat", "bench", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        _configure_process(args)
         return int(args.func(args) or 0)
-    except LowbitError as e:
+    except (LowbitError, KernelConfigError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _configure_process(args: argparse.Namespace) -> None:
+    """Process-wide settings belong to the entry point that owns the process, never to the library
+    (an application embedding an engine keeps its own): --threads sets torch's thread count here,
+    before the command builds an engine."""
+    threads = getattr(args, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

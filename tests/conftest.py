@@ -72,3 +72,42 @@ def default_model_dir() -> Path:
     from lowbit.models.default import ensure_default_model
 
     return ensure_default_model()
+
+
+# ----------------------------------------------------------------------------- kernel variants
+def use_kernels(monkeypatch, isa: str) -> None:
+    """Forces the kernel registry to `isa` (a compiled variant, or "ref") for the rest of a test;
+    skips a variant this machine cannot run (CPU lacks it, or the install did not build it)."""
+    from lowbit import kernels
+
+    if isa != "ref" and isa not in kernels.usable_variants():
+        pytest.skip(f"the {isa} kernels do not run here (CPU or build; see `lowbit env`)")
+    monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
+    monkeypatch.setenv("LOWBIT_ISA", isa)
+    kernels.reset()
+
+
+def _variant_names() -> list[str]:
+    from lowbit.kernels.variants import VARIANTS
+
+    return [v.name for v in VARIANTS]
+
+
+@pytest.fixture(params=_variant_names())
+def isa(request, monkeypatch):
+    """Runs a test once per compiled kernel variant (avx512, avx2); those this machine cannot run skip."""
+    from lowbit import kernels
+
+    use_kernels(monkeypatch, request.param)
+    yield request.param
+    kernels.reset()  # the next use re-reads the environment monkeypatch restores
+
+
+@pytest.fixture(params=[*_variant_names(), "ref"])
+def kernel_impl(request, monkeypatch):
+    """Like `isa`, plus the pure-torch reference ("ref"), so one test checks every implementation."""
+    from lowbit import kernels
+
+    use_kernels(monkeypatch, request.param)
+    yield request.param
+    kernels.reset()

@@ -3,7 +3,6 @@ and the quantize pipeline end to end (checkpoint loadable, report written, error
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -13,10 +12,17 @@ import torch
 from conftest import make_tiny_model
 from lowbit.errors import LowbitError, QuantizationError
 from lowbit.layers.rotary import RotaryEmbedding
-from lowbit.models.loader import load_model, read_hf_config
+from lowbit.models.loader import read_hf_config
+from lowbit.quant.loader import load_model
 from lowbit.models.registry import resolve_config
+from lowbit.models.weights import SafetensorsCheckpoint
 from lowbit.quant import awq as A
-from lowbit.quant.pipeline import LazyCheckpoint, build_layer, quantize
+from lowbit.quant import awq_clip as C
+from lowbit.quant import awq_scale as S
+from lowbit.quant import capture as Cap
+from lowbit.quant.activations import ActivationStore, propagate, run_layer
+from lowbit.quant.awq_config import AwqConfig, LayerCapture, scale_groups
+from lowbit.quant.pipeline import build_layer, quantize
 from lowbit.quant.rtn import QuantSpec, fake_quantize_model_, linear_names
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
@@ -26,13 +32,13 @@ def tiny_layer(tmp_path: Path, arch: str, **overrides):
     d = tmp_path / arch
     make_tiny_model(arch, d, **overrides)
     cfg = resolve_config(read_hf_config(d))
-    layer = build_layer(cfg, LazyCheckpoint(d), 0)
+    layer = build_layer(cfg, SafetensorsCheckpoint(d), 0)
     rotary = RotaryEmbedding(cfg.head_dim, 512, cfg.rope)
     return layer, rotary, cfg
 
 
-def store_of(h: torch.Tensor, per_chunk: int = 2) -> A.ActivationStore:
-    s = A.ActivationStore()
+def store_of(h: torch.Tensor, per_chunk: int = 2) -> ActivationStore:
+    s = ActivationStore()
     for i in range(0, h.shape[0], per_chunk):
         s.append(h[i : i + per_chunk])
     return s
@@ -45,18 +51,18 @@ def store_of(h: torch.Tensor, per_chunk: int = 2) -> A.ActivationStore:
 @pytest.mark.parametrize("kv_heads", [2, 4])  # 4 == num_heads: the v -> o group exists too
 def test_scale_folding_leaves_the_fp_function_unchanged(tmp_path, arch, kv_heads):
     layer, rotary, cfg = tiny_layer(tmp_path, arch, num_key_value_heads=kv_heads)
-    groups = A.scale_groups(layer)
+    groups = scale_groups(layer)
     names = [g.name for g in groups]
     has_vo = kv_heads == cfg.num_heads and cfg.q_size == cfg.hidden_size
     assert names == (["qkv", "v_o", "gate_up", "up_down"] if has_vo else ["qkv", "gate_up", "up_down"])
     h = torch.randn(2, 16, cfg.hidden_size)
-    ref = A.run_layer(layer, h, rotary)
+    ref = run_layer(layer, h, rotary)
     before_down = layer.mlp.down_proj.weight.clone()
     g = torch.Generator().manual_seed(1)
     for grp in groups:
         n_in = layer.get_submodule(grp.linears[0]).in_features
-        A.apply_scales(layer, grp, torch.rand(n_in, generator=g) * 4 + 0.25)
-    out = A.run_layer(layer, h, rotary)
+        S.apply_scales(layer, grp, torch.rand(n_in, generator=g) * 4 + 0.25)
+    out = run_layer(layer, h, rotary)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     # not vacuous: the weights did change
     assert not torch.allclose(layer.mlp.down_proj.weight, before_down)
@@ -65,9 +71,9 @@ def test_scale_folding_leaves_the_fp_function_unchanged(tmp_path, arch, kv_heads
 def test_folding_changes_weights(tmp_path):
     layer, rotary, cfg = tiny_layer(tmp_path, "qwen2", num_key_value_heads=4)
     before = {n: p.clone() for n, p in layer.state_dict().items()}
-    for k, grp in enumerate(A.scale_groups(layer)):  # a different scale per group: 2, 3, 4, 5
+    for k, grp in enumerate(scale_groups(layer)):  # a different scale per group: 2, 3, 4, 5
         n_in = layer.get_submodule(grp.linears[0]).in_features
-        A.apply_scales(layer, grp, torch.full((n_in,), 2.0 + k))
+        S.apply_scales(layer, grp, torch.full((n_in,), 2.0 + k))
     after = layer.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.v_proj.bias",
@@ -96,8 +102,8 @@ def outlier_setup(tmp_path, arch="llama"):
 def test_awq_output_error_is_at_most_rtn_with_outlier_channels(tmp_path, arch, bits):
     layer, rotary, cfg, h = outlier_setup(tmp_path, arch)
     spec = QuantSpec(bits=bits, group_size=32)
-    cfg_awq = A.AwqConfig(search_samples=None, chunk_tokens=128)
-    qweights, res, _ = A.awq_quantize_layer(layer, rotary, store_of(h), spec, cfg_awq)
+    cfg_awq = AwqConfig(search_samples=None, chunk_tokens=128)
+    qweights, res = A.awq_quantize_layer(layer, rotary, store_of(h), spec, cfg_awq)
     assert set(qweights) == set(linear_names(layer))
     assert 0 < res.err_awq <= res.err_rtn
     assert res.err_awq < 0.8 * res.err_rtn  # with outliers the gain is substantial
@@ -108,23 +114,13 @@ def test_awq_output_error_is_at_most_rtn_with_outlier_channels(tmp_path, arch, b
         assert torch.equal(layer.get_submodule(n).weight, qw.dequantize())
 
 
-def test_fp_carry_hands_back_the_fp_layer_outputs(tmp_path):
-    layer, rotary, cfg = tiny_layer(tmp_path, "qwen2")
-    h = torch.randn(6, 16, cfg.hidden_size)
-    ref = A.run_layer(layer, h, rotary)
-    _, _, nxt = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), A.AwqConfig(carry="fp", search_samples=2))
-    torch.testing.assert_close(torch.cat(list(nxt)), ref, rtol=2e-3, atol=2e-3)  # stored as float16
-    quantized = A.propagate(layer, rotary, store_of(h))
-    assert not torch.allclose(torch.cat(list(quantized)), ref, rtol=2e-3, atol=2e-3)
-
-
 def test_clip_search_never_increases_the_group_error():
     torch.manual_seed(0)
     w = torch.randn(16, 64)
     w[:, 5] *= 8  # a few large weights make clipping worthwhile
     x = torch.randn(200, 64)
     spec = QuantSpec(bits=3, group_size=32)
-    max_val, before, after = A.search_clip(w, x, spec, A.AwqConfig())
+    max_val, before, after = C.search_clip(w, x, spec, AwqConfig())
     assert max_val.shape == (16, 2)
     assert after <= before and after < before  # some group benefits
     org = w.reshape(16, 2, 32).abs().amax(-1)
@@ -133,11 +129,11 @@ def test_clip_search_never_increases_the_group_error():
 
 def test_grid_scales_are_normalised_and_finite():
     x_mean = torch.tensor([0.0, 1.0, 4.0, float("inf")])
-    s = A.grid_scales(x_mean, None, 0.5)
+    s = S.grid_scales(x_mean, None, 0.5)
     assert torch.isfinite(s).all()
-    s = A.grid_scales(torch.tensor([1.0, 4.0, 16.0]), None, 0.5)
+    s = S.grid_scales(torch.tensor([1.0, 4.0, 16.0]), None, 0.5)
     assert float(s.max() * s.min()) == pytest.approx(1.0)
-    assert torch.equal(A.grid_scales(torch.tensor([1.0, 4.0]), None, 0.0), torch.ones(2))
+    assert torch.equal(S.grid_scales(torch.tensor([1.0, 4.0]), None, 0.0), torch.ones(2))
 
 
 # ----------------------------------------------------------------------------- guards
@@ -148,7 +144,7 @@ def test_nan_activations_fall_back_to_no_scaling_with_a_warning(tmp_path):
     h = torch.randn(4, 16, cfg.hidden_size)
     h[0, 3, 7] = float("nan")
     with pytest.warns(RuntimeWarning, match="no finite loss"):
-        qweights, res, _ = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), A.AwqConfig(search_samples=None))
+        qweights, res = A.awq_quantize_layer(layer, rotary, store_of(h), QuantSpec(4, 32), AwqConfig(search_samples=None))
     assert all(g.fallback and g.ratio is None for g in res.groups)
     for qw in qweights.values():
         assert torch.isfinite(qw.scales).all()
@@ -156,7 +152,7 @@ def test_nan_activations_fall_back_to_no_scaling_with_a_warning(tmp_path):
 
 
 def test_activation_store_keeps_fp32_for_values_fp16_cannot_hold():
-    s = A.ActivationStore()
+    s = ActivationStore()
     s.append(torch.ones(1, 2, 3))
     s.append(torch.full((1, 2, 3), 1e6))
     chunks = list(s._chunks)
@@ -226,7 +222,7 @@ def test_awq_end_to_end_writes_a_loadable_checkpoint(tmp_path, arch, fmt, bits, 
     make_tiny_model(arch, src, num_key_value_heads=4)
     out = tmp_path / "q"
     rep = quantize(src, "awq", bits, gs, fmt=fmt, out_dir=out, calib_ids=calib_ids(), calib_samples=8,
-                   calib_seqlen=32, progress=False, awq_config=A.AwqConfig(search_samples=4))
+                   calib_seqlen=32, progress=False, awq_config=AwqConfig(search_samples=4))
     assert rep.quantized_linears == 2 * 7 and len(rep.layers) == 2
     report = json.loads((out / "quant_report.json").read_text())
     assert report["method"] == "awq" and report["layers"][0]["groups"][0]["name"] == "qkv"
@@ -282,7 +278,7 @@ def test_real_model_awq_w4_g64_beats_rtn(tmp_path, shared_data):
     for method in ("rtn", "awq"):
         out = tmp_path / method
         quantize(None, method, 4, 64, fmt="awq", out_dir=out, calib_samples=32, progress=False,
-                 awq_config=A.AwqConfig(search_samples=8))
+                 awq_config=AwqConfig(search_samples=8))
         lm = load_model(out)
         ppl[method] = perplexity(lm.model, tokenize_stream(lm.tokenizer, text), 2048, max_windows=2).ppl
     assert ppl["awq"] < ppl["rtn"]
@@ -342,59 +338,14 @@ def test_cli_quantize_then_eval(tmp_path, capsys):
 def test_search_tokens_do_not_over_sample_each_blocks_first_token(tmp_path):
     """A stride dividing the block length would pick every block's first token (the attention
     sink, with huge activations) 8x more often than it occurs; the sample must be unbiased."""
-    mask = A.sample_tokens(64 * 512, 4096)
+    mask = Cap.sample_tokens(64 * 512, 4096)
     assert int(mask.sum()) == 4096
     assert int(mask.view(64, 512)[:, 0].sum()) <= 3 * 64 * 4096 // (64 * 512)  # expected 8; a stride of 8 takes 64
-    assert torch.equal(mask, A.sample_tokens(64 * 512, 4096))  # seeded: reproducible
-    assert bool(A.sample_tokens(100, None).all()) and bool(A.sample_tokens(100, 500).all())
+    assert torch.equal(mask, Cap.sample_tokens(64 * 512, 4096))  # seeded: reproducible
+    assert bool(Cap.sample_tokens(100, None).all()) and bool(Cap.sample_tokens(100, 500).all())
     layer, rotary, cfg = tiny_layer(tmp_path, "llama")
     cap = A.capture(layer, rotary, store_of(torch.randn(8, 32, cfg.hidden_size)), n_search=2, n_tokens=100)
     assert cap.inputs["mlp"].shape[0] == 100 and cap.inputs["self_attn"].shape[:2] == (2, 32)
-
-
-def test_duo_both_searches_both_grids_and_keeps_the_better(tmp_path):
-    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
-    cap = A.capture(layer, rotary, store_of(torch.randn(4, 32, cfg.hidden_size) * torch.linspace(0.1, 8, cfg.hidden_size)),
-                    n_search=4, n_tokens=None)
-    grp, spec = A.scale_groups(layer)[-2], QuantSpec(3, 32)
-    _, on = A.search_scales(layer, grp, cap, spec, A.AwqConfig(duo_scaling=True), rotary)
-    _, off = A.search_scales(layer, grp, cap, spec, A.AwqConfig(duo_scaling=False), rotary)
-    _, both = A.search_scales(layer, grp, cap, spec, A.AwqConfig(duo_scaling="both"), rotary)
-    assert both.losses == on.losses + off.losses  # duo grid first, then the activation-only grid
-    assert both.loss_awq == min(on.loss_awq, off.loss_awq)
-    assert both.duo == (on.loss_awq <= off.loss_awq) and on.duo is True and off.duo is False
-    with pytest.raises(ValueError, match="duo_scaling"):
-        A.search_scales(layer, grp, cap, spec, A.AwqConfig(duo_scaling="sometimes"), rotary)
-
-
-def test_cli_duo_flags_conflict_is_a_clear_error(tmp_path, capsys):
-    from lowbit.cli import main
-
-    assert main(["quantize", "--model", str(tmp_path), "--duo-scaling", "both", "--no-duo-scaling",
-                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    assert "contradicts" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
-def test_gram_over_all_tokens_scores_lone_linears_like_the_full_sample(tmp_path):
-    """gram_all_tokens: down_proj is scored on every calibration token through a Gram matrix summed
-    during capture; with the whole calibration captured anyway, the losses equal the sampled path's."""
-    layer, rotary, cfg = tiny_layer(tmp_path, "llama")
-    store = store_of(torch.randn(6, 32, cfg.hidden_size) * torch.linspace(0.1, 8, cfg.hidden_size))
-    full = A.capture(layer, rotary, store, n_search=6, n_tokens=None)
-    ref_in = full.inputs["mlp.down_proj"]
-    part = A.capture(layer, rotary, store, n_search=6, n_tokens=50, gram_modules=("mlp.down_proj",))
-    gram, n = part.grams["mlp.down_proj"]
-    assert n == 6 * 32 and part.inputs["mlp.down_proj"].shape[0] == 50  # the sample stays small
-    torch.testing.assert_close(gram, ref_in.t() @ ref_in, rtol=1e-4, atol=1e-3)
-    grp, spec = A.scale_groups(layer)[-1], QuantSpec(3, 32)
-    assert grp.name == "up_down"
-    _, a = A.search_scales(layer, grp, full, spec, A.AwqConfig(), rotary)
-    _, b = A.search_scales(layer, grp, part, spec, A.AwqConfig(gram_all_tokens=True), rotary)
-    assert a.ratio == b.ratio
-    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-3, atol=1e-7)
-    _, res, _ = A.awq_quantize_layer(layer, rotary, store, spec, A.AwqConfig(gram_all_tokens=True, search_tokens=50))
-    assert all(math.isfinite(g.loss_awq) for g in res.groups)
 
 
 # ----------------------------------------------------------------------------- heavy tokens
@@ -403,7 +354,7 @@ def test_gram_over_all_tokens_scores_lone_linears_like_the_full_sample(tmp_path)
 def test_heavy_tokens_streamed_in_chunks_equal_the_global_top_k():
     g = torch.Generator().manual_seed(0)
     score, rows = torch.rand(1000, generator=g), torch.randn(1000, 3, generator=g)
-    heavy = A.HeavyTokens(17)
+    heavy = Cap.HeavyTokens(17)
     for i in range(0, 1000, 64):
         heavy.offer(score[i : i + 64], torch.arange(i, min(i + 64, 1000)), rows[i : i + 64], -rows[i : i + 64])
     want = score.topk(17).indices
@@ -448,13 +399,13 @@ def test_weighted_losses_agree_between_the_gram_and_the_direct_path(tmp_path):
     w = torch.linspace(3, 0.1, 300)  # the small rows weigh most
     w_fp = lin.weight.data.clone()
     lin.weight.data = QuantSpec(3, 32).fake(w_fp)
-    gram, n = A._gram_of(x, w)
-    via_gram = A._linear_loss(lin, w_fp, gram, n)()
+    gram, n = S.gram_of(x, w)
+    via_gram = S.linear_loss(lin, w_fp, gram, n)()
     target = x @ w_fp.t()
-    direct = A._chunked_loss(layer, "mlp.down_proj", x, target, rotary, 64, w)
+    direct = S.chunked_loss(layer, "mlp.down_proj", x, target, rotary, 64, w)
     manual = float(((lin(x) - target).pow(2).sum(1) * w).sum() / (w.sum() * lin.out_features))
     assert via_gram == pytest.approx(manual, rel=1e-3) and direct == pytest.approx(manual, rel=1e-5)
-    unweighted = A._chunked_loss(layer, "mlp.down_proj", x, target, rotary, 64)
+    unweighted = S.chunked_loss(layer, "mlp.down_proj", x, target, rotary, 64)
     assert unweighted > 1.5 * manual  # the weights do change the loss
 
 
@@ -463,40 +414,40 @@ def test_clip_keeps_the_weight_a_rare_massive_token_needs():
     the attention sink's massive activation): clipping it costs nothing on ordinary tokens, so a
     random sample that misses the rare token clips it away; the stratified sample keeps it."""
     g = torch.Generator().manual_seed(0)
-    spec, cfg = QuantSpec(4, 32), A.AwqConfig()
+    spec, cfg = QuantSpec(4, 32), AwqConfig()
     w = torch.randn(8, 64, generator=g) * 0.02
     w[:, 3] = 1.0  # the outlier column, read through input channel 3
     x = torch.randn(4096, 64, generator=g)
     x[:, 3] = 0.0
     x[::512, 3] = 300.0  # 8 of 4,096 tokens
-    rnd = x[A.sample_tokens(4096, 512, seed=1)]
+    rnd = x[Cap.sample_tokens(4096, 512, seed=1)]
     assert int((rnd[:, 3] != 0).sum()) <= 3
-    max_rnd, _, _ = A.search_clip(w, rnd[rnd[:, 3] == 0], spec, cfg)  # a sample that missed them
-    xs, ws = A.stratified_sample(x, None, 512, 128)
+    max_rnd, _, _ = C.search_clip(w, rnd[rnd[:, 3] == 0], spec, cfg)  # a sample that missed them
+    xs, ws = C.stratified_sample(x, None, 512, 128)
     assert xs.shape[0] == 512 and int((xs[:, 3] != 0).sum()) == 8 and abs(float(ws.mean()) - 1) < 1e-5
     assert float(ws[0]) < float(ws[-1])  # the heavy rows stand for themselves only
-    max_strat, _, _ = A.search_clip(w, xs, spec, cfg, ws)
+    max_strat, _, _ = C.search_clip(w, xs, spec, cfg, ws)
     org = w[:, :32].abs().amax(1)
     assert bool((max_rnd[:, 0] < 0.9 * org).all())  # clipped away without the rare token
     assert bool((max_strat[:, 0] >= 0.9 * org).all())  # kept (to within one grid step or so) with it
 
 
-def test_search_heavy_weight_scales_the_heavy_rows_in_the_scale_search(tmp_path):
+def test_scale_search_leaves_the_heavy_rows_out(tmp_path):
+    """The heavy tokens weigh nothing in the scale search (they stay in the clip search): its
+    losses equal those of a capture that never held them."""
     layer, rotary, cfg = tiny_layer(tmp_path, "llama")
     h = torch.randn(8, 32, cfg.hidden_size)
     h[:, 0] *= 100.0
     cap = A.capture(layer, rotary, store_of(h), n_search=2, n_tokens=64, n_heavy=8)
     assert cap.heavy["mlp"] >= 8
-    grp, spec = A.scale_groups(layer)[-2], QuantSpec(3, 32)
-    _, full = A.search_scales(layer, grp, cap, spec, A.AwqConfig(search_heavy_weight=1.0), rotary)
-    _, none = A.search_scales(layer, grp, cap, spec, A.AwqConfig(search_heavy_weight=0.0), rotary)
+    grp, spec = scale_groups(layer)[-2], QuantSpec(3, 32)
+    _, got = S.search_scales(layer, grp, cap, spec, AwqConfig(), rotary)
     n = cap.heavy["mlp"]
-    rest = A.LayerCapture(cap.h, cap.y, {**cap.inputs, "mlp": cap.inputs["mlp"][n:]},
-                          {**cap.targets, "mlp": cap.targets["mlp"][n:]}, cap.abs_mean,
-                          {**cap.weights, "mlp": cap.weights["mlp"][n:]})
-    _, ref = A.search_scales(layer, grp, rest, spec, A.AwqConfig(), rotary)
-    torch.testing.assert_close(torch.tensor(none.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-9)
-    assert full.losses != none.losses
+    rest = LayerCapture(cap.h, cap.y, {**cap.inputs, "mlp": cap.inputs["mlp"][n:]},
+                        {**cap.targets, "mlp": cap.targets["mlp"][n:]}, cap.abs_mean,
+                        {**cap.weights, "mlp": cap.weights["mlp"][n:]})
+    _, ref = S.search_scales(layer, grp, rest, spec, AwqConfig(), rotary)
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-9)
 
 
 def test_relative_loss_weights_each_token_by_its_residual_size(tmp_path):
@@ -515,7 +466,7 @@ def test_relative_loss_weights_each_token_by_its_residual_size(tmp_path):
     torch.testing.assert_close(rel.abs_mean["mlp"], (x.abs() * want[:, None]).sum(0) / want.sum(), rtol=1e-4, atol=1e-6)
 
 
-def test_cli_absolute_loss_turns_the_relative_weighting_off(tmp_path, monkeypatch):
+def test_cli_ablation_flags_reach_the_config(tmp_path, monkeypatch):
     import lowbit.quant.pipeline as pipeline
     from lowbit.cli import main
 
@@ -526,7 +477,21 @@ def test_cli_absolute_loss_turns_the_relative_weighting_off(tmp_path, monkeypatc
         raise SystemExit(0)
 
     monkeypatch.setattr(pipeline, "quantize", fake_quantize)
-    for extra in ([], ["--absolute-loss"]):
+    for extra in ([], ["--absolute-loss"], ["--duo-scaling", "off"], ["--no-clip"]):
         with pytest.raises(SystemExit):
             main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", *extra])
-    assert [c.relative_loss for c in seen] == [True, False]
+    assert [c.relative_loss for c in seen] == [True, False, True, True]
+    assert [c.duo_scaling for c in seen] == [True, True, False, True]
+    assert [c.clip for c in seen] == [True, True, True, False]
+
+
+def test_removed_awq_options_are_refused(tmp_path, capsys):
+    """duo_scaling is on or off ("both" never paid off); --no-duo-scaling was a second spelling."""
+    from lowbit.cli import main
+
+    with pytest.raises(ValueError, match="duo_scaling"):
+        AwqConfig(duo_scaling="both")
+    for args in (["--duo-scaling", "both"], ["--no-duo-scaling"]):
+        with pytest.raises(SystemExit):
+            main(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", *args])
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_default_model_logits_match_transformers(default_model_dir, shared_data):
     from transformers import AutoModelForCausalLM
 
-    from lowbit.models.loader import load_model
+    from lowbit.quant.loader import load_model
 
     lm = load_model(default_model_dir)
     text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:2000]

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from lowbit.engine.args import EngineArgs
 from lowbit.engine.async_engine import AsyncEngine
 from lowbit.engine.chat_template import apply_chat_template
-from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec, dequantize, quantize
+from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec
 from lowbit.engine.llm import LLM
 from lowbit.engine.llm_engine import LLMEngine
 from lowbit.engine.outputs import RequestOutput
+from lowbit.engine.paged_attention import SeqSlice, build_paged_context
 from lowbit.engine.sampling_params import SamplingParams
 from lowbit.engine.sequence import SequenceGroup
 from lowbit.errors import LowbitError
 from lowbit.layers.attention import causal_attention
-from lowbit.layers.paged_attention import SeqSlice, build_paged_context
+from lowbit.layers.kv_quant import dequantize, quantize
 from lowbit.layers.sampler import Sampler
 
 from conftest import make_tiny_model
@@ -224,7 +225,7 @@ def test_greedy_matches_dense(tiny_dir, cfg):
 def test_equal_length_fresh_prompts_share_one_attention_call(tiny_dir, monkeypatch):
     """Consecutive fresh prompts of one length are attended in one batched causal call (a different
     length or a chunk that reads the cache breaks the run); the tokens stay the dense reference's."""
-    import lowbit.layers.paged_attention as pa
+    import lowbit.engine.paged_attention as pa
 
     sizes: list[int] = []
     batched = pa._causal_batch

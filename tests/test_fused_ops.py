@@ -1,6 +1,6 @@
-"""Fused decode ops (lowbit/layers/ops.py + csrc/ops.cpp): each against its torch reference, on
-the extension and on the pure-torch fallback, plus the paged decode kernel against an explicit
-float64 softmax over the blocks every sequence owns."""
+"""Fused decode ops (lowbit/layers/ops.py + lowbit/kernels/csrc): each against its torch reference,
+on every compiled kernel variant this machine runs and on the pure-torch reference, plus the paged
+decode kernel against an explicit float64 softmax over the blocks every sequence owns."""
 from __future__ import annotations
 
 import math
@@ -8,32 +8,27 @@ import math
 import pytest
 import torch
 
+from lowbit import kernels
+from lowbit.engine import executor
 from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec
-from lowbit.layers import kernels, ops
-from lowbit.layers.paged_attention import SeqSlice, build_paged_context
-from lowbit.layers.rotary import RotaryEmbedding
-from lowbit.models.config import RopeConfig
-from lowbit.models.loader import load_model
+from lowbit.engine.paged_attention import SeqSlice, build_paged_context
+from lowbit.layers import ops
+from lowbit.layers.rotary import RopeConfig, RotaryEmbedding
+from lowbit.quant.loader import load_model
 
-from conftest import make_tiny_model
-
-
-@pytest.fixture(params=["ext", "torch"])
-def mode(request, monkeypatch):
-    """Runs a test on the compiled ops and again on the pure-torch fallback."""
-    if request.param == "ext":
-        if not kernels.OPS.available():
-            pytest.skip("ops extension unavailable")
-    else:
-        monkeypatch.setattr(kernels.OPS, "_disabled", True)
-        assert kernels.OPS.get() is None
-    return request.param
+from conftest import make_tiny_model, use_kernels
 
 
 @pytest.fixture
-def ext():
-    if not kernels.OPS.available():
-        pytest.skip("ops extension unavailable")
+def mode(kernel_impl):
+    """Runs a test on each compiled variant and again on the pure-torch reference."""
+    assert (kernels.OPS.get() is None) == (kernel_impl == "ref")
+    return kernel_impl
+
+
+@pytest.fixture
+def ext(isa):
+    """The compiled ops of one variant (a test per variant this machine runs)."""
     return kernels.OPS.get()
 
 
@@ -229,18 +224,16 @@ def test_paged_decode_attention_rejects_blocks_outside_the_pool(ext):
 
 # ----------------------------------------------------------------------------- through the model
 @pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
-def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatch, kv_dtype):
+def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatch, isa, kv_dtype):
     """A mixed step (two decodes + a prefill chunk with a cached prefix) through the paged context:
     fused ops and the torch fallback give the same hidden states."""
-    if not kernels.OPS.available():
-        pytest.skip("ops extension unavailable")
     make_tiny_model("llama", tmp_path, num_key_value_heads=2)
     model = load_model(tmp_path, with_tokenizer=False).model
     model.fuse_projections()
     cfg = model.config
 
     def run(disabled: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(kernels.OPS, "_disabled", disabled)
+        use_kernels(monkeypatch, "ref" if disabled else isa)
         pool = KVCachePool(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8, kv_dtype), 32)
         tables = [[3, 9, 1, 4], [7, 2], [5, 6, 8, 10]]
         prompts = [torch.randint(0, 256, (n,), generator=gen(30 + n)) for n in (27, 11, 20)]
@@ -260,11 +253,9 @@ def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
-def test_lean_decode_loop_equals_the_module_path(tmp_path, kv_dtype):
+def test_lean_decode_loop_equals_the_module_path(tmp_path, monkeypatch, isa, kv_dtype):
     """Pure decode steps skip nn.Module dispatch; the result must be bit-identical to the module
     path (forced here by a no-op hook, which the lean loop must notice)."""
-    if not kernels.OPS.available():
-        pytest.skip("ops extension unavailable")
     if kv_dtype == "int4" and not getattr(KVCacheSpec(1, 1, 16, 8, "int4"), "channel_keys", False):
         pytest.skip("the kernel reads int4 pools with per-channel keys (kv_cache.py's scheme)")
     make_tiny_model("qwen2", tmp_path, num_key_value_heads=2)
@@ -272,8 +263,8 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, kv_dtype):
     model.fuse_projections()
     cfg = model.config
     calls = []
-    real_lean = model._forward_lean
-    model._forward_lean = lambda *a: calls.append(1) or real_lean(*a)
+    real_lean = executor.forward_lean
+    monkeypatch.setattr(executor, "forward_lean", lambda *a: calls.append(1) or real_lean(*a))
 
     def run(hooked: bool) -> list[torch.Tensor]:
         handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None) if hooked else None
@@ -284,14 +275,14 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, kv_dtype):
         with torch.inference_mode():
             ctx = build_paged_context(pool, [SeqSlice(tables[0], 0, 9), SeqSlice(tables[1], 0, 14)])
             assert not ctx.lean  # a prefill step
-            model(torch.cat(prompts), ctx.positions, ctx)
+            executor.execute(model, torch.cat(prompts), ctx.positions, ctx)
             lens = [9, 14]
             for step in range(4):
                 items = [SeqSlice(t, n, 1) for t, n in zip(tables, lens)]
                 ctx = build_paged_context(pool, items)
                 assert ctx.lean
                 ids = torch.tensor([(17 * step + i) % 256 for i in range(2)])
-                outs.append(model(ids, ctx.positions, ctx))
+                outs.append(executor.execute(model, ids, ctx.positions, ctx))
                 lens = [n + 1 for n in lens]
         if handle is not None:
             handle.remove()
@@ -306,18 +297,16 @@ def test_lean_decode_loop_equals_the_module_path(tmp_path, kv_dtype):
         assert torch.equal(a, b)
 
 
-def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch):
+def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch, isa):
     """The decode path probes each quantized pool scheme once: if the pool's own dequantization
     disagrees with what the kernel assumes, the torch path is used instead of misreading it."""
-    from lowbit.engine import kv_cache
-    from lowbit.layers import paged_attention as pa
+    from lowbit.engine import paged_attention as pa
+    from lowbit.layers import kv_quant
 
-    if not kernels.OPS.available():
-        pytest.skip("ops extension unavailable")
     monkeypatch.setattr(pa, "_LAYOUT_OK", {})
     assert pa._probe_layout("int8")
-    real = kv_cache.dequantize
-    monkeypatch.setattr(kv_cache, "dequantize", lambda q, sz, dtype: real(q, sz, dtype) * 1.5)  # "a new scheme"
+    real = kv_quant.dequantize
+    monkeypatch.setattr(kv_quant, "dequantize", lambda q, sz, dtype: real(q, sz, dtype) * 1.5)  # "a new scheme"
     assert not pa._probe_layout("int8")
     pool = KVCachePool(KVCacheSpec(1, 2, 32, 4, "int8"), 4)
     assert not pa._kernel_reads(pool)
@@ -328,9 +317,9 @@ def test_kernel_is_not_used_on_a_pool_scheme_it_does_not_know(monkeypatch):
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 @pytest.mark.parametrize("D", [64, 12])
 def test_quantized_pool_write_is_bit_identical_to_the_torch_scheme(ext, kv_dtype, D):
-    """quantize_to_pool (the pool's fast write) stores exactly kv_cache.quantize's codes and
+    """quantize_to_pool (the pool's fast write) stores exactly kv_quant.quantize's codes and
     (scale, zero), for strided rows, magnitudes from 1e-6 to 1e3 and a constant row."""
-    from lowbit.engine.kv_cache import quantize
+    from lowbit.layers.kv_quant import quantize
 
     N, H = 37, 3
     x = torch.randn(N, H + 4, D, generator=gen(5))[:, 2 : 2 + H]  # strided view, like k/v of a fused qkv

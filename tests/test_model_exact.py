@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.errors import ModelLoadError, UnsupportedArchitectureError
-from lowbit.models.loader import load_model
+from lowbit.quant.loader import load_model
 from lowbit.models.registry import supported_architectures
 
 from conftest import make_tiny_model

@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity as P
 from lowbit.eval.compare import CompareRow, format_table, plot_bars
-from lowbit.models.loader import load_model
+from lowbit.quant.loader import load_model
 from lowbit.quant.rtn import QuantSpec, fake_quantize_model_
 
 

@@ -15,7 +15,7 @@ from lowbit.quant.checkpoint import load_quantized, save_quantized, storage_scal
 from lowbit.quant.formats import awq_gemm
 from lowbit.quant.formats import compressed_tensors as ct
 from lowbit.quant.primitives import pack_int32, quantize_weight
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 GROUPS = [32, 64, 128, -1]
 

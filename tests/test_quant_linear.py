@@ -3,8 +3,8 @@
 The reference is float64 `x @ qw.dequantize().T + bias`; the kernels must match it to ~1e-4
 relative (they reorder fp32 sums; the default gemv, up to 12 rows, also rounds x to int16 per 64
 weights, which is checked against its own worst-case bound). Every kernel path (gemv with int16 or
-fp32 x, blocked small/large M, tiled sgemm) and the pure-torch fallback are checked, since which
-one runs depends on M and on whether the C++ extension could be built.
+fp32 x, blocked small/large M, tiled sgemm) is checked on every compiled variant this machine runs,
+and the pure-torch fallback too, since which one runs depends on M, on the CPU and on the build.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import warnings
 import pytest
 import torch
 
+from lowbit import kernels
 from lowbit.errors import QuantizationError
-from lowbit.layers import kernels
 from lowbit.layers.linear import QuantEmbedding, QuantLinear, quantize_embedding
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 RTOL = 1e-4
 
@@ -47,19 +47,11 @@ def assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= RTOL * scale, f"max abs err {err:.3e} > {RTOL} * {scale:.3e}"
 
 
-@pytest.fixture(params=["ext", "fallback"])
-def backend(request, monkeypatch):
-    """Runs a test once with the compiled kernels and once with LOWBIT_NO_EXT=1."""
-    if request.param == "fallback":
-        monkeypatch.setenv("LOWBIT_NO_EXT", "1")
-    else:
-        monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
-    kernels.reset()
-    if request.param == "ext" and not kernels.available():
-        pytest.skip("C++ extension unavailable on this machine")
-    yield request.param
-    monkeypatch.undo()
-    kernels.reset()
+@pytest.fixture
+def backend(kernel_impl):
+    """Runs a test on each compiled variant this machine runs and on the pure-torch fallback."""
+    assert kernels.available() == (kernel_impl != "ref")
+    return kernel_impl
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
@@ -75,18 +67,11 @@ def test_matches_dequantized_reference(backend, bits, group, sym, m):
     assert_matches(layer(x), reference(qw, x, bias))
 
 
-def _ext_or_skip() -> None:
-    kernels.reset()
-    if not kernels.available():
-        pytest.skip("C++ extension unavailable")
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("mode", [1, 2, 3, 4])
 @pytest.mark.parametrize("m", [1, 2, 5, 7, 64, 70])
-def test_every_kernel_path(bits, mode, m):
+def test_every_kernel_path(isa, bits, mode, m):
     """Forced kernels agree with the reference, including tails of every register tile."""
-    _ext_or_skip()
     qw = make_qweight(41, 576, bits, 64, sym=False, seed=m)
     layer = QuantLinear.from_quantized(qw, torch.randn(41))
     x = torch.randn(m, 576)
@@ -95,11 +80,10 @@ def test_every_kernel_path(bits, mode, m):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k,group", [(576, 64), (512, 128), (576, None), (200, None)])
-def test_int16_gemv_stays_within_its_rounding_bound(bits, group, k):
+def test_int16_gemv_stays_within_its_rounding_bound(isa, bits, group, k):
     """The default gemv rounds x to int16 with one step per 64 weights (step = max|x_chunk| / 32767)
     and computes W x_rounded, so each output may move by at most sum_k |w_k| step_k / 2, no further;
     an outlier channel coarsens only its own chunk. A lane-order mistake would miss by ~|y|."""
-    _ext_or_skip()
     qw = make_qweight(67, k, bits, group, sym=False, seed=k + bits)
     layer = QuantLinear.from_quantized(qw, None)
     x = torch.randn(6, k, generator=torch.Generator().manual_seed(k))  # one pass of 4 rows + 2
@@ -116,9 +100,8 @@ def test_int16_gemv_stays_within_its_rounding_bound(bits, group, k):
     assert (layer.forward_mode(x, 4).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_int16_gemv_keeps_non_finite_inputs_non_finite():
+def test_int16_gemv_keeps_non_finite_inputs_non_finite(isa):
     """NaN or Inf in x must reach the output as the fp32 path would, never a rounded finite value."""
-    _ext_or_skip()
     qw = make_qweight(16, 576, 4, 64, sym=False)
     layer = QuantLinear.from_quantized(qw, None)
     for bad in (float("nan"), float("inf")):
@@ -135,10 +118,9 @@ def test_int16_gemv_keeps_non_finite_inputs_non_finite():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_auto_runs_the_int16_gemv_up_to_twelve_rows(bits):
+def test_auto_runs_the_int16_gemv_up_to_twelve_rows(isa, bits):
     """Decode batches of up to 12 rows take gemv16 (fewer uops than dequantizing to fp32); from 13
     rows on the blocked kernel; groups of 32 keep the gemv for M = 1 only."""
-    _ext_or_skip()
     layer = QuantLinear.from_quantized(make_qweight(50, 576, bits, 64, sym=False), None)
     for m, mode in ((1, 1), (3, 1), (12, 1), (13, 2), (16, 2)):
         x = torch.randn(m, 576)
@@ -148,10 +130,9 @@ def test_auto_runs_the_int16_gemv_up_to_twelve_rows(bits):
     assert torch.equal(g32(x), g32.forward_mode(x, 2))
 
 
-def test_int16_gemv_handles_tiny_and_zero_inputs():
+def test_int16_gemv_handles_tiny_and_zero_inputs(isa):
     """A zero chunk and inputs so small that 1 / step would overflow (they take the fp32-x gemv)
     still give the exact products, never a saturated code."""
-    _ext_or_skip()
     qw = make_qweight(20, 576, 4, 64, sym=False)
     layer = QuantLinear.from_quantized(qw, None)
     x = torch.randn(3, 576)
@@ -165,10 +146,9 @@ def test_int16_gemv_handles_tiny_and_zero_inputs():
     assert torch.equal(y[2], torch.zeros(20))
 
 
-def test_groups_of_32_use_the_fp32_x_gemv():
+def test_groups_of_32_use_the_fp32_x_gemv(isa):
     """Two 32-weight groups share each 64-weight chunk's int16 lanes, so they keep fp32 x: the
     default M = 1 path is then the fp32-x gemv, bit for bit."""
-    _ext_or_skip()
     qw = make_qweight(33, 256, 4, 32, sym=False)
     layer = QuantLinear.from_quantized(qw, None)
     x = torch.randn(1, 256)
@@ -178,10 +158,9 @@ def test_groups_of_32_use_the_fp32_x_gemv():
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [40, 300])  # per-thread L2 tiles, and whole-weight tiles
 @pytest.mark.parametrize("inference", [True, False])
-def test_sgemm_path_with_several_tiles_on_two_threads(bits, m, inference):
+def test_sgemm_path_with_several_tiles_on_two_threads(isa, bits, m, inference):
     """The sgemm path splits W into tiles shared out to threads; worker threads must write the
     output under the caller's inference mode (the engine runs in torch.inference_mode)."""
-    _ext_or_skip()
     qw = make_qweight(1000, 576, bits, 64, sym=False, seed=m)  # 1000 rows: 4 even tiles of 256 (last 232)
     layer = QuantLinear.from_quantized(qw, torch.randn(1000))
     x = torch.randn(m, 576)
@@ -309,15 +288,21 @@ def test_quantized_embedding_and_lm_head(backend):
     assert head.weight_bytes() < 0.26 * w.numel() * 4
 
 
-def test_missing_compiler_falls_back_with_one_warning(monkeypatch):
-    """A failed build must not break inference: warn once, then use the torch path."""
+@pytest.mark.parametrize("failure", ["not built", "broken build"])
+def test_missing_kernels_fall_back_with_one_warning(monkeypatch, failure):
+    """An install without a compiler (no module built) or a module that fails to load must not
+    break inference: warn once, then use the torch path."""
     monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
+    monkeypatch.delenv("LOWBIT_ISA", raising=False)
     kernels.reset()
 
-    def broken_load(*_args):
-        raise RuntimeError("Error building extension: c++: command not found")
+    def broken_load(variant):
+        raise ImportError(f"{variant.module}: undefined symbol")
 
-    monkeypatch.setattr(kernels, "_load", broken_load)
+    if failure == "not built":
+        monkeypatch.setattr(kernels.REGISTRY, "_find", lambda module: None)
+    else:
+        monkeypatch.setattr(kernels.REGISTRY, "_load", broken_load)
     qw = make_qweight(16, 128, 4, 32, sym=False)
     layer = QuantLinear.from_quantized(qw, None)
     x = torch.randn(3, 128)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lowbit.models.loader import build_fp_model, load_model
+from lowbit.models.loader import build_fp_model
+from lowbit.quant.loader import load_model
 from lowbit.models.registry import resolve_config
 from lowbit.models.weights import iter_tensors
 from lowbit.quant.checkpoint import save_quantized

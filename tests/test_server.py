@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import make_tiny_model
 from lowbit.engine.args import EngineArgs
@@ -136,9 +137,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_dir: Path):
-    engine = start_engine(str(tiny_dir), kv_cache_memory=8 * 2**20, num_threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the process's setting (the engine leaves threads alone), restored after
+    engine = start_engine(str(tiny_dir), kv_cache_memory=8 * 2**20)
     yield engine
     stop_engine(engine)
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

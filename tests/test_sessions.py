@@ -47,7 +47,7 @@ def test_second_turn_prefills_only_new_tokens(tiny_dir):
     o1 = out1.outputs[0].token_ids
     assert out1.num_cached_tokens == 0
     held = engine.sessions.get("s")
-    assert held.busy is None and held.token_ids == p1 + o1[:-1] and held.blocks
+    assert held.owner is None and held.token_ids == p1 + o1[:-1] and held.blocks
     p2 = p1 + o1 + prompts_of([7], seed=22)[0]
     out2, computed = turn(engine, "t2", p2, "s")
     assert out2.num_cached_tokens == len(p1) + len(o1) - 1
@@ -120,7 +120,7 @@ def test_abort_busy_expiry_and_max_sessions(tiny_dir):
     engine.step()
     engine.abort_request("a")  # an aborted turn leaves the session empty but usable
     s1 = engine.sessions.get("s1")
-    assert s1.busy is None and not s1.blocks
+    assert s1.owner is None and not s1.blocks
     out, _ = turn(engine, "c", p, "s1")
     assert out.num_cached_tokens == 0 and engine.sessions.get("s1").blocks
     turn(engine, "d", p, "s2")

@@ -52,6 +52,24 @@ def load_llama(args, n_ctx: int):
                  n_ctx=n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch, seed=0, verbose=args.verbose)
 
 
+def build_stamp() -> str:
+    stamp = Path(sys.prefix) / ".peer-build"
+    return stamp.read_text().strip() if stamp.exists() else "unknown (built before .peer-build stamps)"
+
+
+def build_info() -> dict:
+    """Which llama.cpp build this venv holds (setup_peers.sh writes .peer-build: native or portable-avx2)
+    and what its CPU backend reports using (llama_print_system_info: AVX2 = 1, AVX512 = 1, ...)."""
+    import llama_cpp
+
+    build = build_stamp()
+    try:
+        system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception as exc:  # informative only
+        system = f"unavailable ({type(exc).__name__})"
+    return {"build": build, "system_info": system}
+
+
 def gen_timed(llm, prompt: list[int], n_out: int, t0: float) -> list[float]:
     """Greedy-generate exactly n_out tokens (EOS is not a stop here); the time of each token."""
     llm.reset()  # no KV reuse between runs: the whole prompt is evaluated every time
@@ -69,10 +87,10 @@ def run_decode(args, res):
     import llama_cpp
 
     llm = load_llama(args, n_ctx=args.n_ctx or (args.input_len + args.output_len + 64))
-    vocab = llm.n_vocab()
+    vocab = args.vocab_size or llm.n_vocab()
     prompt = P.decode_prompt(vocab, input_len=args.input_len)
     res["engine"] = {"name": "llama-cpp-python", "version": llama_cpp.__version__,
-                     "api": "Llama.generate (high-level, greedy sampler in C)"}
+                     "api": "Llama.generate (high-level, greedy sampler in C)", **build_info()}
     res["workload"] = {"batch": 1, "input_len": len(prompt), "output_len": args.output_len,
                        "vocab_size": vocab, "prompt_fingerprint": P.fingerprint(prompt)}
     C.log("warm-up")
@@ -93,9 +111,9 @@ def run_throughput_python(args, res):
     import llama_cpp
 
     llm = load_llama(args, n_ctx=args.n_ctx or (args.input_len + args.output_len + 64))
-    vocab = llm.n_vocab()
+    vocab = args.vocab_size or llm.n_vocab()
     prompts = P.make_prompts(args.num_prompts, args.input_len, vocab)
-    res["engine"] = {"name": "llama-cpp-python", "version": llama_cpp.__version__,
+    res["engine"] = {"name": "llama-cpp-python", "version": llama_cpp.__version__, **build_info(),
                      "api": "Llama.generate, one request after another",
                      "batching": "none: llama-cpp-python's high-level API has no batching, so requests run sequentially"}
     res["workload"] = {"num_prompts": len(prompts), "input_len": args.input_len,
@@ -145,7 +163,8 @@ def run_throughput_server(args, res):
         vocab = args.vocab_size or _vocab_from_gguf(args.gguf)
         prompts = P.make_prompts(args.num_prompts, args.input_len, vocab)
         res["engine"] = {"name": "llama.cpp llama-server", "binary": server_bin,
-                         "build": props.get("build_info"), "parallel_slots": parallel,
+                         "build": build_stamp(), "server_build_info": props.get("build_info"),
+                         "parallel_slots": parallel,
                          "ctx_per_slot": ctx_per_slot, "threads": args.threads,
                          "batching": "continuous batching over --parallel slots; all requests sent concurrently",
                          "request": "POST /completion {prompt: token ids, n_predict, ignore_eos, temperature 0, cache_prompt false}"}
@@ -202,7 +221,9 @@ def main(argv=None):
     ap.add_argument("--n-ctx", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=0, help="server slots (default: num-prompts)")
     ap.add_argument("--server-bin", default=None)
-    ap.add_argument("--vocab-size", type=int, default=0, help="default: read from the GGUF")
+    ap.add_argument("--vocab-size", type=int, default=0,
+                    help="prompt ids are drawn below this (default: the GGUF's n_vocab; compare_engine.py passes "
+                         "prompts.prompt_vocab_size of the HF directory, the same for every engine)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.input_len is None:

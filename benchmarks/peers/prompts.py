@@ -60,6 +60,25 @@ def decode_prompt(vocab_size: int, input_len: int = DECODE_INPUT_LEN, seed: int 
     return make_prompts(1, input_len, vocab_size, seed=seed, first_id=first_id)[0]
 
 
+def prompt_vocab_size(model_dir, first_id: int = FIRST_ID) -> int:
+    """The id range [first_id, n) every engine accepts as ordinary tokens, from the HF directory's files.
+
+    config.json's vocab_size counts the embedding rows, which can run past the tokenizer: Qwen2.5 has
+    151,936 rows but ordinary tokens only below 151,643, then its special tokens, then padding rows that
+    no tokenizer knows (vLLM rejects such ids). So n is the lowest id of an added (special) token at or
+    above first_id, capped by vocab_size; for SmolLM2 (specials at 0..16) it is 49152, as before.
+    """
+    from pathlib import Path
+
+    d = Path(model_dir)
+    n = int(json.loads((d / "config.json").read_text())["vocab_size"])
+    tok = d / "tokenizer.json"
+    if tok.exists():
+        added = [int(t["id"]) for t in json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", [])]
+        n = min([n] + [i for i in added if i >= first_id])
+    return n
+
+
 def fingerprint(prompts) -> str:
     """sha256 (first 16 hex digits) of the token ids: equal workloads have equal fingerprints."""
     if prompts and isinstance(prompts[0], int):

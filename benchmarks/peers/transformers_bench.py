@@ -56,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=0, help="throughput: default = num-prompts")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa|eager)")
+    ap.add_argument("--vocab-size", type=int, default=0,
+                    help="prompt ids are drawn below this (default: prompts.prompt_vocab_size of --hf-dir)")
     args = ap.parse_args(argv)
     if args.input_len is None:
         args.input_len = P.DECODE_INPUT_LEN if args.mode == "decode" else 128
@@ -70,7 +72,7 @@ def main(argv=None):
                                                  attn_implementation=args.attn)
     model.eval()
     load_s = C.now() - t0
-    vocab = int(model.config.vocab_size)
+    vocab = args.vocab_size or P.prompt_vocab_size(args.hf_dir)
     pad_id = model.config.pad_token_id
     if pad_id is None:
         eos = model.config.eos_token_id

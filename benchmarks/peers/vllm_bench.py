@@ -74,6 +74,12 @@ def maybe_reexec(args) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def _cpu_flags() -> set[str]:
+    from configs import cpu_flags
+
+    return cpu_flags()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", required=True)
@@ -83,7 +89,10 @@ def main(argv=None):
                     help=f"default {P.DECODE_INPUT_LEN} (decode) / 128 (throughput)")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (compare_engine.py picks the "
+                    "fastest for the CPU: configs.vllm_fastest_dtype)")
+    ap.add_argument("--vocab-size", type=int, default=0,
+                    help="prompt ids are drawn below this (default: prompts.prompt_vocab_size of --hf-dir)")
     ap.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     ap.add_argument("--max-num-seqs", type=int, default=0, help="default: vLLM's")
     ap.add_argument("--max-num-batched-tokens", type=int, default=0, help="default: vLLM's")
@@ -106,7 +115,7 @@ def main(argv=None):
 
     C.log(f"vllm {vllm.__version__} torch {torch.__version__} imported in {C.now() - t_import:.1f} s")
     cfg = _json.loads((Path(args.hf_dir) / "config.json").read_text())
-    vocab = int(cfg["vocab_size"])
+    vocab = args.vocab_size or P.prompt_vocab_size(args.hf_dir)
     max_len = args.max_model_len or (args.input_len + args.output_len + 16)
     kw = dict(model=args.hf_dir, dtype=args.dtype, max_model_len=max_len, seed=0,
               disable_log_stats=True, enforce_eager=args.enforce_eager)
@@ -124,6 +133,8 @@ def main(argv=None):
     res["engine"] = {
         "name": "vllm-cpu", "version": vllm.__version__, "torch": torch.__version__,
         "init_s": round(init_s, 2), "dtype": args.dtype, "max_model_len": max_len,
+        "quantization": (cfg.get("quantization_config") or {}).get("quant_method"),
+        "cpu_bf16": sorted(f for f in ("avx512_bf16", "amx_bf16") if f in _cpu_flags()),
         "max_num_seqs": getattr(sched, "max_num_seqs", None),
         "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
         "enforce_eager": args.enforce_eager,

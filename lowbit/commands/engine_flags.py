@@ -35,7 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     g.add_argument("--quantize-lm-head", action="store_true", help="int8 embedding / LM head")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores); process-wide, so set by the command line (cli.py), "
+                        "not by the engine")
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
@@ -49,5 +51,4 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         quantize_lm_head=args.quantize_lm_head,
-        num_threads=args.threads,
     )

@@ -19,7 +19,7 @@ def _group_size(text: str) -> int | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..quant.awq import AwqConfig
+    from ..quant.awq_config import AwqConfig
     from ..quant.gptq import ACT_ORDERS, GptqConfig
     from ..quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
@@ -46,10 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-tokens", type=int, default=d.search_tokens,
                    help="tokens sampled from all calibration data for the per-token (MLP, o/down_proj) searches "
                         "(default %(default)s; 0 = all)")
-    p.add_argument("--duo-scaling", choices=["on", "off", "both"], default=None,
-                   help="scale grid: on = activations and weights (AutoAWQ), off = activations only (llm-awq), "
-                        "both = search both grids (llm-compressor's 'both'); default on")
-    p.add_argument("--no-duo-scaling", action="store_true", help="same as --duo-scaling off")
+    p.add_argument("--duo-scaling", choices=["on", "off"], default="on",
+                   help="scale grid: on = activations and weights (AutoAWQ, default), off = activations only "
+                        "(llm-awq, as published)")
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's clipping search")
     p.add_argument("--absolute-loss", action="store_true",
                    help="score the searches on absolute output error, as published (default: error relative "
@@ -70,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quant.awq import AwqConfig
+    from ..quant.awq_config import AwqConfig
     from ..quant.gptq import GptqConfig
+    from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
     if args.method not in ("gptq", "awq-gptq") and (args.act_order or args.damp != GptqConfig().damp):
@@ -79,12 +79,13 @@ def run(args: argparse.Namespace) -> int:
 
         raise QuantizationError("--act-order and --damp apply to --method gptq and awq-gptq only")
     cfg = AwqConfig(
-        duo_scaling=_duo(args),
+        duo_scaling=args.duo_scaling == "on",
         clip=not args.no_clip,
         relative_loss=not args.absolute_loss,
         search_samples=None if args.search_samples == 0 else args.search_samples,
         search_tokens=None if args.search_tokens == 0 else args.search_tokens,
     )
+    pin_mmap_threshold()  # process-wide and permanent: this command owns the process (quant/heap.py)
     report = quantize(
         args.model, args.method, args.w_bit, args.group_size, args.sym, args.calib, args.calib_samples,
         args.calib_seqlen, args.fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
@@ -105,11 +106,3 @@ def run(args: argparse.Namespace) -> int:
               f"than RTN on {t['layers_better_than_rtn']}/{report.num_layers} layers", file=sys.stderr)
     return 0
 
-
-def _duo(args) -> bool | str:
-    if args.no_duo_scaling and args.duo_scaling not in (None, "off"):
-        from ..errors import QuantizationError
-
-        raise QuantizationError("--no-duo-scaling contradicts --duo-scaling " + args.duo_scaling)
-    choice = "off" if args.no_duo_scaling else (args.duo_scaling or "on")
-    return {"on": True, "off": False, "both": "both"}[choice]

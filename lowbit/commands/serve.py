@@ -29,6 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action="store_true", help="log every HTTP request (costs CPU under load)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(p)
+    c = p.add_argument_group("replicas (Ray; needs pip install 'lowbit[cluster]', see docs/cluster.md)")
+    c.add_argument("--replicas", type=int, default=None,
+                   help="serve N engine replicas behind this endpoint, on a local Ray instance")
+    c.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="join this Ray cluster instead of starting one (implies replicas, default 1)")
+    c.add_argument("--threads-per-replica", type=int, default=None,
+                   help="torch threads per replica (default: --threads, else the cluster's CPUs split evenly)")
+    c.add_argument("--pin-cores", action="store_true", help="pin each replica to its own cores (one machine)")
+    c.add_argument("--max-restarts", type=int, default=5, help="Ray restarts of a dead replica (-1: forever)")
+    c.add_argument("--route-prefix-blocks", type=int, default=1,
+                   help="prompt KV blocks hashed for prefix-affinity routing (default %(default)s)")
+    c.add_argument("--routing", choices=["affinity", "random"], default="affinity",
+                   help="session, then prefix, then load (default); random is a baseline for benchmarks")
     p.set_defaults(func=run)
 
 
@@ -72,10 +85,18 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         print(f"lowbit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
-    engine = AsyncEngine(engine_args_from(args))
+    make_app = create_app
+    if args.replicas is not None or args.ray_address is not None:  # only then is Ray imported
+        from ..cluster.ingress import create_cluster_app
+        from ..cluster.launch import config_from_args, start_cluster
+
+        engine = start_cluster(engine_args_from(args), config_from_args(args), args.ray_address)
+        make_app = create_cluster_app
+    else:
+        engine = AsyncEngine(engine_args_from(args))
     name = args.served_model_name or served_name(args.model)
-    app = create_app(engine, served_model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                     model_root=str(args.model) if args.model else None, allowed_origins=args.allowed_origins)
+    app = make_app(engine, served_model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                   model_root=str(args.model) if args.model else None, allowed_origins=args.allowed_origins)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"lowbit serve: {name} on http://{shown}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'}); Ctrl-C to stop", file=sys.stderr, flush=True)

@@ -19,8 +19,7 @@ class EngineArgs:
     quantize_lm_head: bool = False  # int8 embedding/LM head
     session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
     max_sessions: int = 256
-    num_threads: int | None = None  # torch threads; None -> all cores
-    seed: int = 0
+    seed: int = 0  # seeds the engine's own generator, which unseeded requests draw from
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("auto", "fp32", "int8", "int4"):

@@ -18,8 +18,10 @@ fp32 stores activations as they are (the fast CPU path). The quantized pools are
   most half a new step) for one that did. A write at row 0 starts the block afresh. Whole blocks
   written at once (a long prefill) are quantized in one shot; on the default model, token-by-token
   filling costs ~+0.3% perplexity more than that (lowbit/eval/kv_perplexity.py).
-  int4 packs two values per byte: element j in the low nibble, element j + D/2 in the high one,
-  so unpacking is one concatenation.
+
+The codes' math (quantize, dequantize, the per-channel grid and its remap) lives in
+lowbit/layers/kv_quant.py, where the fused decode kernel's callers see it too; this file is the
+pool: its tensors, which blocks a write touches, and reading blocks back.
 
 Capacity vs fp32 (default model, head_dim 64, block 16): int8 3.56x, int4 5.82x.
 """
@@ -31,10 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
-from ..layers import kernels
+from .. import kernels
+from ..layers import kv_quant
 
 KV_DTYPES = ("fp32", "int8", "int4")
-_QMAX = {"int8": 255.0, "int4": 15.0}
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class KVCachePool:
             if ext is not None and x.dtype == torch.float32 and x.dim() == 3 and x.stride(-1) == 1:
                 ext.quantize_to_pool(x, slots, codes, scale_zero, 8 if dtype == "int8" else 4)  # same codes, one pass
             else:
-                q, sz = quantize(x, dtype)
+                q, sz = kv_quant.quantize(x, dtype)
                 codes.view(-1, *q.shape[1:]).index_copy_(0, slots, q)
                 scale_zero.view(-1, *sz.shape[1:]).index_copy_(0, slots, sz)
 
@@ -175,26 +177,20 @@ class KVCachePool:
         n_keep = int(keep.sum())
         if n_keep:
             old = self.k_sz[layer].index_select(0, ub).float()
-            s_old, z_old = old[:, 0], old[:, 1]
-            if n_keep == M:
-                lo, hi = torch.minimum(lo, z_old), torch.maximum(hi, z_old + 15.0 * s_old)
-            else:
-                kp = keep[:, None, None]
-                lo = torch.where(kp, torch.minimum(lo, z_old), lo)
-                hi = torch.where(kp, torch.maximum(hi, z_old + 15.0 * s_old), hi)
-        zero, scale = _channel_range(lo, hi)
-        z, s = zero.float(), scale.float()
+            lo, hi = kv_quant.widen_channel_range(lo, hi, old, None if n_keep == M else keep)
+        zero, scale = kv_quant.channel_range(lo, hi)
         if n_keep:
-            mul, add, kb = s_old / s, (z_old - z) / s, ub
+            kb, old_kb, zero_kb, scale_kb = ub, old, zero, scale
             if n_keep < M:
                 rows = keep.nonzero().squeeze(1)
-                mul, add, kb = mul.index_select(0, rows), add.index_select(0, rows), ub.index_select(0, rows)
-            codes = _unpack4(self.k[layer].index_select(0, kb)).float().mul_(mul.unsqueeze(1)).add_(add.unsqueeze(1))
-            self.k[layer].index_copy_(0, kb, _pack4(codes.round_().clamp_(0, 15).to(torch.uint8)))
+                kb, old_kb = ub.index_select(0, rows), old.index_select(0, rows)
+                zero_kb, scale_kb = zero.index_select(0, rows), scale.index_select(0, rows)
+            codes = kv_quant.remap_channel_codes(self.k[layer].index_select(0, kb), old_kb, zero_kb, scale_kb)
+            self.k[layer].index_copy_(0, kb, codes)
+        z, s = zero.float(), scale.float()
         if N > 1:
             z, s = z.index_select(0, inv), s.index_select(0, inv)
-        q = (k - z).div_(s).round_().clamp_(0, 15).to(torch.uint8)
-        self.k[layer].view(-1, H, D // 2).index_copy_(0, slots, _pack4(q))
+        self.k[layer].view(-1, H, D // 2).index_copy_(0, slots, kv_quant.quantize_to_channel_range(k, z, s))
         self.k_sz[layer].index_copy_(0, ub, torch.stack([scale, zero], dim=1))
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
@@ -212,11 +208,11 @@ class KVCachePool:
         k = self.k[layer].index_select(0, blocks)
         v = self.v[layer].index_select(0, blocks)
         if self.spec.channel_keys:
-            k = dequantize_channels(k, self.k_sz[layer].index_select(0, blocks))
-            v = dequantize(v, self.v_sz[layer].index_select(0, blocks), self.spec.dtype)
+            k = kv_quant.dequantize_channels(k, self.k_sz[layer].index_select(0, blocks))
+            v = kv_quant.dequantize(v, self.v_sz[layer].index_select(0, blocks), self.spec.dtype)
         elif self.spec.quantized:
-            k = dequantize(k, self.k_sz[layer].index_select(0, blocks), self.spec.dtype)
-            v = dequantize(v, self.v_sz[layer].index_select(0, blocks), self.spec.dtype)
+            k = kv_quant.dequantize(k, self.k_sz[layer].index_select(0, blocks), self.spec.dtype)
+            v = kv_quant.dequantize(v, self.v_sz[layer].index_select(0, blocks), self.spec.dtype)
         return k.flatten(0, 1), v.flatten(0, 1)
 
     def view_range(self, layer: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,62 +220,3 @@ class KVCachePool:
         k = self.k[layer][first : first + count]
         v = self.v[layer][first : first + count]
         return k.flatten(0, 1), v.flatten(0, 1)
-
-
-def quantize(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [..., H, D] fp32 -> (uint8 codes [..., H, D or D/2], scale_zero [..., H, 2]); asymmetric
-    per token and head: scale = (max - min) / qmax, zero = min."""
-    qmax = _QMAX[dtype]
-    x = x.float()
-    mn, mx = x.aminmax(dim=-1)
-    scale = (mx - mn).div_(qmax).clamp_min_(1e-8)
-    q = (x - mn.unsqueeze(-1)).div_(scale.unsqueeze(-1)).round_().clamp_(0, qmax).to(torch.uint8)
-    if dtype == "int4":
-        half = q.shape[-1] // 2
-        q = q[..., :half] | (q[..., half:] << 4)
-    return q, torch.stack([scale, mn], dim=-1)
-
-
-def dequantize(q: torch.Tensor, scale_zero: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Inverse of `quantize` for any leading shape: q [..., H, D or D/2], scale_zero [..., H, 2]."""
-    if dtype == "int4":
-        q = torch.cat([q & 15, q >> 4], dim=-1)
-    x = q.float()
-    return x.mul_(scale_zero[..., :1]).add_(scale_zero[..., 1:])  # in place: ~3x faster than addcmul here
-
-
-_MIN_SCALE = 2.0**-14  # smallest normal fp16: the stored scale never underflows
-_FP16_MAX = 65504.0
-
-
-def _unpack4(q: torch.Tensor) -> torch.Tensor:
-    return torch.cat([q & 15, q >> 4], dim=-1)
-
-
-def _pack4(q: torch.Tensor) -> torch.Tensor:
-    half = q.shape[-1] // 2
-    return q[..., :half] | (q[..., half:] << 4)
-
-
-def _channel_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (zero, scale) covering [lo, hi] with 15 steps; the scale is computed from the rounded
-    zero so that code 15 still reaches hi."""
-    zero = lo.clamp(-_FP16_MAX, _FP16_MAX).half()
-    scale = (hi - zero.float()).div_(15.0).clamp_(_MIN_SCALE, _FP16_MAX).half()
-    return zero, scale
-
-
-def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4 per channel over the token axis: x [M, bs, H, D] fp32 -> (packed codes [M, bs, H, D/2],
-    fp16 scale_zero [M, 2, H, D]). Codes are computed from the fp16-rounded scale and zero, so
-    requantizing a dequantized block with an unchanged range gives back the same codes."""
-    zero, scale = _channel_range(*x.aminmax(dim=1))
-    q = (x - zero.float().unsqueeze(1)).div_(scale.float().unsqueeze(1)).round_().clamp_(0, 15).to(torch.uint8)
-    return _pack4(q), torch.stack([scale, zero], dim=1)
-
-
-def dequantize_channels(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quantize_channels`: q [M, bs, H, D/2], scale_zero [M, 2, H, D] -> fp32 [M, bs, H, D]."""
-    x = _unpack4(q).float()
-    sz = scale_zero.float()
-    return x.mul_(sz[:, :1]).add_(sz[:, 1:])

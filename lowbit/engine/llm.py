@@ -10,7 +10,8 @@ from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int]  # what the engine takes
+PromptInput = str | list[int] | dict[str, Any]  # what generate() takes (vLLM's shapes)
 
 
 class LLM:
@@ -34,10 +35,12 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[str] | list[int] | list[list[int]],
+        prompts: PromptInput | list[PromptInput] | list[int],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
+        """Outputs in prompt order. A prompt is a string, a list of token ids, {"prompt": str} or
+        {"prompt_token_ids": [...]} (vLLM's TextPrompt / TokensPrompt); pass one or a list of them."""
         return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm)
 
     def chat(
@@ -92,18 +95,44 @@ class LLM:
         return [done[r] for r in ids]
 
 
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+    """vLLM's prompt shapes -> one engine prompt each: a string, a list of token ids, a TextPrompt
+    {"prompt": str}, a TokensPrompt {"prompt_token_ids": [...]}, or a list mixing any of them."""
+    if isinstance(prompts, (str, dict)):
+        return [_one_prompt(prompts, None)]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise LowbitError("no prompts given")
         if all(isinstance(p, int) for p in prompts):
-            return [list(prompts)]
-        out: list[Prompt] = []
-        for p in prompts:
-            if not isinstance(p, (str, list, tuple)):
-                raise LowbitError(f"each prompt must be a string or a list of token ids, got {type(p).__name__}")
-            out.append(p if isinstance(p, str) else list(p))
-        return out
-    raise LowbitError(f"prompts must be a string, a list of strings or token id lists, got {type(prompts).__name__}")
+            return [list(prompts)]  # one prompt of token ids
+        return [_one_prompt(p, i) for i, p in enumerate(prompts)]
+    raise LowbitError("prompts must be a string, a list of token ids, a dict with 'prompt' or 'prompt_token_ids', "
+                      f"or a list of these, got {type(prompts).__name__}")
+
+
+def _one_prompt(p: Any, index: int | None) -> Prompt:
+    where = "" if index is None else f"prompt {index}: "
+    if isinstance(p, str):
+        return p
+    if isinstance(p, (list, tuple)):
+        return list(p)  # token ids: the engine checks each one
+    if isinstance(p, dict):
+        unknown = sorted(str(k) for k in p if k not in _PROMPT_KEYS)
+        if unknown:
+            raise LowbitError(f"{where}unsupported prompt field(s) {unknown}; a prompt dict takes 'prompt' (text) "
+                              "or 'prompt_token_ids'")
+        if len(p) != 1:
+            raise LowbitError(f"{where}a prompt dict takes exactly one of 'prompt' (text) or 'prompt_token_ids'")
+        if "prompt" in p:
+            if not isinstance(p["prompt"], str):
+                raise LowbitError(f"{where}'prompt' must be a string, got {type(p['prompt']).__name__}")
+            return p["prompt"]
+        ids = p["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)):
+            raise LowbitError(f"{where}'prompt_token_ids' must be a list of token ids, got {type(ids).__name__}")
+        return list(ids)
+    raise LowbitError(f"{where}each prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+                      f"'prompt_token_ids', got {type(p).__name__}")

@@ -56,8 +56,15 @@ class LLMEngine:
         sampler: Callable | None = None,
     ) -> None:
         self.args = args = args if args is not None else EngineArgs()
-        torch.manual_seed(args.seed)  # unseeded requests draw from the global generator
-        self.runner = ModelRunner(args, loaded, sampler)
+        self.generator = torch.Generator()  # what unseeded requests draw from; torch's global RNG is left alone
+        with torch.random.fork_rng(devices=[]):
+            # Seeded where torch.manual_seed(seed) followed by loading the model leaves the global
+            # RNG (loading draws from it: fusing fp projections initialises new nn.Linears): that is
+            # the stream unseeded requests drew from when the engine reseeded the global RNG, so an
+            # engine seed gives the same tokens as before. fork_rng puts the caller's state back.
+            torch.manual_seed(args.seed)
+            self.runner = ModelRunner(args, loaded, sampler, self.generator)
+            self.generator.set_state(torch.get_rng_state())
         self.tokenizer: Any = self.runner.tokenizer
         self.model_config: ModelConfig = self.runner.config
         self.eos_token_ids = frozenset(self.runner.eos_token_ids)

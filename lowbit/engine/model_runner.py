@@ -14,11 +14,13 @@ from typing import Any, Callable
 
 import torch
 
-from ..layers.paged_attention import SeqSlice, build_paged_context
-from ..models.loader import LoadedModel, load_model, load_tokenizer
+from ..logprobs import Logprob
+from ..models.loader import LoadedModel, load_tokenizer
+from ..quant.loader import load_model
 from .args import EngineArgs
+from .executor import execute
 from .kv_cache import KVCachePool, KVCacheSpec, normalize_kv_dtype, num_blocks_for_budget
-from .outputs import Logprob
+from .paged_attention import SeqSlice, build_paged_context
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -75,9 +77,9 @@ def model_nbytes(model: torch.nn.Module) -> int:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, loaded: LoadedModel | None = None, sampler: Callable | None = None) -> None:
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
+    def __init__(self, args: EngineArgs, loaded: LoadedModel | None = None, sampler: Callable | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """generator: what the default sampler draws unseeded requests from (the engine's own)."""
         self.loaded = loaded if loaded is not None else load_for_engine(args.model)
         self.model = self.loaded.model
         self.config = self.loaded.config
@@ -89,7 +91,7 @@ class ModelRunner:
         if sampler is None:
             from ..layers.sampler import Sampler
 
-            sampler = Sampler(self.eos_token_ids)
+            sampler = Sampler(self.eos_token_ids, generator=generator)
         self.sampler = sampler
         cfg = self.config
         self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.block_size,
@@ -140,7 +142,7 @@ class ModelRunner:
                 sample_rows.extend([row - 1] * draws)
                 samplers.append((seq, draws))
         ctx = build_paged_context(self.pool, items, self.window)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long), ctx.positions, ctx)
+        hidden = execute(self.model, torch.tensor(ids, dtype=torch.long), ctx.positions, ctx)
         if not samplers:
             return []
         if len(sample_rows) != row or sample_rows != list(range(row)):

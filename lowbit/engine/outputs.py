@@ -3,16 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-# one entry per generated token: {token_id: Logprob} holding the sampled token and the top-k alternatives
-SampleLogprobs = list[dict[int, Logprob]]
+from ..logprobs import SampleLogprobs
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from ..logprobs import Logprob
+from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 
 _DETOK_CONTEXT = 5  # prompt tokens decoded before the first output token (keeps leading spaces right)

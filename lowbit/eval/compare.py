@@ -46,7 +46,8 @@ def compare_models(
     progress: bool = True,
 ) -> list[CompareRow]:
     """Evaluate each model in turn (one in memory at a time) on the same text."""
-    from ..models.loader import load_model, resolve_model_dir
+    from ..models.loader import resolve_model_dir
+    from ..quant.loader import load_model
 
     if not models:
         raise LowbitError("give at least one model to compare")

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine.executor import execute
 from ..engine.kv_cache import KVCachePool, KVCacheSpec, normalize_kv_dtype
-from ..layers.paged_attention import SeqSlice, build_paged_context
+from ..engine.paged_attention import SeqSlice, build_paged_context
 from .perplexity import DEFAULT_SEQLEN, LOGIT_ROWS, EvalError
 
 DEFAULT_CHUNK = 256  # tokens per step (see the module docstring)
@@ -63,7 +64,7 @@ def _resolve_model(model_spec_or_loaded) -> torch.nn.Module:
         return model_spec_or_loaded
     if hasattr(model_spec_or_loaded, "model") and isinstance(model_spec_or_loaded.model, torch.nn.Module):
         return model_spec_or_loaded.model
-    from ..models.loader import load_model
+    from ..quant.loader import load_model
 
     return load_model(model_spec_or_loaded, with_tokenizer=False).model
 
@@ -81,7 +82,7 @@ def window_nll_paged(
     for start in range(0, T, chunk):
         n = min(chunk, T - start)  # n == 1 (a lone last token) runs as a decode step: same attention
         ctx = build_paged_context(pool, [SeqSlice(table, start, n)], window, quantized_chunk=quantized_chunk)
-        hidden = model(ids[start : start + n], ctx.positions, ctx)  # [n, H]
+        hidden = execute(model, ids[start : start + n], ctx.positions, ctx)  # [n, H]
         targets = ids[start + 1 : start + n + 1]
         for r in range(0, n, LOGIT_ROWS):
             logits = model.compute_logits(hidden[r : r + LOGIT_ROWS]).float()

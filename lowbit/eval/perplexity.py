@@ -161,7 +161,8 @@ def evaluate_ppl(
     progress: bool = True,
 ) -> PerplexityResult:
     """Load a model (fp or quantized checkpoint) and measure its perplexity on `dataset`."""
-    from ..models.loader import load_model, resolve_model_dir
+    from ..models.loader import resolve_model_dir
+    from ..quant.loader import load_model
 
     model_dir = resolve_model_dir(model_spec)  # a bad model path is reported before anything else
     text, desc = (read_eval_text(dataset), str(dataset)) if dataset is not None else default_eval_text()

@@ -6,7 +6,7 @@ cuts those bytes 8x (4x), but only if the kernel turns integers back into fp32 p
 than memory delivers them. PyTorch's own packed-int matmuls vectorize only bf16/fp16 inputs on
 x86 and fall back to a scalar loop for fp32 (10-100x slower than fp32 BLAS; see
 benchmarks/bench_kernels.py), so we repack into layouts read by our AVX2 kernels
-(lowbit/layers/csrc/qgemm.cpp) and keep a pure-torch path for machines without a compiler.
+(lowbit/kernels/csrc/qgemm/) and keep a pure-torch path for machines without a compiler.
 
 Containers: 2/3/4-bit weights are stored one value per nibble (exact: q < 16), 5..8-bit one
 value per byte. No fp32 copy of W is ever kept; the pure-torch path dequantizes a bounded block
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import QuantizationError
-from lowbit.layers import kernels
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit import kernels
+from lowbit.layers.qweight import QuantizedWeight
 
 #: From this many activation rows on (prefill chunks, wide decode batches) the kernel dequantizes
 #: W tile by tile into fp32 scratch and hands it to the BLAS sgemm instead of running its own

@@ -1,17 +1,19 @@
-"""Fused decode-path ops (csrc/ops.cpp) with pure-torch fallbacks that compute the same thing.
+"""Fused decode-path ops: the compiled kernel the registry chose, or the pure-torch reference.
 
 Why: a decode step of a small model is dominated by per-op dispatch, not arithmetic. Each function
-here replaces a chain of small aten ops by one call into the extension when it is available
-(`kernels.OPS`; LOWBIT_NO_EXT=1 forces the fallback) and the inputs are what the kernels handle
-(fp32, unit stride on the last dimension); anything else takes the torch path, which is the
-reference math written out, so results agree to fp32 rounding either way.
+here replaces a chain of small aten ops by one call into the compiled kernels (`kernels.OPS`, the
+variant lowbit.kernels chose for this CPU; LOWBIT_ISA=ref forces the reference) when the inputs are
+what the kernels handle (fp32 CPU tensors, unit stride on the last dimension); anything else takes
+the reference (lowbit/kernels/ref.py), the same math as plain torch ops, so results agree to fp32
+rounding either way.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import kernels
+from .. import kernels
+from ..kernels import ref
+from ..kernels.ref import rms_norm as rms_norm_ref, rotate as rotate_ref  # noqa: F401 - the references, by their old names
 
 #: paged_decode_attention's kv_dtype codes (the pool's dtype name -> the kernel's element type).
 KV_CODES = {"fp32": 0, "int8": 1, "int4": 2}
@@ -26,19 +28,11 @@ def _fp32(*ts: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- norms
-def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """The reference RMSNorm (HF order: normalise in fp32, cast back, then scale)."""
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(dtype)
-
-
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """w * x / sqrt(mean(x^2) + eps) over the last dimension; x is not modified."""
     ext = _ext()
     if ext is None or not _fp32(x, w) or x.dim() == 0 or x.numel() == 0:
-        return rms_norm_ref(x, w, eps)
+        return ref.rms_norm(x, w, eps)
     n = x.shape[-1]
     return ext.rms_norm(x.reshape(-1, n), w, eps).view(x.shape)
 
@@ -50,8 +44,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor,
         ext is None or not _fp32(x, residual, w) or x.shape != residual.shape or x.numel() == 0
         or not residual.is_contiguous()
     ):
-        residual.add_(x)
-        return rms_norm_ref(residual, w, eps)
+        return ref.fused_add_rms_norm(x, residual, w, eps)
     n = x.shape[-1]
     return ext.fused_add_rms_norm(x.reshape(-1, n), residual.view(-1, n), w, eps).view(x.shape)
 
@@ -61,19 +54,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2I] = [gate | up] -> silu(gate) * up, [..., I]."""
     ext = _ext()
     if ext is None or not _fp32(x) or x.numel() == 0 or x.shape[-1] % 2:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ref.silu_and_mul(x)
     n = x.shape[-1]
     return ext.silu_and_mul(x.reshape(-1, n)).view(*x.shape[:-1], n // 2)
 
 
 # ----------------------------------------------------------------------------- rotary + KV write
-def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved rotary of x [..., H, D] with cos/sin [..., 1, D/2] (out of place)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 def _flat_heads(t: torch.Tensor) -> torch.Tensor | None:
     """[..., H, D] as an [N, H, D] view (no copy: callers rotate in place), or None."""
     if t.dim() == 3:
@@ -101,9 +87,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: 
     if ext is not None:
         ext.rotary_(qf, kf, positions.reshape(-1).contiguous(), cos_sin)
         return
-    cos, sin = cos_sin[positions].unsqueeze(-2).chunk(2, dim=-1)
-    q.copy_(rotate_ref(q, cos, sin))
-    k.copy_(rotate_ref(k, cos, sin))
+    ref.rotary_(q, k, positions, cos_sin)
 
 
 def rotary_and_cache(
@@ -124,9 +108,8 @@ def rotary_and_cache(
     ):
         ext.rotary_and_cache(qf, kf, v, positions.contiguous(), cos_sin, slots.contiguous(), k_pool, v_pool)
         return
-    rotary_(q, k, positions, cos_sin)
-    k_pool.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_pool.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    rotary_(q, k, positions, cos_sin)  # still the kernel where only the fused pool write is unsupported
+    ref.store_kv(k, v, slots, k_pool, v_pool)
 
 
 # ----------------------------------------------------------------------------- paged decode attention

@@ -1,17 +1,38 @@
-"""Rotary position embedding (the non-interleaved 'rotate half' layout of HF checkpoints)."""
+"""Rotary position embedding (the non-interleaved 'rotate half' layout of HF checkpoints).
+
+The one place rotary frequencies are built: the decoder's cos/sin table, the quantizer's
+layer-by-layer runs and the GGUF importer's rope-scaling recovery all derive from the functions
+here, so a scaling type is defined once.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..models.config import RopeConfig
 from . import ops
 
 
-def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
-    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"  # default | linear | llama3 | dynamic is refused
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+def base_inv_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """Unscaled 1 / theta^(2i / head_dim), float64 (half of head_dim entries)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def scaled_inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """The frequencies after `rope`'s scaling, float64."""
+    inv = base_inv_frequencies(head_dim, rope.theta)
     if rope.type == "linear":
         inv = inv / rope.factor
     elif rope.type == "llama3":
@@ -23,7 +44,12 @@ def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
         smooth = (old / wl - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
         mid = (1 - smooth) * inv / rope.factor + smooth * inv
         inv = torch.where(wl > low_wl, inv / rope.factor, torch.where(wl < high_wl, inv, mid))
-    return inv.float()
+    return inv
+
+
+def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """The float32 frequencies the cos/sin table is built from."""
+    return scaled_inv_frequencies(head_dim, rope).float()
 
 
 class RotaryEmbedding(nn.Module):

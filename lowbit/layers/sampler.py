@@ -25,18 +25,34 @@ still before temperature and filters. Returned alternatives follow vLLM/OpenAI: 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
-from ..engine.outputs import Logprob
-from ..engine.sampling_params import SamplingParams
 from ..errors import LowbitError
+from ..logprobs import Logprob
 
 GREEDY_EPS = 1e-5  # temperatures below this are treated as greedy (dividing by them would overflow)
 LogprobsMode = Literal["raw", "penalized"]
+
+
+class RowParams(Protocol):
+    """The per-row settings the sampler reads (the engine's SamplingParams has them all); a
+    protocol, so this layer needs nothing from the engine."""
+
+    temperature: float
+    top_p: float
+    top_k: int | None
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    min_tokens: int
+    stop_token_ids: Sequence[int]
+    logprobs: int | None
 
 
 @dataclass
@@ -54,19 +70,24 @@ def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Picks one next token per row of a [B, V] logits batch, each row with its own SamplingParams."""
+    """Picks one next token per row of a [B, V] logits batch, each row with its own settings
+    (RowParams: the engine passes its SamplingParams)."""
 
-    def __init__(self, eos_token_ids: list[int], logprobs_mode: LogprobsMode = "raw") -> None:
+    def __init__(self, eos_token_ids: list[int], logprobs_mode: LogprobsMode = "raw",
+                 generator: torch.Generator | None = None) -> None:
+        """generator: the stream rows without their own generator draw from (the engine's, so
+        sampling never touches torch's global RNG); None draws those rows from the global RNG."""
         if logprobs_mode not in ("raw", "penalized"):
             raise LowbitError(f"logprobs_mode must be 'raw' or 'penalized', got {logprobs_mode!r}")
         self.eos_token_ids = [int(t) for t in eos_token_ids]
         self.logprobs_mode = logprobs_mode
+        self.generator = generator
 
     @torch.no_grad()
     def __call__(
         self,
         logits: torch.Tensor,
-        params: list[SamplingParams],
+        params: list[RowParams],
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
@@ -85,7 +106,7 @@ class Sampler:
             if greedy_rows:
                 tokens[greedy_rows] = greedy_tokens(x[greedy_rows])
             tokens[rand_rows] = _sample(
-                x[rand_rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
+                x[rand_rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows], self.generator
             )
 
         dist = logits if self.logprobs_mode == "raw" else x
@@ -102,7 +123,7 @@ class Sampler:
         return SamplerOutput(tokens, sampled, _top_logprobs(dist, lse, tokens, sampled, params, want))
 
     def _mask_stop_tokens(
-        self, x: torch.Tensor, params: list[SamplingParams], output_ids: list[list[int]]
+        self, x: torch.Tensor, params: list[RowParams], output_ids: list[list[int]]
     ) -> torch.Tensor:
         """Forbid eos and stop_token_ids on rows whose output is still shorter than min_tokens."""
         vocab = x.shape[1]
@@ -146,7 +167,7 @@ def _flat_ids(lists: list[list[int]], vocab: int) -> tuple[torch.Tensor, torch.T
 
 
 def _apply_penalties(
-    x: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]]
+    x: torch.Tensor, params: list[RowParams], prompt_ids: list[list[int]], output_ids: list[list[int]]
 ) -> torch.Tensor:
     """Penalise only the (row, token) pairs that occurred: cost grows with context length, not vocab size."""
     rows = [i for i, p in enumerate(params)
@@ -177,8 +198,10 @@ def _apply_penalties(
     return x
 
 
-def _sample(x: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Random rows: temperature, min_p, top_k, top_p, then the exponential race."""
+def _sample(x: torch.Tensor, params: list[RowParams], generators: list[torch.Generator | None],
+            shared: torch.Generator | None = None) -> torch.Tensor:
+    """Random rows: temperature, min_p, top_k, top_p, then the exponential race. Rows without a
+    generator of their own draw from `shared` (None: torch's global RNG)."""
     b, vocab = x.shape
     x = x / torch.tensor([p.temperature for p in params])[:, None]
 
@@ -207,9 +230,9 @@ def _sample(x: torch.Tensor, params: list[SamplingParams], generators: list[torc
     u = torch.empty_like(probs)
     free = [i for i, g in enumerate(generators) if g is None]
     if len(free) == b:
-        u.uniform_()
+        u.uniform_(generator=shared)
     elif free:
-        u[free] = torch.rand(len(free), vocab)
+        u[free] = torch.rand(len(free), vocab, generator=shared)
     for i, g in enumerate(generators):
         if g is not None:
             u[i].uniform_(generator=g)  # the row's own stream: independent of the rest of the batch
@@ -270,7 +293,7 @@ def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
 
 def _top_logprobs(
     dist: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, sampled: torch.Tensor,
-    params: list[SamplingParams], rows: list[int],
+    params: list[RowParams], rows: list[int],
 ) -> list[dict[int, Logprob] | None]:
     """Logprob dicts for `rows` (those that asked for logprobs), None elsewhere."""
     out: list[dict[int, Logprob] | None] = [None] * len(params)

@@ -5,16 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelLoadError
-
-
-@dataclass
-class RopeConfig:
-    theta: float = 10000.0
-    type: str = "default"  # default | linear | llama3 | dynamic is refused
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+from ..layers.rotary import RopeConfig
 
 
 @dataclass

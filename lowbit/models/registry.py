@@ -1,7 +1,7 @@
 """Registry of supported architectures: adding one is a small file calling `register`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UnsupportedArchitectureError
@@ -10,11 +10,17 @@ from .config import ModelConfig, config_from_hf
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Structural differences between Llama-family decoders."""
+    """Structural differences between Llama-family decoders, and how llama.cpp names and stores
+    each one (what the GGUF import needs to rebuild an HF directory)."""
 
     name: str  # the `architectures` entry in config.json, e.g. "LlamaForCausalLM"
+    model_type: str = ""  # config.json's "model_type", e.g. "llama"
     qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before rotary
+    gguf_name: str | None = None  # llama.cpp's general.architecture; None: not imported from GGUF
+    gguf_permuted_qk: bool = False  # llama.cpp reorders llama's q/k rows for its rope layout
+    # config.json entries the GGUF metadata does not hold (fixed for the architecture)
+    gguf_config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -28,6 +34,12 @@ def register(spec: ArchSpec) -> ArchSpec:
 def supported_architectures() -> list[str]:
     _load_builtin()
     return sorted(_ARCHS)
+
+
+def gguf_architectures() -> dict[str, ArchSpec]:
+    """llama.cpp architecture name -> spec, for the architectures a GGUF can be imported from."""
+    _load_builtin()
+    return {s.gguf_name: s for s in sorted(_ARCHS.values(), key=lambda s: s.gguf_name or "") if s.gguf_name}
 
 
 def _load_builtin() -> None:

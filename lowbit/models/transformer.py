@@ -9,25 +9,29 @@ running residual, adds them in place fused with its input norm (lowbit/layers/op
 back (mlp output, residual). Module outputs are never modified in place (calibration hooks keep
 references to them), and `DecoderLayer.forward(h)` leaves `h` untouched.
 
-Engine decode steps take a lean loop (`CausalLM._forward_lean`): the same kernels in the same
-order as the module path, called directly (no nn.Module dispatch, no per-op checks), so a token
-costs ~10 extension calls per layer. It runs only when nothing could tell the difference: fused
-projections, fp32 activations, the fused-op extension built, and no hooks on any module it skips.
+This file is the architecture and its weight names only. How the engine executes it (the lean
+decode loop that calls the same kernels without nn.Module dispatch) lives on the engine side,
+lowbit/engine/executor.py.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import kernels, ops
+from ..layers import ops
 from ..layers.attention import AttentionContext, causal_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
+
+
+def rotary_for(cfg: ModelConfig) -> RotaryEmbedding:
+    """The model's rotary table (positions up to 4096 up front, grown on demand). Built on the CPU even
+    inside a `torch.device("meta")` block: it is computed, never loaded, so a model built on meta
+    and filled from a checkpoint has a real table without rebuilding it."""
+    with torch.device("cpu"):
+        return RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
 
 
 class Attention(nn.Module):
@@ -127,68 +131,6 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-@dataclass
-class _LeanLayer:
-    """What the lean decode loop needs from one DecoderLayer, resolved once per step."""
-
-    idx: int
-    w_in: torch.Tensor
-    eps_in: float
-    w_post: torch.Tensor
-    eps_post: float
-    qkv: Callable[[torch.Tensor], torch.Tensor]
-    o: Callable[[torch.Tensor], torch.Tensor]
-    gate_up: Callable[[torch.Tensor], torch.Tensor]
-    down: Callable[[torch.Tensor], torch.Tensor]
-    num_heads: int
-    num_kv_heads: int
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
-_QuantLinear: type | None = None
-
-
-def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The call a linear module's forward ends in (its bound kernel handle), or None."""
-    global _QuantLinear
-    if m is None or m._forward_hooks or m._forward_pre_hooks:
-        return None
-    kind = type(m)
-    if kind is nn.Linear:
-        w, b = m._parameters["weight"], m._parameters["bias"]
-        return lambda x: F.linear(x, w, b)
-    if _QuantLinear is None:
-        from ..layers.linear import QuantLinear as _QuantLinear  # noqa: N811 - cached class
-    if kind is _QuantLinear:
-        handle = m._handle or m._bind()
-        return handle.forward if handle is not False else None
-    direct = getattr(m, "direct", None)  # a wrapper (layers/permuted.py): its inner module's call
-    if direct is not None:
-        inner = _direct(m._modules.get("inner"))
-        return direct(inner) if inner is not None else None
-    return None
-
-
-def _lean_layer(layer: "DecoderLayer") -> _LeanLayer | None:
-    lm = layer._modules
-    attn, mlp, n_in, n_post = lm["self_attn"], lm["mlp"], lm["input_layernorm"], lm["post_attention_layernorm"]
-    if (_hooked(layer) or _hooked(attn) or _hooked(mlp) or _hooked(n_in) or _hooked(n_post)
-            or attn.q_norm is not None):
-        return None
-    am, mm = attn._modules, mlp._modules
-    qkv, o, gate_up, down = (_direct(am.get("qkv_proj")), _direct(am.get("o_proj")),
-                             _direct(mm.get("gate_up_proj")), _direct(mm.get("down_proj")))
-    w_in, w_post = n_in._parameters["weight"], n_post._parameters["weight"]
-    if (qkv is None or o is None or gate_up is None or down is None or w_in.dtype != torch.float32
-            or w_post.dtype != torch.float32):
-        return None
-    return _LeanLayer(attn.layer_idx, w_in, n_in.eps, w_post, n_post.eps, qkv, o, gate_up, down,
-                      attn.num_heads, attn.num_kv_heads)
-
-
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -206,7 +148,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
+        self.rotary = rotary_for(cfg)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
@@ -224,12 +166,6 @@ class CausalLM(nn.Module):
         """input_ids: [B, T] without ctx (positions default to 0..T-1), or [N] flat tokens with ctx."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
-        if ctx is not None and getattr(ctx, "lean", False):
-            lean = self._lean_plan()
-            if lean is not None:
-                out = self._forward_lean(lean, input_ids, ctx)
-                if out is not None:
-                    return out
         if ctx is not None:  # grow the rotary table once per step, not once per layer
             top = getattr(ctx, "max_position", None)
             if top is None and positions.numel():
@@ -244,48 +180,6 @@ class CausalLM(nn.Module):
         if residual is None:  # no layers
             return self.model.norm(x)
         return self.model.norm.forward_add(x, residual)
-
-    def _lean_plan(self) -> list[_LeanLayer] | None:
-        """Per-layer direct calls for the lean loop, or None where the module path must run.
-
-        Rebuilt every step (~2 us per layer) rather than cached, so a module swapped, re-bound
-        or hooked after loading is always seen.
-        """
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return None
-        dec = self._modules["model"]
-        if _hooked(self) or _hooked(dec) or _hooked(dec._modules["norm"]):
-            return None
-        plan = []
-        for layer in dec._modules["layers"]._modules.values():
-            p = _lean_layer(layer)
-            if p is None:
-                return None
-            plan.append(p)
-        return plan
-
-    def _forward_lean(self, plan: list[_LeanLayer], input_ids: torch.Tensor, ctx) -> torch.Tensor | None:
-        """forward() of a pure decode step: the module path's kernels in its order, called directly."""
-        ext = kernels.OPS.get()
-        x = self.embed(input_ids)
-        if ext is None or x.dtype != torch.float32 or x.dim() != 2:
-            return None
-        if ctx.max_position is not None:
-            self.rotary.ensure(ctx.max_position)
-        cos_sin = self.rotary.cos_sin
-        norm = self._modules["model"]._modules["norm"]
-        residual = x  # the fresh embedding carries the residual stream
-        for i, p in enumerate(plan):
-            if i == 0:
-                x = ext.rms_norm(residual, p.w_in, p.eps_in)
-            else:
-                x = ext.fused_add_rms_norm(x, residual, p.w_in, p.eps_in)
-            o = ctx.attend_qkv(p.idx, p.qkv(x), p.num_heads, p.num_kv_heads, cos_sin)
-            x = ext.fused_add_rms_norm(p.o(o), residual, p.w_post, p.eps_post)
-            x = p.down(ext.silu_and_mul(p.gate_up(x)))
-        if not plan:
-            return ext.rms_norm(residual, norm.weight, norm.eps)
-        return ext.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -44,7 +44,7 @@ import torch
 
 from ..errors import QuantizationError
 from .primitives import quantize_weight, round_to_grid
-from .qweight import QuantizedWeight
+from ..layers.qweight import QuantizedWeight
 from .rtn import QuantSpec
 
 ACT_ORDERS = ("group", "weight")

@@ -1,9 +1,8 @@
 """GPTQ and AWQ+GPTQ of one decoder layer, inside quantize()'s layer-by-layer pipeline.
 
 Calibration inputs: the layer gets the hidden states the previous layers produced *after* they
-were quantized (the pipeline's ActivationStore, carried by awq.propagate through the dequantized
-layer), as GPTQ does and as lowbit's AWQ does by default (AwqConfig.carry "quantized"); with
-carry "fp" the fp outputs are handed on instead, as for AWQ. Within a layer every linear's
+were quantized (the pipeline's ActivationStore, carried by activations.propagate through the
+dequantized layer), as GPTQ does and as lowbit's AWQ does. Within a layer every linear's
 Hessian comes from one fp pass over all calibration tokens (llm-compressor's order, not
 AutoGPTQ's "true sequential" re-run after each sub-block): one pass instead of four per layer.
 
@@ -24,19 +23,23 @@ unscaled weights), so one run shows all four methods side by side.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..errors import QuantizationError
+from ..layers.qweight import QuantizedWeight
 from ..layers.rotary import RotaryEmbedding
 from ..models.transformer import DecoderLayer
-from . import awq as A
+from .activations import ActivationStore, chunk_sequences
+from .awq import capture, layer_output_error, rtn_layer_error
+from .awq_clip import clamp_groups, clip_layer
+from .awq_config import AwqConfig, ClipResult, GroupResult, LayerCapture, finite, scale_groups
+from .awq_scale import apply_scales, search_scales
+from .capture import ActivationCapture
 from .gptq import GptqConfig, GptqResult, HessianAccumulator, gptq_quantize
 from .method_report import errors_png
-from .qweight import QuantizedWeight
 from .rtn import QuantSpec, linear_names
 
 GPTQ_METHODS = ("gptq", "awq-gptq")
@@ -112,8 +115,8 @@ class GptqLayerResult:
     err_awq_gptq: float | None = None
     seconds: float = 0.0
     linears: list[LinearStats] = field(default_factory=list)
-    groups: list[A.GroupResult] = field(default_factory=list)
-    clips: list[A.ClipResult] = field(default_factory=list)
+    groups: list[GroupResult] = field(default_factory=list)
+    clips: list[ClipResult] = field(default_factory=list)
 
     @property
     def err_method(self) -> float:
@@ -125,15 +128,9 @@ class GptqLayerOutput:
     qweights: dict[str, QuantizedWeight]  # group-contiguous; columns in perms[name] order when present
     perms: dict[str, torch.Tensor]  # act order "group": linear -> input-channel permutation
     result: GptqLayerResult
-    fp_next: A.ActivationStore | None  # the fp outputs, when the config carries fp activations
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _finite(v: float) -> float:
-    """JSON-safe error: inf/NaN recorded as -1, as the AWQ report does."""
-    return v if math.isfinite(v) else -1.0
 
 
 def load_gptq_(layer: DecoderLayer, results: dict[str, GptqResult]) -> None:
@@ -159,36 +156,27 @@ def _gptq_all(layer: DecoderLayer, hc: HessianCapture, spec: QuantSpec, cfg: Gpt
             for n in linear_names(layer)}
 
 
-def _output(results: dict[str, GptqResult], res: GptqLayerResult, fp_next) -> GptqLayerOutput:
-    res.linears = [LinearStats(n, _finite(r.err_rtn), _finite(r.err), r.damp, r.damp_raised)  # JSON-safe
+def _output(results: dict[str, GptqResult], res: GptqLayerResult) -> GptqLayerOutput:
+    res.linears = [LinearStats(n, finite(r.err_rtn), finite(r.err), r.damp, r.damp_raised)  # JSON-safe
                    for n, r in results.items()]
     perms = {n: r.perm for n, r in results.items() if r.perm is not None}
-    return GptqLayerOutput({n: r.qweight for n, r in results.items()}, perms, res, fp_next)
+    return GptqLayerOutput({n: r.qweight for n, r in results.items()}, perms, res)
 
 
-def _search_capture(layer, rotary, store, n_search: int, fp_out) -> A.LayerCapture:
-    """One fp pass over every chunk (the hooks see all tokens); keeps the first n_search
-    sequences' inputs and outputs for the error report, and the fp outputs when carried."""
-    hs, ys, seen = [], [], 0
-    for h in store:
-        y = A.run_layer(layer, h, rotary)
-        take = max(0, min(h.shape[0], n_search - seen))
-        if take:
-            hs.append(h[:take])
-            ys.append(y[:take])
-        if fp_out is not None:
-            fp_out.append(y)
-        seen += h.shape[0]
-    return A.LayerCapture(h=torch.cat(hs), y=torch.cat(ys), inputs={}, targets={}, abs_mean={})
+def _search_capture(layer, rotary, store: ActivationStore, n_search: int) -> LayerCapture:
+    """One fp pass over every chunk (the Hessian hooks see all tokens); keeps the first n_search
+    sequences' inputs and outputs for the error report."""
+    searched = ActivationCapture(layer, rotary, {}).run(store, n_search)
+    if searched is None:
+        raise QuantizationError("GPTQ reports its error on at least one whole calibration sequence (search_samples >= 1)")
+    h, y = searched
+    return LayerCapture(h=h, y=y, inputs={}, targets={}, abs_mean={})
 
 
-def _setup(store: A.ActivationStore, cfg: A.AwqConfig) -> tuple[int, int, A.ActivationStore | None]:
-    if cfg.carry not in ("quantized", "fp"):
-        raise ValueError(f"AwqConfig.carry must be 'quantized' or 'fp', got {cfg.carry!r}")
+def _setup(store: ActivationStore, cfg: AwqConfig) -> tuple[int, int]:
     seqlen = next(iter(store)).shape[1]
     n_search = store.n_sequences if cfg.search_samples is None else min(cfg.search_samples, store.n_sequences)
-    fp_out = A.ActivationStore(store.compact) if cfg.carry == "fp" else None
-    return A.chunk_sequences(seqlen, cfg.chunk_tokens), n_search, fp_out
+    return chunk_sequences(seqlen, cfg.chunk_tokens), n_search
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -196,65 +184,63 @@ def _setup(store: A.ActivationStore, cfg: A.AwqConfig) -> tuple[int, int, A.Acti
 
 @torch.no_grad()
 def gptq_quantize_layer(
-    layer: DecoderLayer, rotary: RotaryEmbedding, store: A.ActivationStore, spec: QuantSpec,
-    gcfg: GptqConfig, acfg: A.AwqConfig, index: int = 0,
+    layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, spec: QuantSpec,
+    gcfg: GptqConfig, acfg: AwqConfig, index: int = 0,
 ) -> GptqLayerOutput:
     """GPTQ of every linear of the layer. On return the layer's weights hold their dequantized
     values (original channel order), ready for awq.propagate."""
     t0 = time.perf_counter()
-    chunk_seq, n_search, fp_out = _setup(store, acfg)
+    chunk_seq, n_search = _setup(store, acfg)
     with HessianCapture(layer) as hc:
-        cap = _search_capture(layer, rotary, store, n_search, fp_out)
-    err_rtn = A.rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
+        cap = _search_capture(layer, rotary, store, n_search)
+    err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
     results = _gptq_all(layer, hc, spec, gcfg)
     load_gptq_(layer, results)
-    err = A.layer_output_error(layer, cap, rotary, chunk_seq)
+    err = layer_output_error(layer, cap, rotary, chunk_seq)
     res = GptqLayerResult(index, "gptq", err_rtn, err_gptq=err, seconds=time.perf_counter() - t0)
-    return _output(results, res, fp_out)
+    return _output(results, res)
 
 
 @torch.no_grad()
 def awq_gptq_quantize_layer(
-    layer: DecoderLayer, rotary: RotaryEmbedding, store: A.ActivationStore, spec: QuantSpec,
-    gcfg: GptqConfig, acfg: A.AwqConfig, index: int = 0, compare: bool = True,
+    layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, spec: QuantSpec,
+    gcfg: GptqConfig, acfg: AwqConfig, index: int = 0, compare: bool = True,
 ) -> GptqLayerOutput:
     """AWQ's scale search and folding (and clip search when acfg.clip), then GPTQ on the scaled
     weights with the correspondingly scaled Hessians. compare: also measure GPTQ alone and AWQ
     alone on this layer for the report (one more GPTQ pass; the result is unchanged)."""
     t0 = time.perf_counter()
-    chunk_seq, n_search, fp_out = _setup(store, acfg)
-    groups = A.scale_groups(layer)
-    lone = tuple(g.inspect for g in groups if g.lone) if acfg.gram_all_tokens else ()
-    with HessianCapture(layer) as hc:
-        cap = A.capture(layer, rotary, store, n_search, acfg.search_tokens, fp_out, lone,
-                        acfg.heavy_tokens, acfg.relative_loss)
-    err_rtn = A.rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
+    chunk_seq, n_search = _setup(store, acfg)
+    groups = scale_groups(layer)
+    with HessianCapture(layer) as hc:  # its hooks ride along AWQ's own capture pass
+        cap = capture(layer, rotary, store, n_search, acfg.search_tokens, acfg.heavy_tokens, acfg.relative_loss)
+    err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
     res = GptqLayerResult(index, "awq-gptq", err_rtn)
     if compare:
         source = _weights(layer)
         load_gptq_(layer, _gptq_all(layer, hc, spec, gcfg))
-        res.err_gptq = A.layer_output_error(layer, cap, rotary, chunk_seq)
+        res.err_gptq = layer_output_error(layer, cap, rotary, chunk_seq)
         _restore(layer, source)
 
-    found = [A.search_scales(layer, g, cap, spec, acfg, rotary) for g in groups]
+    found = [search_scales(layer, g, cap, spec, acfg, rotary) for g in groups]
     for g, (scales, _) in zip(groups, found):
-        A.apply_scales(layer, g, scales, cap)
+        apply_scales(layer, g, scales, cap)
         hc.scale_inputs(g.linears, scales)
     res.groups = [r for _, r in found]
-    thresholds, res.clips = A.clip_layer(layer, cap, spec, acfg) if acfg.clip else ({}, [])
+    thresholds, res.clips = clip_layer(layer, cap, spec, acfg) if acfg.clip else ({}, [])
     if compare:
         scaled = _weights(layer)
         for n, w in scaled.items():
-            rtn = spec.quantize(A.clamp_groups(w, thresholds[n]) if n in thresholds else w)
+            rtn = spec.quantize(clamp_groups(w, thresholds[n]) if n in thresholds else w)
             layer.get_submodule(n).weight.data = rtn.dequantize(torch.float32).to(w.dtype)
-        res.err_awq = A.layer_output_error(layer, cap, rotary, chunk_seq)
+        res.err_awq = layer_output_error(layer, cap, rotary, chunk_seq)
         _restore(layer, scaled)
 
     results = _gptq_all(layer, hc, spec, gcfg, thresholds)
     load_gptq_(layer, results)
-    res.err_awq_gptq = A.layer_output_error(layer, cap, rotary, chunk_seq)
+    res.err_awq_gptq = layer_output_error(layer, cap, rotary, chunk_seq)
     res.seconds = time.perf_counter() - t0
-    return _output(results, res, fp_out)
+    return _output(results, res)
 
 
 def quantize_layer(method: str, *args, **kwargs) -> GptqLayerOutput:
@@ -304,8 +290,6 @@ def error_series(layers: list[GptqLayerResult]) -> dict[str, list[float]]:
 
 
 def layer_dict(r: GptqLayerResult) -> dict:
-    from dataclasses import asdict
-
     d = asdict(r)
     d["seconds"] = round(d["seconds"], 3)
     return d

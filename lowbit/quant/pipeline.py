@@ -1,17 +1,19 @@
 """quantize(): model in, quantized checkpoint out, one decoder layer at a time.
 
 Why layer by layer: only one layer's fp32 weights, the calibration activations and the
-quantized results are ever in memory. Weights are read per layer from the safetensors files
-(each file opened only while its tensors are read, so its pages leave the process again), the
-calibration tokens' embedding rows are read in blocks, and finished layers are spilled to a
-scratch folder until the checkpoint writer packs them. A model larger than RAM can therefore be
+quantized results are ever in memory. Weights are read per layer through the lazy safetensors
+reader (models.weights: each file is opened only while its tensors are read, so its pages leave
+the process again), the calibration tokens' embedding rows are read in blocks, and finished
+layers are spilled to a scratch folder until the checkpoint writer packs them. A model larger than RAM can therefore be
 quantized; the checkpoint writer itself still holds the packed output (see the report).
+Freed memory is handed back after each layer (malloc_trim); keeping big tensors out of the heap
+in the first place needs glibc's mmap threshold pinned, a process-wide setting that cannot be
+undone, so the entry point that owns the process does it (`lowbit quantize`; see quant/heap.py).
 """
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 import time
@@ -22,18 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..errors import LowbitError, ModelLoadError, QuantizationError
-from ..layers.rotary import RotaryEmbedding
+from ..fsio import check_target
 from ..models.config import ModelConfig
 from ..models.loader import load_tokenizer, read_hf_config, resolve_model_dir
 from ..models.registry import resolve_config
-from ..models.transformer import DecoderLayer
-from ..models.weights import safetensors_files
-from .awq import ActivationStore, AwqConfig, LayerResult, awq_quantize_layer, propagate
+from ..models.transformer import DecoderLayer, rotary_for
+from ..models.weights import SafetensorsCheckpoint, read_file
+from .activations import ActivationStore, propagate
+from .awq import awq_quantize_layer
+from .awq_config import AwqConfig, LayerResult
 from .calibration import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQLEN,
@@ -41,16 +44,16 @@ from .calibration import (
     build_calibration,
     calibration_from_ids,
 )
+from ..layers.qweight import QuantizedWeight
 from . import gptq_layer
+from .checkpoint import FORMATS, save_quantized, storage_scale_dtype
 from .gptq import GptqConfig
 from .gptq_layer import GPTQ_METHODS
-from .heap import pin_mmap_threshold, release_freed_memory
-from .qweight import QuantizedWeight
+from .heap import release_freed_memory
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
 
 METHODS = ("awq", "rtn", *GPTQ_METHODS)
 CALIBRATED = ("awq", *GPTQ_METHODS)
-FORMATS = ("awq", "compressed-tensors")
 REPORT_JSON = "quant_report.json"
 REPORT_PNG = "quant_report.png"
 EMBED = "model.embed_tokens.weight"
@@ -60,66 +63,29 @@ EMBED_BLOCK_ROWS = 4096
 # ----------------------------------------------------------------------------- reading lazily
 
 
-class LazyCheckpoint:
-    """Tensor name -> shard file, read on demand; a file is mapped only while it is being read."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.model_dir = model_dir
-        self.where: dict[str, Path] = {}
-        self.dtypes: dict[str, str] = {}
-        for f in safetensors_files(model_dir):
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    for name in st.keys():
-                        self.where[name] = f
-            except Exception as e:  # safetensors raises its own error type for bad headers
-                raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            if n not in self.where:
-                raise ModelLoadError(f"{self.model_dir}: checkpoint has no tensor {n}")
-            by_file.setdefault(self.where[n], []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        for f, group in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    for n in group:
-                        out[n] = st.get_tensor(n)
-            except ModelLoadError:
-                raise
-            except Exception as e:
-                raise ModelLoadError(f"{f}: cannot read tensors ({e})") from None
-        return out
-
-    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Embedding vectors of token_ids (any shape) as float32, read in row blocks."""
-        if EMBED not in self.where:
-            raise ModelLoadError(f"{self.model_dir}: checkpoint has no {EMBED}")
-        flat = token_ids.reshape(-1)
-        with safe_open(str(self.where[EMBED]), framework="pt") as st:
-            sl = st.get_slice(EMBED)
-            vocab, hidden = sl.get_shape()
-            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
-                raise QuantizationError(f"calibration token ids must lie in [0, {vocab}); got {int(flat.max())}")
-            out = torch.empty(flat.numel(), hidden, dtype=torch.float32)
-            for start in range(0, vocab, EMBED_BLOCK_ROWS):
-                sel = ((flat >= start) & (flat < start + EMBED_BLOCK_ROWS)).nonzero().squeeze(1)
-                if sel.numel():
-                    block = sl[start : start + EMBED_BLOCK_ROWS]
-                    out[sel] = block[flat[sel] - start].float()
-        return out.reshape(*token_ids.shape, hidden)
+def embedding_rows(ckpt: SafetensorsCheckpoint, token_ids: torch.Tensor) -> torch.Tensor:
+    """Embedding vectors of token_ids (any shape) as float32, read in row blocks."""
+    if EMBED not in ckpt:
+        raise ModelLoadError(f"{ckpt.folder}: checkpoint has no {EMBED}")
+    flat = token_ids.reshape(-1)
+    with ckpt.slice(EMBED) as sl:
+        vocab, hidden = sl.get_shape()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
+            raise QuantizationError(f"calibration token ids must lie in [0, {vocab}); got {int(flat.max())}")
+        out = torch.empty(flat.numel(), hidden, dtype=torch.float32)
+        for start in range(0, vocab, EMBED_BLOCK_ROWS):
+            sel = ((flat >= start) & (flat < start + EMBED_BLOCK_ROWS)).nonzero().squeeze(1)
+            if sel.numel():
+                block = sl[start : start + EMBED_BLOCK_ROWS]
+                out[sel] = block[flat[sel] - start].float()
+    return out.reshape(*token_ids.shape, hidden)
 
 
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-def build_layer(cfg: ModelConfig, ckpt: LazyCheckpoint, i: int) -> DecoderLayer:
+def build_layer(cfg: ModelConfig, ckpt: SafetensorsCheckpoint, i: int) -> DecoderLayer:
     """One fp32 DecoderLayer from the checkpoint (built on the meta device, weights assigned)."""
     prefix = layer_prefix(i)
     with torch.device("meta"):
@@ -161,9 +127,9 @@ class SpilledWeights(Mapping):
 
     def __getitem__(self, name: str) -> QuantizedWeight:
         path, bits, group_size, sym = self.where[name]
-        with safe_open(str(path), framework="pt") as st:
-            q, s, z = (st.get_tensor(f"{name}.{k}") for k in ("q", "scales", "zeros"))
-        return QuantizedWeight(q=q, scales=s, zeros=z, bits=bits, group_size=group_size, sym=sym)
+        t = read_file(path, [f"{name}.{k}" for k in ("q", "scales", "zeros")])
+        return QuantizedWeight(q=t[f"{name}.q"], scales=t[f"{name}.scales"], zeros=t[f"{name}.zeros"],
+                               bits=bits, group_size=group_size, sym=sym)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
@@ -179,7 +145,7 @@ class FpTensors(Mapping):
     """Every checkpoint tensor that is not a quantized weight: changed ones (AWQ-folded norms and
     biases) from memory, the rest (embeddings, final norm, lm_head) read from the source on access."""
 
-    def __init__(self, ckpt: LazyCheckpoint, quantized_weights: set[str], overrides: dict[str, torch.Tensor]) -> None:
+    def __init__(self, ckpt: SafetensorsCheckpoint, quantized_weights: set[str], overrides: dict[str, torch.Tensor]) -> None:
         self.ckpt = ckpt
         self.names = [n for n in ckpt.keys() if n not in quantized_weights]
         self._known = set(self.names)
@@ -190,7 +156,7 @@ class FpTensors(Mapping):
             raise KeyError(name)
         if name in self.overrides:
             return self.overrides[name]
-        return self.ckpt.read([name])[name]
+        return self.ckpt.get(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -327,10 +293,7 @@ def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str, gptq
 
 
 def check_out_dir(out_dir: Path, model_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise LowbitError(f"output folder {out_dir} already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LowbitError(f"output path {out_dir} exists and is not a folder")
+    check_target(out_dir, force, hint="pass --force to replace it")
     if out_dir.resolve() == model_dir.resolve():
         raise LowbitError(f"output folder {out_dir} is the source model's folder; choose another one")
 
@@ -364,8 +327,6 @@ def quantize(
     calib_ids: token ids to calibrate on instead of text (a stream or [n, seqlen] blocks), for
     models without a tokenizer. Returns the report also saved as out_dir/quant_report.json.
     """
-    from .checkpoint import save_quantized, storage_scale_dtype
-
     t_start = time.perf_counter()
     model_dir = resolve_model_dir(model_spec)
     hf = read_hf_config(model_dir)
@@ -381,7 +342,7 @@ def quantize(
     check_out_dir(out, model_dir, force)
     awq_cfg = awq_config or AwqConfig()
 
-    ckpt = LazyCheckpoint(model_dir)
+    ckpt = SafetensorsCheckpoint(model_dir)
     calib_data: CalibrationData | None = None
     if method in CALIBRATED:
         if calib_ids is not None:
@@ -430,20 +391,19 @@ def quantize(
 
 
 def _quantize_layers(
-    cfg: ModelConfig, ckpt: LazyCheckpoint, spec: QuantSpec, method: str, awq_cfg: AwqConfig,
+    cfg: ModelConfig, ckpt: SafetensorsCheckpoint, spec: QuantSpec, method: str, awq_cfg: AwqConfig,
     calib: CalibrationData | None, spill: SpilledWeights, progress: bool, report: QuantizeReport,
     gptq_cfg: GptqConfig | None = None, perms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list, dict[str, torch.Tensor]]:
     """Quantize layer after layer into `spill`; returns AWQ's / GPTQ's per-layer results and the non-quantized
     layer tensors AWQ changed (folded norms and biases). GPTQ's act-order permutations go into `perms`."""
-    rotary = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
-    pin_mmap_threshold()
+    rotary = rotary_for(cfg)
     store: ActivationStore | None = None
     if calib is not None:
         store = ActivationStore()
         chunk = max(1, awq_cfg.chunk_tokens // calib.seqlen)
         for i in range(0, calib.n_samples, chunk):
-            store.append(ckpt.embedding_rows(calib.input_ids[i : i + chunk]))
+            store.append(embedding_rows(ckpt, calib.input_ids[i : i + chunk]))
     overrides: dict[str, torch.Tensor] = {}
     results: list[LayerResult] = []
     bar = tqdm(range(cfg.num_layers), desc=method.upper(), unit="layer", disable=not progress, dynamic_ncols=True)
@@ -454,21 +414,19 @@ def _quantize_layers(
         if method in CALIBRATED:
             assert store is not None
             if method == "awq":
-                qweights, res, fp_next = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
+                qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
             else:
                 step = gptq_layer.quantize_layer(method, layer, rotary, store, spec, gptq_cfg or GptqConfig(), awq_cfg, index=i)
-                qweights, res, fp_next = step.qweights, step.result, step.fp_next
-                (perms if perms is not None else {}).update({prefix + n: p for n, p in step.perms.items()})
+                qweights, res = step.qweights, step.result
+                if perms is not None:
+                    perms.update({prefix + n: p for n, p in step.perms.items()})
             results.append(res)
-            if i + 1 == cfg.num_layers:
-                store = None
-            else:
-                store = fp_next if fp_next is not None else propagate(layer, rotary, store)
+            store = None if i + 1 == cfg.num_layers else propagate(layer, rotary, store)
             if progress:  # AWQ: err_awq, GPTQ / AWQ-GPTQ: err (the method's own)
                 err = ("err_awq", res.err_awq) if method == "awq" else ("err", res.err_method)
                 bar.set_postfix({err[0]: f"{err[1]:.2e}", "err_rtn": f"{res.err_rtn:.2e}"})
             # norms and biases changed by folding the scales: written instead of the source's
-            src_dtypes = _source_dtypes(ckpt, prefix)
+            src_dtypes = ckpt.dtypes([n for n in ckpt.keys() if n.startswith(prefix)])
             for k, t in layer.state_dict().items():
                 if not any(k == f"{n}.weight" for n in qweights):
                     overrides[prefix + k] = t.detach().to(src_dtypes.get(prefix + k, torch.float32)).clone()
@@ -483,18 +441,3 @@ def _quantize_layers(
         del layer, qweights
         release_freed_memory()
     return results, overrides
-
-
-def _source_dtypes(ckpt: LazyCheckpoint, prefix: str) -> dict[str, torch.dtype]:
-    """dtype of each source tensor under prefix (read from the file headers, no data)."""
-    out: dict[str, torch.dtype] = {}
-    names = [n for n in ckpt.keys() if n.startswith(prefix)]
-    for f in {ckpt.where[n] for n in names}:
-        with safe_open(str(f), framework="pt") as st:
-            for n in names:
-                if ckpt.where[n] == f:
-                    out[n] = _DTYPES.get(st.get_slice(n).get_dtype(), torch.float32)
-    return out
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

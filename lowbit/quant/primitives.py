@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from lowbit.errors import QuantizationError
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 MIN_SCALE = 1e-5
 MIN_BITS, MAX_BITS = 2, 8

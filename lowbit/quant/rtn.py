@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from .primitives import check_bits, fake_quantize, quantize_weight, resolve_group_size
-from .qweight import QuantizedWeight
+from ..layers.qweight import QuantizedWeight
 
 # The modules that are never quantized (their names in HF checkpoints); recorded in the checkpoint.
 MODULES_NOT_CONVERTED = ("lm_head",)

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.background import BackgroundTask
 
-from ..engine.outputs import CompletionOutput, Logprob, RequestOutput
+from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from ..engine.session_store import SessionBusyError, SessionEntry, SessionLimitError, SessionStore
 from ..errors import LowbitError
+from ..logprobs import Logprob
 from .completions import (
     SSE_DONE,
     collect,
@@ -92,22 +94,19 @@ def session_prompt(tokenizer: Any, history_ids: list[int], conversation: list[Me
 
 
 @dataclass
-class ChatSession:
-    session_id: str
+class ChatSession(SessionEntry):
     messages: list[Message] = field(default_factory=list)  # the conversation so far, as the template sees it
     token_ids: list[int] = field(default_factory=list)  # prompt + reply tokens of the last finished turn
-    last_used: float = field(default_factory=time.monotonic)
-    owner: str | None = None  # request id of the turn in flight, None when idle
 
 
 class ChatSessions:
-    """Server-side conversation store, bounded in count and idle time like the engine's sessions."""
+    """Server-side conversation store, bounded in count and idle time like the engine's sessions
+    (the same SessionStore); a session dropped for age or room is remembered, to answer 404."""
 
     def __init__(self, engine: Any, ttl: float = 600.0, max_sessions: int = 256):
         self.engine = engine
-        self.ttl = ttl
         self.max_sessions = max_sessions
-        self._live: collections.OrderedDict[str, ChatSession] = collections.OrderedDict()
+        self._live: SessionStore[ChatSession] = SessionStore(ttl, max_sessions, ChatSession, on_drop=self._forget)
         self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # to answer 404, not forget
 
     def __len__(self) -> int:
@@ -118,56 +117,40 @@ class ChatSessions:
 
     def acquire(self, session_id: str, owner: str) -> ChatSession:
         """The session for one turn (created on first use), marked busy until release()."""
-        self._expire_idle()
-        s = self._live.get(session_id)
-        if s is None:
-            if session_id in self._expired:
-                raise APIError(404, f"session {session_id!r} expired (idle or evicted); its history is gone. "
-                                    "Start a new session id.", param="session_id", code="session_not_found")
-            if len(self._live) >= self.max_sessions:
-                self._evict_one()
-            s = self._live[session_id] = ChatSession(session_id)
-        if s.owner is not None:
-            raise APIError(409, f"session {session_id!r} is busy with another request", param="session_id")
-        s.owner = owner
-        s.last_used = time.monotonic()
-        self._live.move_to_end(session_id)
-        return s
+        self._live.expire()
+        if session_id not in self._live and session_id in self._expired:
+            raise APIError(404, f"session {session_id!r} expired (idle or evicted); its history is gone. "
+                                "Start a new session id.", param="session_id", code="session_not_found")
+        try:
+            return self._live.acquire(session_id, owner)
+        except SessionLimitError:
+            raise APIError(429, f"too many active sessions ({self.max_sessions}); try again later") from None
+        except SessionBusyError:
+            raise APIError(409, f"session {session_id!r} is busy with another request", param="session_id") from None
 
     def commit(self, s: ChatSession, messages: list[Message], token_ids: list[int]) -> None:
         s.messages, s.token_ids = messages, token_ids
 
     def release(self, s: ChatSession, owner: str) -> None:
         """Idempotent: only the turn that acquired the session can release it."""
-        if s.owner == owner:
-            s.owner = None
-            s.last_used = time.monotonic()
+        self._live.release(s.session_id, owner)
 
     def end(self, session_id: str) -> bool:
-        known = self._live.pop(session_id, None) is not None
-        try:
-            known = bool(self.engine.end_session(session_id)) or known
-        except Exception:
-            pass
-        return known
+        known = self._live.remove(session_id) is not None
+        return self._end_in_engine(session_id) or known
 
-    def _forget(self, session_id: str) -> None:
-        self.end(session_id)
-        self._expired[session_id] = None
+    def _end_in_engine(self, session_id: str) -> bool:
+        try:
+            return bool(self.engine.end_session(session_id))
+        except Exception:
+            return False
+
+    def _forget(self, s: ChatSession) -> None:
+        """The store dropped s (idle too long, or evicted to make room): end it in the engine too."""
+        self._end_in_engine(s.session_id)
+        self._expired[s.session_id] = None
         while len(self._expired) > 4 * self.max_sessions:
             self._expired.popitem(last=False)
-
-    def _expire_idle(self) -> None:
-        now = time.monotonic()
-        for sid, s in list(self._live.items()):
-            if s.owner is None and now - s.last_used > self.ttl:
-                self._forget(sid)
-
-    def _evict_one(self) -> None:
-        victim = next((sid for sid, s in self._live.items() if s.owner is None), None)  # least recently used first
-        if victim is None:
-            raise APIError(429, f"too many active sessions ({self.max_sessions}); try again later")
-        self._forget(victim)
 
 
 # ---- /v1/chat/completions -----------------------------------------------------------------------

@@ -18,9 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from ..engine.outputs import Logprob, RequestOutput
+from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..errors import LowbitError
+from ..logprobs import Logprob
 from .errors import APIError, error_body
 from .metrics import RequestTimer
 from .protocol import (

@@ -31,7 +31,8 @@ def _stat(stats: Any, *names: str, default: float = 0.0) -> float:
 
 
 class EngineCollector:
-    """Reads engine.stats() on every scrape."""
+    """Reads engine.stats() on every scrape. `snapshots()` may give several engines (the cluster
+    ingress labels each replica's); every metric family then has one sample per snapshot."""
 
     def __init__(self, engine: Any, model_name: str):
         self.engine = engine
@@ -40,47 +41,56 @@ class EngineCollector:
     def describe(self) -> Iterable[Metric]:
         return []
 
+    def snapshots(self) -> list[tuple[list[str], list[str], Any]]:
+        """(label names, label values, stats) per engine."""
+        return [(["model_name"], [self.model_name], self.engine.stats())]
+
     def collect(self) -> Iterable[Metric]:
-        s = self.engine.stats()
-        lbl = ["model_name"]
-        val = [self.model_name]
+        snaps = self.snapshots()
+        lbl = snaps[0][0] if snaps else ["model_name"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(PREFIX + name, doc, labels=lbl)
-            g.add_metric(val, value)
-            return g
+        def family(kind: type, name: str, doc: str, value: Any) -> Metric:
+            f = kind(PREFIX + name, doc, labels=lbl)
+            for _, val, s in snaps:
+                f.add_metric(val, value(s))
+            return f
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(PREFIX + name, doc, labels=lbl)
-            c.add_metric(val, value)
-            return c
+        def gauge(name: str, doc: str, value: Any) -> Metric:
+            return family(GaugeMetricFamily, name, doc, value)
 
-        queries = _stat(s, "prefix_cache_queries")
-        hits = _stat(s, "prefix_cache_hits")
+        def counter(name: str, doc: str, value: Any) -> Metric:
+            return family(CounterMetricFamily, name, doc, value)
+
+        def hit_rate(s: Any) -> float:
+            queries = _stat(s, "prefix_cache_queries")
+            return _stat(s, "prefix_cache_hits") / queries if queries else 0.0
+
         yield gauge("num_requests_running", "Sequences being generated in the current engine step.",
-                    _stat(s, "num_running"))
-        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", _stat(s, "num_waiting"))
-        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", _stat(s, "kv_usage"))
-        yield gauge("kv_cache_free_blocks", "Free KV-cache blocks.", _stat(s, "num_free_blocks"))
-        yield gauge("kv_cache_total_blocks", "KV-cache blocks in the pool.", _stat(s, "num_total_blocks"))
-        yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start.",
-                    hits / queries if queries else 0.0)
-        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries)
-        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
+                    lambda s: _stat(s, "num_running"))
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", lambda s: _stat(s, "num_waiting"))
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).",
+                    lambda s: _stat(s, "kv_usage"))
+        yield gauge("kv_cache_free_blocks", "Free KV-cache blocks.", lambda s: _stat(s, "num_free_blocks"))
+        yield gauge("kv_cache_total_blocks", "KV-cache blocks in the pool.", lambda s: _stat(s, "num_total_blocks"))
+        yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start.", hit_rate)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      lambda s: _stat(s, "prefix_cache_queries"))
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      lambda s: _stat(s, "prefix_cache_hits"))
         yield counter("prompt_tokens", "Prompt tokens processed.",
-                      _stat(s, "prompt_tokens_total", "num_prompt_tokens", "prompt_tokens"))
+                      lambda s: _stat(s, "prompt_tokens_total", "num_prompt_tokens", "prompt_tokens"))
         yield counter("generation_tokens", "Tokens generated.",
-                      _stat(s, "generation_tokens_total", "num_generation_tokens", "generation_tokens"))
+                      lambda s: _stat(s, "generation_tokens_total", "num_generation_tokens", "generation_tokens"))
         yield counter("num_preemptions", "Sequences preempted (freed and recomputed) for lack of KV blocks.",
-                      _stat(s, "num_preemptions", "preemptions"))
+                      lambda s: _stat(s, "num_preemptions", "preemptions"))
 
 
 class ServerMetrics:
     """Per-app registry: engine gauges/counters plus per-request latency histograms."""
 
-    def __init__(self, engine: Any, model_name: str):
+    def __init__(self, engine: Any, model_name: str, collector: EngineCollector | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine, model_name))
+        self.registry.register(collector if collector is not None else EngineCollector(engine, model_name))
         lbl = ["model_name"]
         self.model_name = model_name
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", lbl,

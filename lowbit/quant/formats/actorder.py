@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import QuantizationError
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 G_IDX = "weight_g_idx"  # compressed-tensors' tensor name (AutoGPTQ/GPTQModel call it "g_idx")
 DOWN, FOLD_TARGETS = "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")

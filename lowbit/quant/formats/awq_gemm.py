@@ -22,7 +22,7 @@ import torch
 
 from lowbit.errors import QuantizationError
 from lowbit.quant.primitives import pack_int32, resolve_group_size, unpack_int32
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 BITS = 4
 PACK = 32 // BITS

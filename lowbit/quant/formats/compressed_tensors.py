@@ -32,7 +32,7 @@ from lowbit.quant.primitives import (
     resolve_group_size,
     unpack_int32,
 )
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 FORMAT = "pack-quantized"
 # The compressed-tensors release whose layout we write (and checked our packing against).

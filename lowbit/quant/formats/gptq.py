@@ -33,7 +33,7 @@ import torch
 
 from lowbit.errors import QuantizationError
 from lowbit.quant.primitives import packed_words, unpack_int32
-from lowbit.quant.qweight import QuantizedWeight
+from lowbit.layers.qweight import QuantizedWeight
 
 TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 BITS = (2, 3, 4, 8)

@@ -24,9 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..engine import kv_cache
-from ..engine.kv_cache import KVCachePool
-from . import kernels, ops
+from .. import kernels
+from ..layers import ops
+from . import kv_cache
+from .kv_cache import KVCachePool
 
 
 @dataclass
@@ -263,7 +264,7 @@ _LAYOUT_OK: dict[str, bool] = {}
 def _kernel_reads(pool: KVCachePool) -> bool:
     """Whether the fused decode kernel can read this pool in place: fp32 always; int8/int4 when a
     probe says the kernel reads the pool's scheme right (checked once per dtype), so a change of
-    kv_cache.py's quantization falls back to the torch path instead of being misread."""
+    the KV quantization (lowbit/layers/kv_quant.py) falls back to the torch path instead of being misread."""
     dtype = pool.spec.dtype
     if not ops.paged_decode_supported(pool.spec.head_dim, dtype):
         return False

@@ -1,4 +1,4 @@
-"""Write and read quantized Hugging Face checkpoints (AutoAWQ GEMM or compressed-tensors).
+"""Write quantized Hugging Face checkpoints (AutoAWQ GEMM or compressed-tensors).
 
 Layout written: config.json (the model's config plus "quantization_config"), model.safetensors
 or model-0000i-of-0000n.safetensors shards with model.safetensors.index.json, and the tokenizer /
@@ -13,33 +13,29 @@ Dtype conventions (what the reference tools write, so their loaders see what the
                       loaded with its native dtype, so norms/embeddings lose nothing relative to
                       the source checkpoint; a float32 pipeline does not double their size.
 
-Writes are atomic: everything goes to a temporary folder next to out_dir, which is renamed into
-place only when complete, so a reader never sees a half-written checkpoint.
+Writes are atomic (lowbit.fsio.publish_dir): everything goes to a staging folder next to out_dir,
+which is renamed into place only when complete, so a reader never sees a half-written checkpoint;
+an existing out_dir is replaced only with force, and survives a failed rewrite.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lowbit.errors import LowbitError, ModelLoadError, QuantizationError
-from lowbit.quant.formats import actorder, awq_gemm
-from lowbit.quant.formats import compressed_tensors as ct
-from lowbit.quant.qweight import QuantizedWeight
+from ...errors import LowbitError, QuantizationError
+from ...fsio import check_target, publish_dir
+from ...models.weights import INDEX_FILE
+from ..formats import actorder, awq_gemm
+from ..formats import compressed_tensors as ct
+from ...layers.qweight import QuantizedWeight
 
 FORMATS = ("awq", "compressed-tensors")
 MAX_SHARD_BYTES = 2 * 1024**3
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files a served model needs besides weights and config.json.
 COPIED_FILES = (
     "tokenizer.json",
@@ -55,28 +51,6 @@ COPIED_FILES = (
 )
 _NEVER_QUANTIZED = {"lm_head", "wte", "wpe", "word_embeddings", "embed_out"}
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass
-class QuantizedCheckpoint:
-    """A loaded quantized checkpoint in canonical form.
-
-    group_size is the config's value (-1 = per-channel); each QuantizedWeight carries its real one.
-    fp_tensors holds every tensor that is not part of a quantized linear (norms, embeddings,
-    lm_head, biases), in the dtype stored on disk.
-    """
-
-    fmt: str
-    bits: int
-    group_size: int
-    sym: bool
-    fp_tensors: dict[str, torch.Tensor]
-    quantized: dict[str, QuantizedWeight]
-    modules_to_not_convert: list[str] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    # act-order weights (formats/actorder.py): module -> input-channel permutation; such a
-    # module's QuantizedWeight is group-contiguous in that order (column j = channel perm[j])
-    input_perms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # ============================================================================= saving
@@ -114,7 +88,7 @@ def save_quantized(
     out_dir = Path(out_dir).absolute()
     if input_perms and fmt != "compressed-tensors":
         raise QuantizationError("act-order (g_idx) weights can be saved in the compressed-tensors format only")
-    _check_destination(out_dir, force)
+    check_target(out_dir, force)
     bits, group_size, sym = _uniform_params(quantized, fmt)
     _check_names(fp_tensors, quantized)
     skipped = _not_converted(fp_tensors, quantized) if modules_to_not_convert is None else list(modules_to_not_convert)
@@ -128,21 +102,13 @@ def save_quantized(
         config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = (
             "group" if input_perms else actorder_name)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with publish_dir(out_dir, replace=force) as tmp:
         _write_shards(tmp, tensors, max_shard_bytes)
-        _write_bytes(tmp / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        (tmp / "config.json").write_bytes((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         if copy_files_from is not None:
             _copy_side_files(Path(copy_files_from), tmp)
         for name, data in (extra_files or {}).items():
-            _write_bytes(tmp / _plain_name(name), data)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / _plain_name(name)).write_bytes(data)
     return out_dir
 
 
@@ -172,13 +138,6 @@ def _fp_dtype(fmt: str, hf_config: dict) -> torch.dtype | None:
     if fmt == "awq":
         return torch.float16
     return _DTYPE_NAMES.get(_config_dtype(hf_config) or "")
-
-
-def _check_destination(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise LowbitError(f"output folder {out_dir} already exists; pass force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LowbitError(f"output path {out_dir} exists and is not a folder")
 
 
 def _uniform_params(quantized: dict[str, QuantizedWeight], fmt: str) -> tuple[int, int, bool]:
@@ -323,35 +282,12 @@ def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byte
             weight_map[name] = fname
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _write_bytes(folder / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    (folder / INDEX_FILE).write_bytes((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     # transformers refuses safetensors files without metadata {"format": "pt"}
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync(path)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems do not support fsync on folders
-        pass
 
 
 def _plain_name(name: str) -> str:
@@ -366,223 +302,3 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-def _swap_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
-    """Rename the finished folder into place; an old one is moved aside first and deleted only
-    after the new one is in place (restored if the rename fails)."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)  # fails if something appeared there meanwhile, never merges
-        _fsync_dir(out_dir.parent)
-        return
-    if not force:
-        raise LowbitError(f"output folder {out_dir} already exists; pass force to replace it")
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    _fsync_dir(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ============================================================================= loading
-
-
-def load_quantized(model_dir: str | Path) -> QuantizedCheckpoint:
-    """Read a quantized checkpoint written by us, AutoAWQ (GEMM) or llm-compressor (pack-quantized)."""
-    folder = _checkpoint_folder(Path(model_dir))
-    config = _read_config(folder)
-    qcfg = _quantization_config(folder, config)
-    files = _weight_files(folder)
-    method = str(qcfg.get("quant_method", "")).lower()
-    with ExitStack() as stack:
-        handles = {f: _open(stack, f) for f in files}
-        where = {key: f for f, h in handles.items() for key in h.keys()}
-        if method == "awq":
-            return _load_awq(qcfg, config, handles, where)
-        if method == "compressed-tensors":
-            return _load_ct(qcfg, config, handles, where)
-        if method == "gptq":
-            from lowbit.quant.gptq_checkpoint import load_gptq
-
-            return load_gptq(qcfg, config, lambda key: _get(handles, where, key), where)
-    raise ModelLoadError(
-        f"{folder}: quantization method {qcfg.get('quant_method')!r} is not supported; "
-        "expected AWQ (GEMM), compressed-tensors (pack-quantized) or GPTQ (AutoGPTQ / GPTQModel)"
-    )
-
-
-def _checkpoint_folder(path: Path) -> Path:
-    if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ModelLoadError(_pickle_message(path))
-        raise ModelLoadError(f"{path} is a file; pass the checkpoint folder holding config.json")
-    if not path.is_dir():
-        raise ModelLoadError(f"checkpoint folder {path} does not exist")
-    return path
-
-
-def _pickle_message(path: Path) -> str:
-    return (
-        f"{path.name} is a pickle checkpoint; lowbit loads safetensors only, because unpickling "
-        "can run arbitrary code. Convert it to safetensors with a tool you trust first."
-    )
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{folder} has no config.json")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"config.json in {folder} is not valid JSON: {e}") from e
-
-
-def _quantization_config(folder: Path, config: dict) -> dict:
-    qcfg = config.get("quantization_config") or config.get("compression_config")
-    if qcfg:
-        return qcfg
-    for name in ("quant_config.json", "quantize_config.json"):  # early AutoAWQ releases
-        path = folder / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ModelLoadError(f"{name} in {folder} is not valid JSON: {e}") from e
-            data.setdefault("quant_method", "gptq" if "desc_act" in data else "awq")  # AutoGPTQ's has desc_act
-            return data
-    raise ModelLoadError(f"{folder} is not a quantized checkpoint: config.json has no quantization_config")
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise ModelLoadError(f"{INDEX_FILE} in {folder} is unreadable: {e}") from e
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise ModelLoadError(f"{folder}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing)}")
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise ModelLoadError(_pickle_message(pickles[0]))
-    raise ModelLoadError(f"{folder} has no .safetensors weight files")
-
-
-def _open(stack: ExitStack, path: Path):
-    try:
-        return stack.enter_context(safe_open(str(path), framework="pt"))
-    except Exception as e:  # safetensors raises its own error type for bad headers / short files
-        raise ModelLoadError(f"{path.name}: corrupt or truncated safetensors file ({e})") from e
-
-
-def _get(handles, where, key: str) -> torch.Tensor:
-    path = where[key]
-    try:
-        return handles[path].get_tensor(key)
-    except Exception as e:
-        raise ModelLoadError(f"{path.name}: cannot read tensor {key} ({e})") from e
-
-
-def _modules_with(where: dict, suffix: str) -> list[str]:
-    return sorted(k[: -len(suffix)] for k in where if k.endswith(suffix))
-
-
-def _fp_rest(handles, where, consumed: set[str]) -> dict[str, torch.Tensor]:
-    return {k: _get(handles, where, k) for k in sorted(where) if k not in consumed}
-
-
-def _load_awq(qcfg: dict, config: dict, handles, where) -> QuantizedCheckpoint:
-    version = str(qcfg.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise ModelLoadError(f"AWQ version {qcfg.get('version')!r} is not supported; only the GEMM layout is")
-    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
-    group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
-    if bits != 4:
-        raise ModelLoadError(f"AWQ GEMM checkpoints hold 4-bit weights; this one says {bits} bits")
-    quantized, consumed = {}, set()
-    for module in _modules_with(where, ".qweight"):
-        keys = {k: f"{module}.{k}" for k in awq_gemm.TENSOR_NAMES}
-        missing = [v for v in keys.values() if v not in where]
-        if missing:
-            raise ModelLoadError(f"AWQ layer {module} is incomplete: {', '.join(missing)} missing")
-        parts = {k: _get(handles, where, v) for k, v in keys.items()}
-        quantized[module] = _decode(lambda: awq_gemm.unpack(parts, group_size, module), where[keys["qweight"]])
-        consumed.update(keys.values())
-    _require_layers(quantized, where)
-    return QuantizedCheckpoint(
-        fmt="awq",
-        bits=bits,
-        group_size=group_size,
-        sym=all(qw.sym for qw in quantized.values()),
-        fp_tensors=_fp_rest(handles, where, consumed),
-        quantized=quantized,
-        modules_to_not_convert=list(qcfg.get("modules_to_not_convert") or []),
-        config=config,
-    )
-
-
-def _load_ct(qcfg: dict, config: dict, handles, where) -> QuantizedCheckpoint:
-    version = qcfg.get("version")
-    quantized, consumed, first, perms = {}, set(), None, {}
-    for module in _modules_with(where, ".weight_packed"):
-        try:
-            gname, group = ct.group_for(qcfg, module)
-            args = ct.weight_args(group, gname)
-        except QuantizationError as e:
-            raise ModelLoadError(f"compressed-tensors config: {e}") from e
-        fmt = ct.group_format(qcfg, group)
-        if fmt != ct.FORMAT:
-            raise ModelLoadError(f"compressed-tensors format {fmt!r} is not supported; only {ct.FORMAT!r} is")
-        keys = {k: f"{module}.{k}" for k in ct.TENSOR_NAMES if f"{module}.{k}" in where}
-        parts = {k: _get(handles, where, v) for k, v in keys.items()}
-        qw = _decode(lambda: ct.unpack(parts, args, version, module), where[f"{module}.weight_packed"])
-        qw, perm = _check_g_idx(handles, where, module, qw, consumed)
-        if perm is not None:
-            perms[module] = perm
-        quantized[module] = qw
-        consumed.update(keys.values())
-        first = first or args
-    _require_layers(quantized, where)
-    return QuantizedCheckpoint(
-        fmt="compressed-tensors",
-        bits=first.bits,
-        group_size=first.group_size if first.group_size else -1,
-        sym=first.sym,
-        fp_tensors=_fp_rest(handles, where, consumed),
-        quantized=quantized,
-        modules_to_not_convert=list(qcfg.get("ignore") or []),
-        config=config,
-        input_perms=perms,
-    )
-
-
-def _check_g_idx(handles, where, module: str, qw: QuantizedWeight, consumed: set[str]):
-    """Activation-order checkpoints map columns to groups through g_idx: regrouped here into the
-    group-contiguous layout plus an input permutation (formats/actorder.py). Returns (qw, perm)."""
-    key = f"{module}.{actorder.G_IDX}"
-    if key not in where:
-        return qw, None
-    consumed.add(key)
-    return _decode(lambda: actorder.regroup(qw, _get(handles, where, key), module), where[key])
-
-
-def _decode(fn, path: Path) -> QuantizedWeight:
-    try:
-        return fn()
-    except QuantizationError as e:
-        raise ModelLoadError(f"{path.name}: {e}") from e
-
-
-def _require_layers(quantized: dict, where: dict) -> None:
-    if not quantized:
-        raise ModelLoadError("the checkpoint's config says it is quantized but no quantized layers were found")

@@ -1,20 +1,37 @@
-"""Build a CausalLM from a quantized checkpoint (AutoAWQ GEMM or compressed-tensors).
+"""Load any model the toolkit supports: fp checkpoints, and quantized ones (AutoAWQ GEMM,
+compressed-tensors or AutoGPTQ / GPTQModel) whose linears become QuantLinear modules (wrapped in
+InputPermuted where an act-order permutation could not be folded into the previous layer).
 
-Quantized linears become QuantLinear modules whose kernels repack the weights at load; q/k/v and
-gate/up are fused here, at the QuantizedWeight level, so each layer runs two low-bit matmuls fewer.
+Why here and not in models/: a quantized checkpoint needs the quant formats, which sit above the
+models, so the loader that knows every kind of checkpoint sits at this level; models/loader.py
+keeps what needs no quantization (resolving a model name, reading config and tokenizer, building
+an fp model).
+
+Quantized linears' kernels repack the weights at load; q/k/v and gate/up are fused here, at the
+QuantizedWeight level, so each layer runs two low-bit matmuls fewer.
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError
-from ..quant.formats.actorder import fold_into_previous
-from ..quant.qweight import QuantizedWeight
-from .config import ModelConfig
-from .loader_utils import replace_module
-from .transformer import CausalLM
+from ..layers.linear import QuantLinear
+from ..layers.permuted import InputPermuted
+from ..layers.qweight import QuantizedWeight
+from ..models.config import ModelConfig
+from ..models.loader import LoadedModel, build_fp_model, load_tokenizer, read_hf_config, resolve_model_dir
+from ..models.loader_utils import replace_module
+from ..models.registry import resolve_config
+from ..models.transformer import CausalLM
+from ..models.weights import iter_tensors
+from .checkpoint import load_quantized
+from .checkpoint.load import LEGACY_CONFIG_FILES
+from .formats.actorder import fold_into_previous
 
 FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -41,18 +58,11 @@ def _same_perm(perms: list[torch.Tensor | None]) -> bool:
         all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms[1:]))
 
 
-def _permuted(module, perm: torch.Tensor | None):
-    if perm is None:
-        return module
-    from ..layers.permuted import InputPermuted
-
-    return InputPermuted(module, perm)
+def _permuted(module: QuantLinear, perm: torch.Tensor | None) -> QuantLinear | InputPermuted:
+    return module if perm is None else InputPermuted(module, perm)
 
 
 def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
-    from ..layers.linear import QuantLinear
-    from ..quant.checkpoint import load_quantized
-
     ckpt = load_quantized(model_dir)
     fp = dict(ckpt.fp_tensors)
     quantized = dict(ckpt.quantized)
@@ -60,7 +70,6 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     perms = fold_into_previous(quantized, fp, ckpt.input_perms) if ckpt.input_perms else {}
     with torch.device("meta"):
         model = CausalLM(cfg)
-    model.rotary = type(model.rotary)(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
 
     for i in range(cfg.num_layers):
         prefix = f"model.layers.{i}."
@@ -91,3 +100,31 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     model.tie_weights()
     model.requires_grad_(False)
     return model.eval()
+
+
+def _legacy_quant_config(model_dir: Path) -> dict[str, Any] | None:
+    """quantize_config.json / quant_config.json of a checkpoint whose config.json has none."""
+    for name in LEGACY_CONFIG_FILES:
+        path = model_dir / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{path}: unreadable quantization config ({e})") from None
+    return None
+
+
+def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True) -> LoadedModel:
+    """A model directory, .gguf file, hub id or the default alias -> a loaded CausalLM (quantized
+    when its config.json has a quantization_config, or a legacy quantize_config.json / quant_config.json
+    lies beside it), with its tokenizer unless told otherwise."""
+    model_dir = resolve_model_dir(spec)
+    hf = read_hf_config(model_dir)
+    cfg = resolve_config(hf)
+    qcfg = hf.get("quantization_config") or _legacy_quant_config(model_dir)
+    if qcfg:
+        model = build_quantized_model(cfg, model_dir)
+    else:
+        model = build_fp_model(cfg, iter_tensors(model_dir))
+    tok = load_tokenizer(model_dir) if with_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tok, config=cfg, path=model_dir, quantization=qcfg)

@@ -1,0 +1,54 @@
+"""lowbit's kernel layer: the C++ CPU kernels built at install (one module per instruction-set
+variant, setup.py), the pure-torch references, and the registry that picks one implementation per
+op at first use.
+
+A leaf package: it imports torch and the standard library, nothing else from lowbit, so every layer
+above (layers, models, engine) can use it and a new backend plugs in here only.
+
+Call sites:
+    ext = kernels.OPS.get()      # fused decode ops (rms_norm, rotary_, paged_decode_attention, ...)
+    ext = kernels.QGEMM.get()    # quantized linear (QLinear, dequantize); kernels.get() is the same
+Each returns an object whose attributes are the chosen compiled functions, or None when the torch
+reference runs (no usable variant, or LOWBIT_ISA=ref / LOWBIT_NO_EXT=1). `lowbit env` prints every
+choice and why; `reset()` makes the next call choose again (tests flip LOWBIT_ISA).
+"""
+from __future__ import annotations
+
+from .errors import KernelConfigError
+from .registry import OPS as OP_SPECS, Choice, OpSet, Registry
+from .variants import VARIANTS, Variant
+
+#: The process's registry (this machine's CPU, the environment, the installed builds).
+REGISTRY = Registry()
+QGEMM = REGISTRY.family("qgemm")
+OPS = REGISTRY.family("ops")
+
+__all__ = [
+    "KernelConfigError", "OP_SPECS", "Choice", "OpSet", "Registry", "VARIANTS", "Variant",
+    "REGISTRY", "QGEMM", "OPS", "get", "available", "reset", "choices", "usable_variants",
+]
+
+
+def get() -> OpSet | None:
+    """The quantized-linear ops (QLinear, dequantize), or None when the torch path must be used."""
+    return QGEMM.get()
+
+
+def available() -> bool:
+    """Whether the compiled quantized-linear kernels will be used."""
+    return QGEMM.get() is not None
+
+
+def reset() -> None:
+    """Forgets every choice, so LOWBIT_ISA / LOWBIT_NO_EXT are read again at the next use."""
+    REGISTRY.reset()
+
+
+def choices() -> dict[str, Choice]:
+    """Op name -> what runs it and why."""
+    return REGISTRY.choices()
+
+
+def usable_variants() -> list[str]:
+    """Names of the variants this CPU runs and this install built, best first (loads nothing)."""
+    return [b.variant.name for b in REGISTRY.builds() if not b.missing and b.path is not None]

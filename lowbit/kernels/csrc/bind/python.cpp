@@ -1,0 +1,44 @@
+// The Python module of this variant (lowbit.kernels._cpu_<variant>): direct pybind11 bindings of
+// the same functions the dispatcher has (bind/torch_ops.cpp), for the decode hot path, where a
+// torch.ops call costs more than the kernel it runs (measured figures in lowbit/kernels/registry.py).
+// Importing the module also runs the TORCH_LIBRARY registration of torch_ops.cpp.
+#include <torch/csrc/utils/pybind.h>
+
+#include "../api.h"
+
+#ifndef LOWBIT_SOURCES_HASH
+#define LOWBIT_SOURCES_HASH "unknown"
+#endif
+
+namespace ops = lowbit::LOWBIT_ISA;
+
+// Kernels run without the GIL (they touch tensors only): the server's event loop thread keeps
+// streaming while the engine thread is inside a kernel.
+#define kNoGil pybind11::call_guard<pybind11::gil_scoped_release>()
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("isa") = LOWBIT_STR(LOWBIT_ISA);
+  m.attr("torch_namespace") = LOWBIT_STR(LOWBIT_TORCH_NS);
+  m.attr("sources_hash") = LOWBIT_SOURCES_HASH;  // of csrc/ at build time (setup.py): staleness check
+
+  pybind11::class_<ops::Handle>(m, "QLinear")
+      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, int64_t, int64_t,
+                          int64_t, int64_t, int64_t>())
+      .def("forward", &ops::Handle::forward, kNoGil, "y = x @ W^T + b (fp32 compute)")
+      .def("forward_mode", &ops::Handle::forward_mode, kNoGil, "forward with a forced kernel (benchmarks/tests)");
+  m.def("dequantize", &ops::dequantize, kNoGil, "dequantize packed rows to fp32");
+
+  m.def("rms_norm", &ops::rms_norm, kNoGil, "w * x / rms(x) over rows of a [M, n] fp32 tensor");
+  m.def("fused_add_rms_norm", &ops::fused_add_rms_norm, kNoGil, "residual += x (in place); return rms_norm(residual)");
+  m.def("silu_and_mul", &ops::silu_and_mul, kNoGil, "[M, 2I] -> silu(x[:, :I]) * x[:, I:]");
+  m.def("rotary_", &ops::rotary_, kNoGil, "rotary on q [N, Hq, D] and k [N, Hkv, D] in place");
+  m.def("rotary_and_cache", &ops::rotary_and_cache, kNoGil,
+        "rotary on q, k in place; store k, v at slots of fp32 pools");
+  m.def("quantize_to_pool", &ops::quantize_to_pool, kNoGil,
+        "per-token, per-head asymmetric int8/int4 codes of x [N, H, D] stored at slots of a uint8 pool");
+  m.def("paged_decode_attention", &ops::paged_decode_attention, kNoGil, "one-token attention over paged K/V blocks");
+  m.def("rotary_qkv_", &ops::rotary_qkv_, kNoGil, "rotary_ on the q and k parts of a fused [N, (Hq + 2 Hkv) D] qkv");
+  m.def("rotary_and_cache_qkv", &ops::rotary_and_cache_qkv, kNoGil, "rotary_and_cache on a fused qkv");
+  m.def("paged_decode_attention_qkv", &ops::paged_decode_attention_qkv, kNoGil,
+        "paged_decode_attention for the first B rows of a fused qkv -> [B, Hq * D]");
+}

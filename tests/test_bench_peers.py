@@ -1,0 +1,215 @@
+"""The benchmark scripts' small decisions, without running any engine: which peer configurations run
+(vLLM's dtype, llama.cpp's builds), how rows and failures show, which prompt ids every engine gets,
+which quantization configs quant_ppl runs, the verdict lines, and the child-process measurement."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import configs as C  # noqa: E402
+from benchmarks.peers.prompts import prompt_vocab_size  # noqa: E402
+
+# ------------------------------------------------------------------ vLLM dtype and configurations
+
+CPUINFO = "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx2 {extra}\n\nprocessor\t: 1\nflags\t\t: nothing\n"
+
+
+@pytest.mark.parametrize("extra,dtype", [
+    ("", "float32"),
+    ("avx512f avx512_vnni", "float32"),  # AVX-512 without bf16 arithmetic: bf16 is emulated, fp32 wins
+    ("avx512f avx512_bf16", "bfloat16"),
+    ("amx_bf16 amx_tile", "bfloat16"),
+])
+def test_vllm_fastest_dtype(extra, dtype):
+    flags = C.cpu_flags(CPUINFO.format(extra=extra))
+    assert "avx2" in flags and "nothing" not in flags  # the first flags line only
+    assert C.vllm_fastest_dtype(flags) == dtype
+
+
+def test_vllm_configs_with_bf16():
+    cfgs = C.vllm_configs({"avx512_bf16"}, "/fp", "/awq")
+    assert [(c.label, c.args) for c in cfgs] == [
+        ("vLLM-CPU bf16", ("--hf-dir", "/fp", "--dtype", "bfloat16")),
+        ("vLLM-CPU fp32", ("--hf-dir", "/fp", "--dtype", "float32")),
+        ("vLLM-CPU bf16 on lowbit AWQ", ("--hf-dir", "/awq", "--dtype", "bfloat16")),
+    ]
+    assert {c.peer for c in cfgs} == {"vLLM-CPU"} and not any(c.missing for c in cfgs)
+
+
+def test_vllm_configs_without_bf16_or_awq():
+    cfgs = C.vllm_configs({"avx2"}, "/fp", None, "/w4 is not an AutoAWQ-format checkpoint")
+    assert [c.label for c in cfgs] == ["vLLM-CPU fp32", "vLLM-CPU bf16 on lowbit AWQ"]
+    assert cfgs[1].missing == "/w4 is not an AutoAWQ-format checkpoint"  # a row with the reason, not dropped
+
+
+# ------------------------------------------------------------------ llama.cpp builds
+
+
+def _venv(root: Path, name: str) -> None:
+    (root / name / "bin").mkdir(parents=True)
+    (root / name / "bin" / "python").write_text("")
+
+
+def test_llamacpp_native_row_always_portable_when_installed(tmp_path):
+    cfgs = C.llamacpp_configs(tmp_path, "/m.gguf", "Q4_K_M")
+    assert [(c.label, c.missing) for c in cfgs] == [
+        ("llama.cpp Q4_K_M (native build)", "not installed: benchmarks/peers/setup_peers.sh llamacpp")]
+    _venv(tmp_path, "llamacpp")
+    _venv(tmp_path, "llamacpp-portable")
+    cfgs = C.llamacpp_configs(tmp_path, "/m.gguf", "Q4_K_M")
+    assert [(c.label, c.venv, c.missing) for c in cfgs] == [
+        ("llama.cpp Q4_K_M (native build)", "llamacpp", ""),
+        ("llama.cpp Q4_K_M (portable AVX2 build)", "llamacpp-portable", ""),
+    ]
+    assert all(c.args == ("--gguf", "/m.gguf") for c in cfgs)
+    assert all(c.missing.startswith("no GGUF") for c in C.llamacpp_configs(tmp_path, None, "GGUF"))
+
+
+@pytest.mark.parametrize("name,label", [
+    ("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf", "Q4_K_M"),
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
+    ("model-q8_0.gguf", "Q8_0"),
+    ("x.F16.gguf", "F16"),
+    ("plain.gguf", "GGUF"),
+    (None, "GGUF"),
+])
+def test_gguf_quant_label(name, label):
+    assert C.gguf_quant_label(name and f"/a/b/{name}") == label
+
+
+def test_setup_peers_builds_native_by_default():
+    text = (ROOT / "benchmarks" / "peers" / "setup_peers.sh").read_text()
+    assert "-DGGML_NATIVE=ON" in text and "--portable" in text and "llamacpp-portable" in text
+    assert ".peer-build" in text  # what llamacpp_bench.py reports as the build that ran
+
+
+# ------------------------------------------------------------------ rows
+
+
+def test_rows_mark_the_best_per_peer_and_keep_failures():
+    rows = C.mark_best([
+        C.Row("lowbit fp32", "lowbit", 10.0), C.Row("lowbit W4A16", "lowbit", 30.0),
+        C.Row("vLLM-CPU bf16", "vLLM-CPU", 20.0), C.Row("vLLM-CPU fp32", "vLLM-CPU", 12.0),
+        C.Row("vLLM-CPU bf16 on lowbit AWQ", "vLLM-CPU", None, "RuntimeError: bad dtype"),
+        C.Row("llama.cpp Q4_K_M (native build)", "llama.cpp", 15.0),
+    ])
+    assert [r.label for r in rows if r.best] == ["vLLM-CPU bf16"]  # ours unmarked; one llama.cpp row: no 'best'
+    assert C.best_of(rows, "vLLM-CPU").label == "vLLM-CPU bf16"
+    assert C.best_of(rows, "transformers") is None
+    lines = [C.format_row(r) for r in rows]
+    assert lines[2].rstrip().endswith("20.0  (best)")
+    assert "FAILED: RuntimeError: bad dtype" in lines[4]
+    assert C.format_row(C.Row("x", "p")).rstrip().endswith("n/a")
+    assert "[build: native (avx2)]" in C.format_row(C.Row("l", "llama.cpp", 1.0, notes=["build: native (avx2)"]))
+
+
+def test_error_line_picks_the_reason():
+    err = "INFO loading\nTraceback (most recent call last):\n  File x\nValueError: torch.float32 is not supported\nINFO bye\n"
+    assert C.error_line(err) == "ValueError: torch.float32 is not supported"
+    assert C.error_line("just a line\n") == "just a line"
+    assert C.error_line("", 3) == "exit status 3"
+
+
+def test_compare_engine_peer_rows_show_errors(monkeypatch):
+    from benchmarks import compare_engine as CE
+
+    runs = [
+        {"label": "vLLM-CPU fp32", "peer": "vLLM-CPU", "mode": "throughput", "result": {"total_tokens_per_s": 99.0}},
+        {"label": "vLLM-CPU bf16 on lowbit AWQ", "peer": "vLLM-CPU", "mode": "throughput", "error": "boom"},
+        {"label": "llama.cpp Q4_K_M (native build)", "peer": "llama.cpp", "mode": "decode",
+         "result": {"decode_tokens_per_s": 5.0, "engine": {"build": "native (avx2)"}}},
+        {"label": "transformers fp32", "peer": "transformers", "mode": "throughput", "result": {}},
+    ]
+    thr = CE.peer_rows(runs, "throughput", "total_tokens_per_s")
+    assert [(r.label, r.value, r.error) for r in thr] == [
+        ("vLLM-CPU fp32", 99.0, None), ("vLLM-CPU bf16 on lowbit AWQ", None, "boom"),
+        ("transformers fp32", None, "no total_tokens_per_s in its result")]
+    dec = CE.peer_rows(runs, "decode", "decode_tokens_per_s")
+    assert dec[0].notes == ["build: native (avx2)"]
+    missing = C.PeerConfig("vLLM-CPU", "x", "vllm", "vllm_bench.py", missing="no AWQ checkpoint")
+    assert CE.peer(missing) == {"error": "no AWQ checkpoint"}
+    absent = C.PeerConfig("vLLM-CPU", "x", "no-such-venv", "vllm_bench.py")
+    assert "missing; run benchmarks/peers/setup_peers.sh" in CE.peer(absent)["error"]
+
+
+# ------------------------------------------------------------------ prompt ids
+
+
+def _model_dir(tmp_path: Path, vocab: int, added: list[int] | None) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    if added is not None:
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": i} for i in added]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("vocab,added,want", [
+    (151936, [151643, 151644, 151645], 151643),  # Qwen2.5: specials above the ordinary ids, padding rows after
+    (49152, list(range(17)), 49152),  # SmolLM2: specials at the bottom, below the first prompt id (32)
+    (32000, None, 32000),  # no tokenizer.json: the embedding rows
+    (1000, [5000], 1000),
+])
+def test_prompt_vocab_size(tmp_path, vocab, added, want):
+    assert prompt_vocab_size(_model_dir(tmp_path, vocab, added)) == want
+
+
+# ------------------------------------------------------------------ quantization benchmarks
+
+
+def test_quant_ppl_configs():
+    from benchmarks.quant_ppl import parse_configs
+
+    qwen = parse_configs("w4,w3,w8ch", {896, 4864}, 128)
+    assert [(c.name, c.bits, c.group_size, c.fmt, c.note) for c in qwen] == [
+        ("w4g128", 4, 128, "awq", ""), ("w3g128", 3, 128, "compressed-tensors", ""),
+        ("w8ch", 8, -1, "compressed-tensors", "")]
+    smol = parse_configs("w4,w3g32", {576, 1536}, 64)  # SmolLM2: 128 does not divide 576
+    assert [(c.name, c.group_size) for c in smol] == [("w4g64", 64), ("w3g32", 32)]
+    assert smol[0].note == "auto g64: 128 does not divide in_features 576" and smol[1].note == ""
+    with pytest.raises(SystemExit, match="cannot read 'w4x'"):
+        parse_configs("w4x", {576}, 64)
+
+
+def test_quant_ppl_verdicts():
+    from benchmarks.quant_ppl import QuantConfig, Row, verdicts
+
+    cfgs = [QuantConfig("w4g128", 4, 128, "awq"), QuantConfig("w8ch", 8, -1, "compressed-tensors")]
+    rows = [Row("-", "fp", 10.0, None, None, 1), Row("w4g128", "rtn", 12.0, 5, 100, 1),
+            Row("w4g128", "awq", 10.8, 9, 250, 1), Row("w8ch", "rtn", 10.01, 5, 100, 1),
+            Row("w8ch", "awq", 10.2, 9, 100, 1)]
+    lines = verdicts(rows, cfgs, 10.0, 900)
+    assert lines[0] == "W4 w4g128: AWQ closes 60.0% of RTN's gap (goal >= 50%): PASS"
+    assert lines[1].startswith("W8 w8ch RTN: +0.100%") and lines[1].endswith("PASS")
+    assert lines[2].startswith("W8 w8ch AWQ: +2.000%") and lines[2].endswith("FAIL")
+    assert lines[3].endswith("= 0.28 of the fp32 checkpoint (goal <= 1/3): PASS")
+    assert verdicts(rows, cfgs, 10.0, 600)[3].endswith("FAIL")  # 250 > 600 / 3
+
+
+def test_quant_peer_verdicts():
+    from benchmarks.quant_peer import PEER, peer_verdicts
+
+    ppl = {"FP": 10.0, "lowbit RTN": 12.0, "lowbit AWQ": 10.9, PEER: 11.0}
+    v = peer_verdicts(ppl, {"lowbit AWQ": 50.0, PEER: 100.0})
+    assert v.ok and "closes 55.0%" in v.lines[1] and "2.00x faster: PASS; ppl no worse: PASS" in v.lines[2]
+    v = peer_verdicts({**ppl, PEER: 10.5}, {"lowbit AWQ": 50.0, PEER: 100.0})
+    assert not v.ok and "ppl no worse: FAIL" in v.lines[2]
+    v = peer_verdicts({k: p for k, p in ppl.items() if k != PEER}, {"lowbit AWQ": 50.0})
+    assert not v.ok and "did not run" in v.lines[-1]
+
+
+def test_child_run_measures_its_own_peak_rss():
+    from benchmarks.childproc import run_child
+
+    grow = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('done')"
+    big = run_child([sys.executable, "-c", grow])
+    small = run_child([sys.executable, "-c", "print('small')"])
+    assert big.returncode == 0 and big.output.strip() == "done"
+    assert big.peak_rss_bytes > 300 * 2**20 > small.peak_rss_bytes  # per child, not the max over children
+    bad = run_child([sys.executable, "-c", "import sys; print('partial'); sys.exit('Error: it broke')"])
+    assert bad.returncode == 1 and bad.last_line() == "Error: it broke"
