@@ -281,7 +281,7 @@ def gptq_tensors(w: torch.Tensor, bits: int, g: int, sym: bool, perm: torch.Tens
     q = torch.clamp(torch.round(w / s) + z, 0, maxq).to(torch.int64)
     stored_z = zeros if v2 else (zeros - 1) & maxq
     tensors = {
-        "qweight": pack_dense(q.t().contiguous(), bits).t().contiguous(),
+        "qweight": pack_dense(q, bits).t().contiguous(),  # [in words, out]: packed along the input dim
         "qzeros": pack_dense(stored_z, bits),
         "scales": scales,
         "g_idx": g_idx.to(torch.int32),
