@@ -1,7 +1,7 @@
-"""FP vs RTN vs AWQ perplexity on WikiText-2 (raw test, seqlen 2048, first N windows) at W4 and W3 with
-AWQ's usual group size 128 (the automatic group size where 128 does not divide a linear's input features:
-64 on the default model, said in the table) and W8 per-channel, all asymmetric; plus each quantization's
-time and peak RSS.
+"""FP vs RTN vs AWQ (and GPTQ / AWQ-GPTQ with --methods) perplexity on WikiText-2 (raw test, seqlen
+2048, first N windows) at W4 and W3 with AWQ's usual group size 128 (the automatic group size where 128
+does not divide a linear's input features: 64 on the default model, said in the table) and W8 per-channel,
+all asymmetric; plus each quantization's time and peak RSS.
 
 Each quantized model is written as a real checkpoint (W4: AutoAWQ format; W3/W8: compressed-tensors)
 by `lowbit quantize` in a child process (its peak RSS is that child's alone) and evaluated through
@@ -17,6 +17,7 @@ Run:  python benchmarks/quant_ppl.py [--model qwen2.5-coder-1.5b] [--windows 16]
                                      [--workdir out/quant_ppl] [--json results/quant_ppl.json]
 --model: a directory, a .gguf, the default model (omitted), or a name from benchmarks/models.py.
 --configs: w<bits> (group 128, or the automatic size), w<bits>g<size>, w<bits>ch (per channel).
+--methods: any of rtn, awq, gptq, awq-gptq (default rtn,awq); the gap GPTQ / AWQ-GPTQ close is printed.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 DEFAULT_CONFIGS = "w4,w3,w8ch"
 PREFERRED_GROUP = 128
 GIB = 1024**3
+METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 
 
 @dataclass(frozen=True)
@@ -132,12 +134,13 @@ def main() -> int:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--workdir", default=str(ROOT / "out" / "quant_ppl"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="rtn,awq", help="rtn,awq (default) or one of them (smoke runs)")
+    ap.add_argument("--methods", default="rtn,awq",
+                    help="comma-separated subset of rtn, awq, gptq, awq-gptq (default rtn,awq)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args()
     methods = a.methods.split(",")
-    if not methods or set(methods) - {"rtn", "awq"}:
-        raise SystemExit(f"--methods: rtn, awq or rtn,awq, not {a.methods!r}")
+    if not methods or set(methods) - set(METHODS):
+        raise SystemExit(f"--methods: a comma-separated subset of {', '.join(METHODS)}, not {a.methods!r}")
     torch.set_num_threads(a.threads)
     pin_mmap_threshold()  # as `lowbit quantize` does: this script owns its process
     work = Path(a.workdir)
@@ -172,11 +175,11 @@ def main() -> int:
     for cfg in configs:
         if cfg.note:
             print(f"  {cfg.name}: {cfg.note}")
-    print(f"{'config':8} {'method':6} {'ppl':>9} {'vs FP':>8} {'quant s':>8} {'peak RSS':>9} {'eval s':>7}")
+    print(f"{'config':8} {'method':8} {'ppl':>9} {'vs FP':>8} {'quant s':>8} {'peak RSS':>9} {'eval s':>7}")
     for r in rows:
         qs = f"{r.quant_seconds:.0f}" if r.quant_seconds is not None else "-"
         rss = f"{r.peak_rss_bytes / GIB:.2f}G" if r.peak_rss_bytes else "-"
-        print(f"{r.config:8} {r.method:6} {r.ppl:9.4f} {100 * (r.ppl / fp - 1):+7.2f}% {qs:>8} {rss:>9} {r.eval_seconds:7.0f}")
+        print(f"{r.config:8} {r.method:8} {r.ppl:9.4f} {100 * (r.ppl / fp - 1):+7.2f}% {qs:>8} {rss:>9} {r.eval_seconds:7.0f}")
     print()
     for line in verdicts(rows, configs, fp, fp32_bytes):
         print(line)
@@ -192,6 +195,13 @@ def verdicts(rows: list[Row], configs: list[QuantConfig], fp: float, fp32_bytes:
     """The acceptance lines, one per goal that the rows can answer."""
     by = {(r.config, r.method): r.ppl for r in rows}
     out = []
+    for cfg in configs:
+        rtn = by.get((cfg.name, "rtn"))
+        for method in ("gptq", "awq-gptq"):
+            p = by.get((cfg.name, method))
+            if rtn is not None and p is not None:
+                closed = (rtn - p) / (rtn - fp) if rtn != fp else float("nan")
+                out.append(f"{cfg.name}: {method.upper()} ppl {p:.4f}, closes {100 * closed:.1f}% of RTN's gap")
     for cfg in configs:
         rtn, awq = by.get((cfg.name, "rtn")), by.get((cfg.name, "awq"))
         if rtn is None or awq is None:

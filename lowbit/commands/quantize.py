@@ -1,4 +1,4 @@
-"""`lowbit quantize`: AWQ or RTN weight quantization of a model into a standard checkpoint."""
+"""`lowbit quantize`: AWQ, GPTQ, AWQ-GPTQ or RTN weight quantization of a model into a standard checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -20,12 +20,17 @@ def _group_size(text: str) -> int | None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..quant.awq_config import AwqConfig
+    from ..quant.gptq import ACT_ORDERS, GptqConfig
     from ..quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
     d = AwqConfig()
-    p = sub.add_parser("quantize", help="quantize a model's weights (AWQ or RTN) into an AWQ / compressed-tensors checkpoint")
+    g = GptqConfig()
+    p = sub.add_parser("quantize", help="quantize a model's weights (AWQ, GPTQ, AWQ-GPTQ or RTN) into an AWQ / "
+                                        "compressed-tensors checkpoint")
     add_model_arg(p)
-    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or the rtn baseline")
+    p.add_argument("--method", choices=["awq", "gptq", "awq-gptq", "rtn"], default="awq",
+                   help="awq (default), gptq (Hessian-aware rounding), awq-gptq (AWQ's scales, then GPTQ's "
+                        "rounding) or the rtn baseline")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p.add_argument("--group-size", type=_group_size, default=None,
                    help="quantization group size along the input dim; -1 = per output channel; default auto: "
@@ -48,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--absolute-loss", action="store_true",
                    help="score the searches on absolute output error, as published (default: error relative "
                         "to each token's residual-stream size, which measured better)")
+    p.add_argument("--damp", type=float, default=g.damp,
+                   help="GPTQ dampening, a fraction of the Hessian's mean diagonal (default %(default)s)")
+    p.add_argument("--act-order", nargs="?", const="group", choices=list(ACT_ORDERS), default=None,
+                   help="GPTQ: round columns in descending activation order; 'group' (the default when given) "
+                        "also forms the groups in that order (stored with g_idx: compressed-tensors only), "
+                        "'weight' keeps the original groups (any format)")
     p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default="awq",
                    help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
@@ -59,9 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..quant.awq_config import AwqConfig
+    from ..quant.gptq import GptqConfig
     from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
+    if args.method not in ("gptq", "awq-gptq") and (args.act_order or args.damp != GptqConfig().damp):
+        from ..errors import QuantizationError
+
+        raise QuantizationError("--act-order and --damp apply to --method gptq and awq-gptq only")
     cfg = AwqConfig(
         duo_scaling=args.duo_scaling == "on",
         clip=not args.no_clip,
@@ -73,14 +89,20 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(
         args.model, args.method, args.w_bit, args.group_size, args.sym, args.calib, args.calib_samples,
         args.calib_seqlen, args.fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
+        gptq_config=GptqConfig(damp=args.damp, act_order=args.act_order),
     )
     t = report.totals
     print(f"wrote {report.out_dir} ({report.method} W{report.bits} g{report.group_size}"
           f"{' sym' if report.sym else ''}, {report.fmt} format, {report.quantized_linears} linears) "
           f"in {report.total_seconds:.1f} s", file=sys.stderr)
-    if t:
+    if t and "layers_awq_better_than_rtn" in t:
         print(f"layer output error (sum over layers, calibration inputs): RTN {t['layer_error_rtn_sum']:.4g}, "
               f"AWQ {t['layer_error_awq_sum']:.4g}; AWQ better on {t['layers_awq_better_than_rtn']}/{report.num_layers} layers",
               file=sys.stderr)
+    elif t:
+        sums = ", ".join(f"{k[len('layer_error_'):-len('_sum')].upper().replace('_', '-')} {v:.4g}"
+                         for k, v in t.items() if k.startswith("layer_error_"))
+        print(f"layer output error (sum over layers, calibration inputs): {sums}; {report.method.upper()} better "
+              f"than RTN on {t['layers_better_than_rtn']}/{report.num_layers} layers", file=sys.stderr)
     return 0
 

@@ -1,5 +1,6 @@
-"""Load any model the toolkit supports: fp checkpoints, and quantized ones (AutoAWQ GEMM or
-compressed-tensors) whose linears become QuantLinear modules.
+"""Load any model the toolkit supports: fp checkpoints, and quantized ones (AutoAWQ GEMM,
+compressed-tensors or AutoGPTQ / GPTQModel) whose linears become QuantLinear modules (wrapped in
+InputPermuted where an act-order permutation could not be folded into the previous layer).
 
 Why here and not in models/: a quantized checkpoint needs the quant formats, which sit above the
 models, so the loader that knows every kind of checkpoint sits at this level; models/loader.py
@@ -11,13 +12,16 @@ QuantizedWeight level, so each layer runs two low-bit matmuls fewer.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError
 from ..layers.linear import QuantLinear
+from ..layers.permuted import InputPermuted
 from ..layers.qweight import QuantizedWeight
 from ..models.config import ModelConfig
 from ..models.loader import LoadedModel, build_fp_model, load_tokenizer, read_hf_config, resolve_model_dir
@@ -26,6 +30,8 @@ from ..models.registry import resolve_config
 from ..models.transformer import CausalLM
 from ..models.weights import iter_tensors
 from .checkpoint import load_quantized
+from .checkpoint.load import LEGACY_CONFIG_FILES
+from .formats.actorder import fold_into_previous
 
 FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -46,10 +52,22 @@ def _bias(fp: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
     return None if b is None else b.float()
 
 
+def _same_perm(perms: list[torch.Tensor | None]) -> bool:
+    """Fused parts must read their input in one order (q/k/v of act-order GPTQ share H, so do)."""
+    return all(p is None for p in perms) or (
+        all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms[1:]))
+
+
+def _permuted(module: QuantLinear, perm: torch.Tensor | None) -> QuantLinear | InputPermuted:
+    return module if perm is None else InputPermuted(module, perm)
+
+
 def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     ckpt = load_quantized(model_dir)
     fp = dict(ckpt.fp_tensors)
     quantized = dict(ckpt.quantized)
+    # act-order checkpoints: down_proj's permutation folds into gate/up rows, the rest gather x
+    perms = fold_into_previous(quantized, fp, ckpt.input_perms) if ckpt.input_perms else {}
     with torch.device("meta"):
         model = CausalLM(cfg)
 
@@ -57,18 +75,18 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
         prefix = f"model.layers.{i}."
         for fused, parts in FUSED.items():
             names = [prefix + fused.split(".")[0] + "." + p for p in parts]
-            if all(n in quantized for n in names):
+            if all(n in quantized for n in names) and _same_perm([perms.get(n) for n in names]):
                 merged = concat_quantized([quantized[n] for n in names])
                 if merged is not None:
                     biases = [_bias(fp, n) for n in names]
                     bias = torch.cat(biases) if all(b is not None for b in biases) else None
                     for n in names:
                         del quantized[n]
-                    replace_module(model, prefix + fused, QuantLinear.from_quantized(merged, bias))
+                    replace_module(model, prefix + fused, _permuted(QuantLinear.from_quantized(merged, bias), perms.get(names[0])))
                     for n in names:
                         replace_module(model, n, None)
     for name, qw in quantized.items():
-        replace_module(model, name, QuantLinear.from_quantized(qw, _bias(fp, name)))
+        replace_module(model, name, _permuted(QuantLinear.from_quantized(qw, _bias(fp, name)), perms.get(name)))
 
     state = {k: v.float() for k, v in fp.items()}
     expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
@@ -84,13 +102,26 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     return model.eval()
 
 
+def _legacy_quant_config(model_dir: Path) -> dict[str, Any] | None:
+    """quantize_config.json / quant_config.json of a checkpoint whose config.json has none."""
+    for name in LEGACY_CONFIG_FILES:
+        path = model_dir / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{path}: unreadable quantization config ({e})") from None
+    return None
+
+
 def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True) -> LoadedModel:
     """A model directory, .gguf file, hub id or the default alias -> a loaded CausalLM (quantized
-    when its config.json has a quantization_config), with its tokenizer unless told otherwise."""
+    when its config.json has a quantization_config, or a legacy quantize_config.json / quant_config.json
+    lies beside it), with its tokenizer unless told otherwise."""
     model_dir = resolve_model_dir(spec)
     hf = read_hf_config(model_dir)
     cfg = resolve_config(hf)
-    qcfg = hf.get("quantization_config")
+    qcfg = hf.get("quantization_config") or _legacy_quant_config(model_dir)
     if qcfg:
         model = build_quantized_model(cfg, model_dir)
     else:

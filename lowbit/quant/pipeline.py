@@ -45,11 +45,15 @@ from .calibration import (
     calibration_from_ids,
 )
 from ..layers.qweight import QuantizedWeight
+from . import gptq_layer
 from .checkpoint import FORMATS, save_quantized, storage_scale_dtype
+from .gptq import GptqConfig
+from .gptq_layer import GPTQ_METHODS
 from .heap import release_freed_memory
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
 
-METHODS = ("awq", "rtn")
+METHODS = ("awq", "rtn", *GPTQ_METHODS)
+CALIBRATED = ("awq", *GPTQ_METHODS)
 REPORT_JSON = "quant_report.json"
 REPORT_PNG = "quant_report.png"
 EMBED = "model.embed_tokens.weight"
@@ -183,6 +187,7 @@ class QuantizeReport:
     modules_to_not_convert: list[str]
     calibration: dict[str, Any] | None = None
     awq: dict[str, Any] | None = None
+    gptq: dict[str, Any] | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
     quantize_seconds: float = 0.0
     save_seconds: float = 0.0
@@ -269,12 +274,14 @@ def auto_group_size(cfg: ModelConfig) -> int:
     return next((g for g in AUTO_GROUP_SIZES if all(i % g == 0 for i in ins)), -1)
 
 
-def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str) -> None:
+def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str, gptq_cfg: GptqConfig | None = None) -> None:
     """Everything that can be refused is refused here, before any weight is read."""
     if method not in METHODS:
         raise QuantizationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if fmt not in FORMATS:
         raise QuantizationError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if method in GPTQ_METHODS:
+        gptq_layer.check_request(gptq_cfg or GptqConfig(), fmt)
     if fmt == "awq" and spec.bits != 4:
         raise QuantizationError(
             f"the awq checkpoint format stores 4-bit weights only; use --format compressed-tensors for {spec.bits} bits"
@@ -308,11 +315,12 @@ def quantize(
     force: bool = False,
     *,
     awq_config: AwqConfig | None = None,
+    gptq_config: GptqConfig | None = None,
     calib_ids: torch.Tensor | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> QuantizeReport:
-    """Quantize a model (AWQ or RTN) and write a checkpoint in `fmt` to out_dir.
+    """Quantize a model (AWQ, RTN, GPTQ or AWQ-GPTQ) and write a checkpoint in `fmt` to out_dir.
 
     group_size None picks auto_group_size(); -1 is per output channel.
 
@@ -329,13 +337,14 @@ def quantize(
         group_size = auto_group_size(cfg)
     out = Path(out_dir).expanduser().absolute()
     spec = QuantSpec(w_bit, group_size, sym, scale_dtype=storage_scale_dtype(fmt, hf) if fmt in FORMATS else None)
-    check_request(cfg, method, spec, fmt)
+    gptq_cfg = gptq_config or GptqConfig()
+    check_request(cfg, method, spec, fmt, gptq_cfg)
     check_out_dir(out, model_dir, force)
     awq_cfg = awq_config or AwqConfig()
 
     ckpt = SafetensorsCheckpoint(model_dir)
     calib_data: CalibrationData | None = None
-    if method == "awq":
+    if method in CALIBRATED:
         if calib_ids is not None:
             calib_data = calibration_from_ids(calib_ids, calib_samples, calib_seqlen)
         else:
@@ -349,26 +358,30 @@ def quantize(
             "source": calib_data.source, "samples": calib_data.n_samples, "seqlen": calib_data.seqlen,
             "documents": calib_data.n_documents,
         },
-        awq=asdict(awq_cfg) if method == "awq" else None,
+        awq=asdict(awq_cfg) if method in ("awq", "awq-gptq") else None,
+        gptq=asdict(gptq_cfg) if method in GPTQ_METHODS else None,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     spill = SpilledWeights(out.parent / f".{out.name}.layers-{uuid.uuid4().hex[:8]}")
     try:
-        layer_results, overrides = _quantize_layers(cfg, ckpt, spec, method, awq_cfg, calib_data, spill, progress, report)
+        perms: dict[str, torch.Tensor] = {}
+        layer_results, overrides = _quantize_layers(
+            cfg, ckpt, spec, method, awq_cfg, calib_data, spill, progress, report, gptq_cfg, perms)
         report.quantize_seconds = round(time.perf_counter() - t_start, 2)
         report.quantized_linears = len(spill)
-        report.totals = _totals(layer_results)
+        report.totals = (gptq_layer.totals if method in GPTQ_METHODS else _totals)(layer_results)
         fp = FpTensors(ckpt, {f"{n}.weight" for n in spill}, overrides)
         extra = {REPORT_JSON: b""}
         if layer_results:
             title = f"{cfg.architecture} W{w_bit} g{group_size}{' sym' if sym else ''}: per-layer output error"
-            extra[REPORT_PNG] = report_png(layer_results, title)
+            extra[REPORT_PNG] = (gptq_layer.report_png if method in GPTQ_METHODS else report_png)(layer_results, title)
         t_save = time.perf_counter()
         report.total_seconds = round(t_save - t_start, 2)  # updated below; the file records up to the save
         extra[REPORT_JSON] = report.to_json().encode()
         save_quantized(
             out, hf_config=hf, fp_tensors=fp, quantized=spill, fmt=fmt, copy_files_from=model_dir,
-            force=force, extra_files=extra, scale_dtype=spec.scale_dtype,
+            force=force, extra_files=extra, scale_dtype=spec.scale_dtype, input_perms=perms,
+            actorder_name="weight" if method in GPTQ_METHODS and gptq_cfg.act_order == "weight" else None,
         )
         report.save_seconds = round(time.perf_counter() - t_save, 2)
         report.total_seconds = round(time.perf_counter() - t_start, 2)
@@ -380,9 +393,10 @@ def quantize(
 def _quantize_layers(
     cfg: ModelConfig, ckpt: SafetensorsCheckpoint, spec: QuantSpec, method: str, awq_cfg: AwqConfig,
     calib: CalibrationData | None, spill: SpilledWeights, progress: bool, report: QuantizeReport,
-) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
-    """Quantize layer after layer into `spill`; returns AWQ's per-layer results and the
-    non-quantized layer tensors AWQ changed (folded norms and biases)."""
+    gptq_cfg: GptqConfig | None = None, perms: dict[str, torch.Tensor] | None = None,
+) -> tuple[list, dict[str, torch.Tensor]]:
+    """Quantize layer after layer into `spill`; returns AWQ's / GPTQ's per-layer results and the non-quantized
+    layer tensors AWQ changed (folded norms and biases). GPTQ's act-order permutations go into `perms`."""
     rotary = rotary_for(cfg)
     store: ActivationStore | None = None
     if calib is not None:
@@ -397,13 +411,20 @@ def _quantize_layers(
         t0 = time.perf_counter()
         layer = build_layer(cfg, ckpt, i)
         prefix = layer_prefix(i)
-        if method == "awq":
+        if method in CALIBRATED:
             assert store is not None
-            qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
+            if method == "awq":
+                qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
+            else:
+                step = gptq_layer.quantize_layer(method, layer, rotary, store, spec, gptq_cfg or GptqConfig(), awq_cfg, index=i)
+                qweights, res = step.qweights, step.result
+                if perms is not None:
+                    perms.update({prefix + n: p for n, p in step.perms.items()})
             results.append(res)
             store = None if i + 1 == cfg.num_layers else propagate(layer, rotary, store)
-            if progress:
-                bar.set_postfix(err_awq=f"{res.err_awq:.2e}", err_rtn=f"{res.err_rtn:.2e}")
+            if progress:  # AWQ: err_awq, GPTQ / AWQ-GPTQ: err (the method's own)
+                err = ("err_awq", res.err_awq) if method == "awq" else ("err", res.err_method)
+                bar.set_postfix({err[0]: f"{err[1]:.2e}", "err_rtn": f"{res.err_rtn:.2e}"})
             # norms and biases changed by folding the scales: written instead of the source's
             src_dtypes = ckpt.dtypes([n for n in ckpt.keys() if n.startswith(prefix)])
             for k, t in layer.state_dict().items():
@@ -415,6 +436,8 @@ def _quantize_layers(
         spill.add_layer(i, {prefix + n: qw for n, qw in qweights.items()})
         if method == "awq":
             report.layers.append(_layer_dict(results[-1]))
+        elif method in GPTQ_METHODS:
+            report.layers.append(gptq_layer.layer_dict(results[-1]))
         del layer, qweights
         release_freed_memory()
     return results, overrides

@@ -171,6 +171,15 @@ def fake_quantize(
     return q.sub_(zero).mul_(scale).reshape(w.shape)
 
 
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes quantize_weight would give x on a grid already chosen (scale and zero broadcast
+    against x), as floats: clamp(round(x / scale) + zero, 0, 2**bits - 1).
+
+    GPTQ fixes a group's grid when it reaches the group's first column and rounds the later,
+    error-compensated columns onto it, so it needs the rounding without the grid search."""
+    return _codes(x, scale, zero, bits)
+
+
 # ----------------------------------------------------------------------------- int32 packing
 
 

@@ -1,8 +1,9 @@
-"""Read quantized Hugging Face checkpoints: ours, AutoAWQ's (GEMM) or llm-compressor's
-(compressed-tensors pack-quantized), into one canonical form, QuantizedCheckpoint.
+"""Read quantized Hugging Face checkpoints: ours, AutoAWQ's (GEMM), llm-compressor's
+(compressed-tensors pack-quantized) or AutoGPTQ / GPTQModel's (load_gptq.py), into one canonical
+form, QuantizedCheckpoint.
 
-The format is detected from config.json's quantization_config (or the quant_config.json of early
-AutoAWQ releases); tensors are read through the one safetensors reader (models.weights).
+The format is detected from config.json's quantization_config (or the quant_config.json /
+quantize_config.json of early AutoAWQ and AutoGPTQ releases); tensors are read through the one safetensors reader (models.weights).
 """
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import torch
 
 from ...errors import ModelLoadError, QuantizationError
 from ...models.weights import PICKLE_SUFFIXES, SafetensorsCheckpoint, pickle_refusal
-from ..formats import awq_gemm
+from ..formats import actorder, awq_gemm
 from ..formats import compressed_tensors as ct
 from ...layers.qweight import QuantizedWeight
+
+# quantization configs kept beside config.json by early AutoAWQ / AutoGPTQ releases
+LEGACY_CONFIG_FILES = ("quant_config.json", "quantize_config.json")
+
 
 @dataclass
 class QuantizedCheckpoint:
@@ -35,10 +40,14 @@ class QuantizedCheckpoint:
     quantized: dict[str, QuantizedWeight]
     modules_to_not_convert: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    # act-order weights (formats/actorder.py): module -> input-channel permutation; such a
+    # module's QuantizedWeight is group-contiguous in that order (column j = channel perm[j])
+    input_perms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_quantized(model_dir: str | Path) -> QuantizedCheckpoint:
-    """Read a quantized checkpoint written by us, AutoAWQ (GEMM) or llm-compressor (pack-quantized)."""
+    """Read a quantized checkpoint written by us, AutoAWQ (GEMM), llm-compressor (pack-quantized) or
+    AutoGPTQ / GPTQModel."""
     folder = _checkpoint_folder(Path(model_dir))
     config = _read_config(folder)
     qcfg = _quantization_config(folder, config)
@@ -48,9 +57,13 @@ def load_quantized(model_dir: str | Path) -> QuantizedCheckpoint:
         return _load_awq(qcfg, config, tensors)
     if method == "compressed-tensors":
         return _load_ct(qcfg, config, tensors)
+    if method == "gptq":
+        from .load_gptq import load_gptq  # load_gptq builds this module's QuantizedCheckpoint
+
+        return load_gptq(qcfg, config, tensors)
     raise ModelLoadError(
         f"{folder}: quantization method {qcfg.get('quant_method')!r} is not supported; "
-        "expected AWQ (GEMM) or compressed-tensors (pack-quantized)"
+        "expected AWQ (GEMM), compressed-tensors (pack-quantized) or GPTQ (AutoGPTQ / GPTQModel)"
     )
 
 
@@ -78,14 +91,14 @@ def _quantization_config(folder: Path, config: dict) -> dict:
     qcfg = config.get("quantization_config") or config.get("compression_config")
     if qcfg:
         return qcfg
-    for name in ("quant_config.json", "quantize_config.json"):  # early AutoAWQ releases
+    for name in LEGACY_CONFIG_FILES:
         path = folder / name
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"{name} in {folder} is not valid JSON: {e}") from e
-            data.setdefault("quant_method", "awq")
+            data.setdefault("quant_method", "gptq" if "desc_act" in data else "awq")  # AutoGPTQ's has desc_act
             return data
     raise ModelLoadError(f"{folder} is not a quantized checkpoint: config.json has no quantization_config")
 
@@ -133,7 +146,7 @@ def _load_awq(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> Quant
 
 def _load_ct(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> QuantizedCheckpoint:
     version = qcfg.get("version")
-    quantized, consumed, first = {}, set(), None
+    quantized, consumed, first, perms = {}, set(), None, {}
     for module in _modules_with(tensors, ".weight_packed"):
         try:
             gname, group = ct.group_for(qcfg, module)
@@ -147,7 +160,9 @@ def _load_ct(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> Quanti
         got = tensors.read(keys.values())
         parts = {k: got[v] for k, v in keys.items()}
         qw = _decode(lambda: ct.unpack(parts, args, version, module), tensors.file_of(f"{module}.weight_packed"))
-        _check_g_idx(tensors, module, qw, consumed)
+        qw, perm = _check_g_idx(tensors, module, qw, consumed)
+        if perm is not None:
+            perms[module] = perm
         quantized[module] = qw
         consumed.update(keys.values())
         first = first or args
@@ -161,20 +176,18 @@ def _load_ct(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> Quanti
         quantized=quantized,
         modules_to_not_convert=list(qcfg.get("ignore") or []),
         config=config,
+        input_perms=perms,
     )
 
 
-def _check_g_idx(tensors: SafetensorsCheckpoint, module: str, qw: QuantizedWeight, consumed: set[str]) -> None:
-    """Activation-order checkpoints map columns to groups through g_idx; only the trivial map
-    (column i in group i // G) fits QuantizedWeight."""
-    key = f"{module}.weight_g_idx"
+def _check_g_idx(tensors: SafetensorsCheckpoint, module: str, qw: QuantizedWeight, consumed: set[str]):
+    """Activation-order checkpoints map columns to groups through g_idx: regrouped here into the
+    group-contiguous layout plus an input permutation (formats/actorder.py). Returns (qw, perm)."""
+    key = f"{module}.{actorder.G_IDX}"
     if key not in tensors:
-        return
-    g_idx = tensors.get(key).to(torch.int64)
-    trivial = torch.arange(qw.in_features, dtype=torch.int64) // qw.group_size
-    if g_idx.shape != trivial.shape or not torch.equal(g_idx, trivial):
-        raise ModelLoadError(f"{module}: activation-ordered groups (g_idx) are not supported")
+        return qw, None
     consumed.add(key)
+    return _decode(lambda: actorder.regroup(qw, tensors.get(key), module), tensors.file_of(key))
 
 
 def _decode(fn, path: Path) -> QuantizedWeight:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ...errors import LowbitError, QuantizationError
 from ...fsio import check_target, publish_dir
 from ...models.weights import INDEX_FILE
-from ..formats import awq_gemm
+from ..formats import actorder, awq_gemm
 from ..formats import compressed_tensors as ct
 from ...layers.qweight import QuantizedWeight
 
@@ -69,6 +69,8 @@ def save_quantized(
     modules_to_not_convert: list[str] | None = None,
     scale_dtype: torch.dtype | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    input_perms: dict[str, torch.Tensor] | None = None,
+    actorder_name: str | None = None,
 ) -> Path:
     """Write a checkpoint loadable by vLLM / transformers (and by load_quantized).
 
@@ -78,9 +80,14 @@ def save_quantized(
     LM head (e.g. one down_proj kept in full precision). scale_dtype: float16 for AWQ; for
     compressed-tensors the model dtype (storage_scale_dtype), unless the scales are exactly
     float16 values that the model dtype would round, in which case float16 keeps them exact.
+    input_perms: act-order weights (group-contiguous in perm order, formats/actorder.py), written
+    as compressed-tensors actorder "group" with weight_g_idx; actorder_name: the config's
+    "actorder" when there are none (GPTQ's "weight" order leaves no trace in the tensors).
     Returns out_dir.
     """
     out_dir = Path(out_dir).absolute()
+    if input_perms and fmt != "compressed-tensors":
+        raise QuantizationError("act-order (g_idx) weights can be saved in the compressed-tensors format only")
     check_target(out_dir, force)
     bits, group_size, sym = _uniform_params(quantized, fmt)
     _check_names(fp_tensors, quantized)
@@ -88,9 +95,12 @@ def save_quantized(
     if fmt == "awq":
         _check_awq_skips(skipped, quantized)
     scale_dtype = scale_dtype or _choose_scale_dtype(fmt, hf_config, quantized)
-    tensors = _packed_tensors(quantized, fmt, scale_dtype)
+    tensors = _packed_tensors(quantized, fmt, scale_dtype, input_perms or {})
     _add_fp_tensors(tensors, fp_tensors, _fp_dtype(fmt, hf_config))
     config = _output_config(hf_config, fmt, bits, group_size, sym, skipped, fp_tensors)
+    if fmt == "compressed-tensors" and (input_perms or actorder_name):
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = (
+            "group" if input_perms else actorder_name)
 
     with publish_dir(out_dir, replace=force) as tmp:
         _write_shards(tmp, tensors, max_shard_bytes)
@@ -187,10 +197,13 @@ def _check_awq_skips(skipped: list[str], quantized: dict[str, QuantizedWeight]) 
 
 
 def _packed_tensors(
-    quantized: dict[str, QuantizedWeight], fmt: str, scale_dtype: torch.dtype
+    quantized: dict[str, QuantizedWeight], fmt: str, scale_dtype: torch.dtype, perms: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():
+        if name in perms:  # codes back in channel order, the group of each channel in g_idx
+            tensors[f"{name}.{actorder.G_IDX}"] = actorder.g_idx_of(perms[name], qw.group_size)
+            qw = actorder.stored_columns(qw, perms[name])
         parts = awq_gemm.pack(qw, name) if fmt == "awq" else ct.pack(qw, scale_dtype, name)
         for key, t in parts.items():
             tensors[f"{name}.{key}"] = t
