@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from lowbit.errors import ModelLoadError, UnsupportedArchitectureError
-from lowbit.quant.loader import load_model
+from lowbit.layers.rotary import RopeConfig, RotaryEmbedding
 from lowbit.models.registry import supported_architectures
+from lowbit.models.transformer import CausalLM, rotary_for
+from lowbit.quant.loader import load_model
 
 from conftest import make_tiny_model
 
@@ -91,3 +93,22 @@ def test_pickle_checkpoint_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="safetensors only"):
         load_model(tmp_path, with_tokenizer=False)
+
+
+def test_one_rotary_construction(tmp_path):
+    """Every model gets its rotary table from `rotary_for`, real (CPU) even when the model is
+    built on the meta device, and equal to a table built directly; no other code builds one."""
+    from pathlib import Path
+
+    make_tiny_model("llama3", tmp_path)
+    cfg = load_model(tmp_path, with_tokenizer=False).config
+    assert cfg.rope.type == "llama3"
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    direct = RotaryEmbedding(cfg.head_dim, min(cfg.max_position_embeddings, 4096), cfg.rope)
+    assert model.rotary.cos_sin.device.type == "cpu" and torch.equal(model.rotary.cos_sin, direct.cos_sin)
+    assert torch.equal(rotary_for(cfg).inv_freq, direct.inv_freq)
+    assert not torch.equal(direct.inv_freq, RotaryEmbedding(cfg.head_dim, 8, RopeConfig(cfg.rope.theta)).inv_freq)
+    src = Path(__file__).resolve().parents[1] / "lowbit"
+    builders = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "RotaryEmbedding(" in p.read_text())
+    assert builders == ["layers/rotary.py", "models/transformer.py"]  # the class itself, and rotary_for
