@@ -12,7 +12,6 @@ undone, so the entry point that owns the process does it (`lowbit quantize`; see
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ from .checkpoint import FORMATS, save_quantized, storage_scale_dtype
 from .gptq import GptqConfig
 from .gptq_layer import GPTQ_METHODS
 from .heap import release_freed_memory
+from .method_report import errors_png
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
 
 METHODS = ("awq", "rtn", *GPTQ_METHODS)
@@ -226,26 +226,8 @@ def _totals(layers: list[LayerResult]) -> dict[str, Any]:
 
 def report_png(layers: list[LayerResult], title: str) -> bytes:
     """Per-layer output error of RTN vs AWQ on the same inputs (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    idx = [r.index for r in layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(idx) + 3), 4))
-    width = 0.4
-    ax.bar([i - width / 2 for i in idx], [max(r.err_rtn, 1e-12) for r in layers], width, label="RTN")
-    ax.bar([i + width / 2 for i in idx], [max(r.err_awq, 1e-12) for r in layers], width, label="AWQ")
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("layer output MSE vs fp (calibration inputs)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    series = {"RTN": [r.err_rtn for r in layers], "AWQ": [r.err_awq for r in layers]}
+    return errors_png([r.index for r in layers], series, title)
 
 
 # ----------------------------------------------------------------------------- checks
