@@ -169,7 +169,8 @@ def main() -> int:
 
     peer = work / f"llmcompressor-awq-{tag}"
     if a.reuse_peer:
-        same = previous and (previous.get("samples"), previous.get("seqlen")) == (samples, seqlen)
+        same = previous and (previous.get("samples"), previous.get("seqlen")) == (samples, seqlen) \
+            and previous.get("seconds", {}).get("llm-compressor") is not None  # not a run where the peer failed
         if not same or not (peer / "config.json").exists() or previous.get("calib_sha256") != _sha256(calib_file):
             print(f"--reuse-peer: no earlier llm-compressor run on the same calibration blocks in {work}", file=sys.stderr)
             return 2
