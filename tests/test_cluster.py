@@ -30,7 +30,8 @@ from lowbit.cluster.ingress import RouteHeaderMiddleware
 from lowbit.cluster.replica import DeltaEncoder, OutputAssembler
 from lowbit.cluster.router import LOAD, PREFIX, SESSION, NoReplicaError, Route, Router, prefix_key
 from lowbit.engine.block_manager import block_hash
-from lowbit.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from lowbit.engine.outputs import CompletionOutput, RequestOutput
+from lowbit.logprobs import Logprob
 from test_server import assert_error, parse_metrics, save_tiny_tokenizer, sse_events
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,8 +24,9 @@ from typing import Any, AsyncIterator
 
 from ..engine.args import EngineArgs
 from ..engine.llm_engine import EngineStats
-from ..engine.outputs import CompletionOutput, Logprob, RequestOutput
+from ..engine.outputs import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from ..logprobs import Logprob
 
 
 # ---- wire format ----------------------------------------------------------------------------------
