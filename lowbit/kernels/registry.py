@@ -153,7 +153,8 @@ def load_variant(variant: Variant) -> ModuleType:
     if getattr(module, "torch_namespace", None) != variant.torch_namespace:
         raise ImportError(f"{variant.module} registers {getattr(module, 'torch_namespace', None)!r}, "
                           f"expected {variant.torch_namespace!r}")
-    if CSRC.is_dir() and getattr(module, "sources_hash", None) != sources_hash(CSRC):
+    built_from = getattr(module, "sources_hash", "")
+    if built_from and CSRC.is_dir() and built_from != sources_hash(CSRC):
         warnings.warn(
             f"lowbit: {module.__file__} was built from other kernel sources than {CSRC} (edited since the "
             "build?); rebuild with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`.",
