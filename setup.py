@@ -79,9 +79,9 @@ def _kernel_build():
             # Only the compiler and -fPIC from Python's own flags: its -g / -fwrapv / -DNDEBUG are not
             # what the kernels were measured with (-fwrapv changes how loops may be optimised).
             self.failed: dict[str, str] = {}
-            for attr in ("compiler_so", "compiler_so_cxx"):
+            cxx = os.environ.get("CXX") or (getattr(self.compiler, "compiler_so_cxx", None) or ["c++"])[0]
+            for attr in ("compiler_so", "compiler_so_cxx"):  # the second exists in setuptools >= 72
                 if hasattr(self.compiler, attr):
-                    cxx = os.environ.get("CXX") or self.compiler.compiler_so_cxx[0]
                     self.compiler.set_executable(attr, [cxx, "-fPIC"])
             try:
                 super().build_extensions()  # checks the compiler first: that fails without one
