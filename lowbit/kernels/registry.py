@@ -115,21 +115,22 @@ class OpSet:
         return f"<lowbit kernels {self.family}: {', '.join(k for k in vars(self) if k != 'family')}>"
 
 
+_UNSET = object()  # a family not resolved yet (None is a result: the torch reference)
+
+
 class Family:
     """Accessor for one family, kept cheap because it sits on the per-token path: after the first
     call, get() is one attribute read and a comparison."""
 
-    _UNSET = object()
-
     def __init__(self, registry: Registry, name: str) -> None:
         self.registry = registry
         self.name = name
-        self._set: OpSet | None | object = Family._UNSET
+        self._set: OpSet | None | object = _UNSET
 
     def get(self) -> OpSet | None:
         """The chosen compiled ops of this family, or None when they resolve to the torch reference."""
         s = self._set
-        if s is Family._UNSET:
+        if s is _UNSET:
             s = self._set = self.registry.op_set(self.name)
         return s
 
@@ -137,7 +138,7 @@ class Family:
         return self.get() is not None
 
     def forget(self) -> None:
-        self._set = Family._UNSET
+        self._set = _UNSET
 
 
 def find_library(module: str) -> str | None:
