@@ -35,6 +35,10 @@ def _load_variants():
     return module
 
 
+#: Whether this run builds (pip's metadata steps run egg_info / dist_info only).
+_BUILDING = bool({"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"} & set(sys.argv[1:]))
+
+
 def _warn(message: str) -> None:
     print(f"\nWARNING (lowbit): {message}\n", file=sys.stderr, flush=True)
 
@@ -44,11 +48,12 @@ def _kernel_build():
     try:
         import torch.utils.cpp_extension as cpp
     except ImportError as exc:
-        _warn(
-            f"torch is not importable at build time ({exc}), so the C++ CPU kernels were not built; lowbit "
-            "will use its slower pure-torch path. Install torch first, then reinstall with "
-            "`pip install --no-build-isolation -e .`."
-        )
+        if _BUILDING:  # pip also runs this file for metadata: warn once, in the build itself
+            _warn(
+                f"torch is not importable at build time ({exc}), so the C++ CPU kernels were not built; lowbit "
+                "will use its slower pure-torch path. Install torch first, then reinstall with "
+                "`pip install --no-build-isolation -e .`."
+            )
         return [], {}
 
     v = _load_variants()
@@ -60,7 +65,7 @@ def _kernel_build():
             name=variant.module,
             sources=[str(p.relative_to(ROOT)) for p in v.variant_sources(csrc_abs, variant)],
             depends=headers,
-            extra_compile_args=[*variant.cflags, f'-DLOWBIT_SOURCES_HASH="{digest}"'],
+            extra_compile_args=list(variant.cflags),
             extra_link_args=list(v.LDFLAGS),
             language="c++",
         )
@@ -74,9 +79,9 @@ def _kernel_build():
             # Only the compiler and -fPIC from Python's own flags: its -g / -fwrapv / -DNDEBUG are not
             # what the kernels were measured with (-fwrapv changes how loops may be optimised).
             self.failed: dict[str, str] = {}
-            for attr in ("compiler_so", "compiler_so_cxx"):
+            cxx = os.environ.get("CXX") or (getattr(self.compiler, "compiler_so_cxx", None) or ["c++"])[0]
+            for attr in ("compiler_so", "compiler_so_cxx"):  # the second exists in setuptools >= 72
                 if hasattr(self.compiler, attr):
-                    cxx = os.environ.get("CXX") or self.compiler.compiler_so_cxx[0]
                     self.compiler.set_executable(attr, [cxx, "-fPIC"])
             try:
                 super().build_extensions()  # checks the compiler first: that fails without one
@@ -97,6 +102,8 @@ def _kernel_build():
             base = self.build_temp
             self.build_temp = os.path.join(base, ext.name)  # the variants compile the same files
             try:
+                _write_hash_header(Path(self.build_temp) / "generated", digest)
+                ext.include_dirs = [*ext.include_dirs, str(Path(self.build_temp) / "generated")]
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - see build_extensions
                 self.failed[ext.name] = _last_line(exc)
@@ -113,6 +120,17 @@ def _kernel_build():
                 self.extensions = every
 
     return extensions, {"build_ext": BuildKernels.with_options(use_ninja=cpp.is_ninja_available())}
+
+
+def _write_hash_header(directory: Path, digest: str) -> None:
+    """sources_hash.h for bind/python.cpp, the one file that needs the hash (as a define on the
+    command line it would recompile every file of both variants whenever any source changed).
+    Rewritten only when the hash changes, so an unchanged tree rebuilds nothing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    header = directory / "sources_hash.h"
+    text = f'#define LOWBIT_SOURCES_HASH "{digest}"\n'
+    if not header.exists() or header.read_text() != text:
+        header.write_text(text)
 
 
 def _last_line(exc: BaseException) -> str:

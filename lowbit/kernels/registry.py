@@ -2,8 +2,9 @@
 once at first use, with the reason recorded.
 
 Implementations: `cpu-avx512` and `cpu-avx2` (the extension modules setup.py built, see
-variants.py), `ref` (pure torch, lowbit/kernels/ref.py or the caller's own torch path); a GPU
-backend will add `triton` as another candidate in `_candidates`.
+variants.py), `ref` (pure torch, lowbit/kernels/ref.py or the caller's own torch path). Only CPU
+tensors have compiled kernels so far; a GPU backend adds its `triton` implementations as candidates
+ahead of these in Registry._resolve, with `ref` still the last resort.
 
 The choice: the best variant the CPU can run (flags from /proc/cpuinfo, cpu.py) that the install
 built and that imports. A variant the CPU cannot run is never imported: its module's static
@@ -11,14 +12,16 @@ initialisers could already execute instructions the CPU lacks. LOWBIT_ISA=avx2|a
 choice and fails clearly if this machine cannot honour it; LOWBIT_NO_EXT=1 (the older switch) means
 ref and wins over LOWBIT_ISA.
 
-Why the hot path calls the pybind11 functions of the chosen module rather than torch.ops: measured
-on this project's 2-core dev machine (AMD EPYC, torch 2.13, 20k calls on the decode shapes, best of
-5 runs), `torch.ops.lowbit_avx2.rms_norm(x, w, eps)` on x [1, 576] costs 6.6 us against 2.4 us for
-the direct binding, and the quantized linear, 11 arguments through the dispatcher
-(`torch.ops.lowbit_avx2.qlinear`) against one through the bound handle (`QLinear.forward`), 9.9 us
-against 2.9 us on a 576 -> 576 layer. A batch-1 decode step of the default model makes ~250 kernel
-calls in ~5 ms, so the dispatcher would add ~1.5 ms (30 %). The dispatcher ops (same C++ functions,
-bind/torch_ops.cpp) are there for torch.compile and for composing with other torch code.
+Why the hot path calls the pybind11 functions of the chosen module rather than torch.ops: the
+dispatcher route costs more per call than many of these kernels take. Measured on the 2-core dev
+machine (AMD EPYC, torch 2.13, 1 thread, inputs so small the kernel work is ~0, minimum of 25
+interleaved runs of 1000 calls, three runs; the machine was not idle, so medians were 2-3x
+higher for both): rms_norm 1.2 us direct vs 3.0-7.0 us through torch.ops.lowbit_avx2.rms_norm; the
+quantized linear 2.1-3.8 us through the bound handle (QLinear.forward, one argument) vs 9.3-18.5 us
+through torch.ops.lowbit_avx2.qlinear (eleven). A batch-1 decode step of the default model makes ~120
+linear and ~150 fused-op calls in ~5 ms, so the dispatcher would add >= 1.1 ms (>20 %). The
+dispatcher ops (the same C++ functions, bind/torch_ops.cpp) serve torch.compile and composing with
+other torch code.
 """
 from __future__ import annotations
 
@@ -112,21 +115,22 @@ class OpSet:
         return f"<lowbit kernels {self.family}: {', '.join(k for k in vars(self) if k != 'family')}>"
 
 
+_UNSET = object()  # a family not resolved yet (None is a result: the torch reference)
+
+
 class Family:
     """Accessor for one family, kept cheap because it sits on the per-token path: after the first
     call, get() is one attribute read and a comparison."""
 
-    _UNSET = object()
-
     def __init__(self, registry: Registry, name: str) -> None:
         self.registry = registry
         self.name = name
-        self._set: OpSet | None | object = Family._UNSET
+        self._set: OpSet | None | object = _UNSET
 
     def get(self) -> OpSet | None:
         """The chosen compiled ops of this family, or None when they resolve to the torch reference."""
         s = self._set
-        if s is Family._UNSET:
+        if s is _UNSET:
             s = self._set = self.registry.op_set(self.name)
         return s
 
@@ -134,7 +138,7 @@ class Family:
         return self.get() is not None
 
     def forget(self) -> None:
-        self._set = Family._UNSET
+        self._set = _UNSET
 
 
 def find_library(module: str) -> str | None:
@@ -153,7 +157,8 @@ def load_variant(variant: Variant) -> ModuleType:
     if getattr(module, "torch_namespace", None) != variant.torch_namespace:
         raise ImportError(f"{variant.module} registers {getattr(module, 'torch_namespace', None)!r}, "
                           f"expected {variant.torch_namespace!r}")
-    if CSRC.is_dir() and getattr(module, "sources_hash", None) != sources_hash(CSRC):
+    built_from = getattr(module, "sources_hash", "")
+    if built_from and CSRC.is_dir() and built_from != sources_hash(CSRC):
         warnings.warn(
             f"lowbit: {module.__file__} was built from other kernel sources than {CSRC} (edited since the "
             "build?); rebuild with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`.",

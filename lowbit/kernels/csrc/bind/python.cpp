@@ -6,8 +6,11 @@
 
 #include "../api.h"
 
+#if __has_include("sources_hash.h")
+#include "sources_hash.h"  // written by setup.py into the build directory
+#endif
 #ifndef LOWBIT_SOURCES_HASH
-#define LOWBIT_SOURCES_HASH "unknown"
+#define LOWBIT_SOURCES_HASH ""
 #endif
 
 namespace ops = lowbit::LOWBIT_ISA;
