@@ -76,8 +76,9 @@ class ReplicaPool:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         self.threads = config.threads_per_replica or max(1, cpus // config.replicas)
         if config.replicas * self.threads > cpus:
-            raise LowbitError(f"{config.replicas} replicas x {self.threads} threads need {config.replicas * self.threads} "
-                              f"CPUs; the Ray cluster has {cpus}")
+            need = config.replicas * self.threads
+            raise LowbitError(f"{config.replicas} replicas x {self.threads} threads need {need} CPUs; "
+                              f"the Ray cluster has {cpus}")
         self._cls = ray.remote(EngineReplica)
         self._members: dict[str, _Member] = {}
         self._reports: dict[str, ReplicaReport] = {}
