@@ -352,8 +352,11 @@ def test_unquantized_and_unsupported_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="not a quantized"):
         load_quantized(folder)
-    _write_config(folder, {"quant_method": "gptq", "bits": 4})
-    with pytest.raises(ModelLoadError, match="gptq"):
+    _write_config(folder, {"quant_method": "hqq", "bits": 4})
+    with pytest.raises(ModelLoadError, match="hqq"):
+        load_quantized(folder)
+    _write_config(folder, {"quant_method": "gptq", "bits": 4})  # GPTQ is read, but needs its tensors
+    with pytest.raises(ModelLoadError, match="no qweight tensors"):
         load_quantized(folder)
     _write_config(folder, {**awq_gemm.quantization_config(4, 128), "version": "gemv"})
     with pytest.raises(ModelLoadError, match="gemv"):
