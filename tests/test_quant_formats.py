@@ -353,7 +353,7 @@ def test_unquantized_and_unsupported_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="not a quantized"):
         load_quantized(folder)
     _write_config(folder, {"quant_method": "gptq", "bits": 4})
-    with pytest.raises(ModelLoadError, match="gptq"):
+    with pytest.raises(ModelLoadError, match="GPTQ-quantized but no qweight"):
         load_quantized(folder)
     _write_config(folder, {**awq_gemm.quantization_config(4, 128), "version": "gemv"})
     with pytest.raises(ModelLoadError, match="gemv"):
