@@ -194,7 +194,7 @@ def test_default_group_size_is_auto_on_the_cli(tmp_path):
 @pytest.mark.parametrize("kw,match", [
     (dict(w_bit=3, fmt="awq"), "4-bit weights only"),
     (dict(w_bit=9, fmt="compressed-tensors"), "bits must be"),
-    (dict(method="gptq"), "unknown method"),
+    (dict(method="hqq"), "unknown method"),
     (dict(fmt="gguf"), "unknown format"),
 ])
 def test_bad_requests_are_clear_errors(tmp_path, kw, match):
