@@ -430,3 +430,23 @@ def test_gptqmodel_checkpoint_loads(tmp_path, bits, desc_act, sym):
     for _ in range(12):
         got.append(int(logits(lm.model, torch.tensor([ids + got]))[0, -1].argmax()))
     assert got == ref["greedy"][0, 8:].tolist()
+
+
+@pytest.mark.parametrize("order", [None, "group", "weight"])
+def test_shared_input_weights_round_as_they_would_alone(order):
+    """q/k/v (and gate/up) are rounded in one stacked pass: each must get exactly its lone result,
+    clip thresholds included (a weight without thresholds is not clipped)."""
+    from lowbit.quant.gptq import gptq_quantize_shared
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128) * torch.rand(128) * 3
+    h = hessian_of(x)
+    ws = [torch.randn(48, 128), torch.randn(16, 128), torch.randn(16, 128)]
+    mvs = [None, ws[1].abs().reshape(16, 4, 32).amax(-1) * 0.8, None]
+    cfg = GptqConfig(act_order=order)
+    stacked = gptq_quantize_shared(ws, h, QuantSpec(4, 32), cfg, mvs)
+    for w, mv, got in zip(ws, mvs, stacked):
+        alone = gptq_quantize(w, h, QuantSpec(4, 32), cfg, mv)
+        assert torch.equal(alone.qweight.q, got.qweight.q)
+        assert torch.equal(alone.qweight.scales, got.qweight.scales) and torch.equal(alone.qweight.zeros, got.qweight.zeros)
+        assert alone.err == got.err and alone.err_rtn == got.err_rtn
+        assert (alone.perm is None) == (got.perm is None)

@@ -38,7 +38,7 @@ from .awq_clip import clamp_groups, clip_layer
 from .awq_config import AwqConfig, ClipResult, GroupResult, LayerCapture, finite, scale_groups
 from .awq_scale import apply_scales, search_scales
 from .capture import ActivationCapture
-from .gptq import GptqConfig, GptqResult, HessianAccumulator, gptq_quantize
+from .gptq import GptqConfig, GptqResult, HessianAccumulator, gptq_quantize_shared
 from .method_report import errors_png
 from .rtn import QuantSpec, linear_names
 
@@ -151,9 +151,18 @@ def _restore(layer: DecoderLayer, weights: dict[str, torch.Tensor]) -> None:
 
 def _gptq_all(layer: DecoderLayer, hc: HessianCapture, spec: QuantSpec, cfg: GptqConfig,
               thresholds: dict[str, torch.Tensor] | None = None) -> dict[str, GptqResult]:
+    """GPTQ of every linear; those that share an input (one Hessian) are rounded in one stacked
+    pass (gptq_quantize_shared), which gives each the result it would get alone."""
     thresholds = thresholds or {}
-    return {n: gptq_quantize(layer.get_submodule(n).weight.data, hc.hessian(n), spec, cfg, thresholds.get(n))
-            for n in linear_names(layer)}
+    by_source: dict[str, list[str]] = {}
+    for n in linear_names(layer):
+        by_source.setdefault(hessian_source(n), []).append(n)
+    results: dict[str, GptqResult] = {}
+    for names in by_source.values():
+        found = gptq_quantize_shared([layer.get_submodule(n).weight.data for n in names], hc.hessian(names[0]),
+                                     spec, cfg, [thresholds.get(n) for n in names])
+        results.update(zip(names, found))
+    return {n: results[n] for n in linear_names(layer)}
 
 
 def _output(results: dict[str, GptqResult], res: GptqLayerResult) -> GptqLayerOutput:
