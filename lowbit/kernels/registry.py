@@ -63,6 +63,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("quantize_per_token", "int8", "quantize_per_token"),
     OpSpec("w8a8_linear", "int8", "w8a8_linear"),
     OpSpec("w4a8_linear", "int8", "w4a8_linear"),
+    OpSpec("int8_mac_peak", "bench", ref_elsewhere="none: a peak of the machine (lowbit/bench/ceilings.py)"),
     OpSpec("rms_norm", "ops", "rms_norm"),
     OpSpec("fused_add_rms_norm", "ops", "fused_add_rms_norm"),
     OpSpec("silu_and_mul", "ops", "silu_and_mul"),

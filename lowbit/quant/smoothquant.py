@@ -120,13 +120,18 @@ def _restore(layer: DecoderLayer, originals: dict[str, nn.Module]) -> None:
 
 
 @torch.no_grad()
-def _error(layer: DecoderLayer, h: torch.Tensor, y: torch.Tensor, rotary: RotaryEmbedding, chunk_seq: int) -> float:
-    """Layer-output MSE against the fp output y with every linear run as FakeW8A8."""
+def _error(layer: DecoderLayer, h: torch.Tensor, y: torch.Tensor, rotary: RotaryEmbedding, chunk_seq: int,
+           relative: bool = True) -> float:
+    """Layer-output MSE against the fp output y with every linear run as FakeW8A8; relative: each
+    token's error divided by the mean square of its layer input (AwqConfig.relative_loss: the next
+    RMSNorm divides it by that, and the attention sinks' huge residuals stop steering the pick)."""
     originals = _swap_fake(layer)
     try:
         err = SqErr()
         for i in range(0, h.shape[0], chunk_seq):
-            err.add(run_layer(layer, h[i : i + chunk_seq], rotary), y[i : i + chunk_seq])
+            hc = h[i : i + chunk_seq]
+            w = 1.0 / hc.pow(2).mean(-1).clamp(min=1e-12) if relative else None
+            err.add(run_layer(layer, hc, rotary), y[i : i + chunk_seq], w)
         return finite(err.mean)
     finally:
         _restore(layer, originals)
@@ -166,7 +171,7 @@ def smoothquant_layer(
         layer.load_state_dict(fp_state)
         if alpha is not None:
             _smooth(layer, groups, x_max, alpha)
-        losses["none" if alpha is None else f"{alpha:g}"] = _error(layer, h, y, rotary, chunk_seq)
+        losses["none" if alpha is None else f"{alpha:g}"] = _error(layer, h, y, rotary, chunk_seq, cfg.relative_loss)
     valid = {k: v for k, v in losses.items() if v >= 0}
     best = min(valid, key=valid.get) if valid else "none"
     alpha = None if best == "none" else float(best)

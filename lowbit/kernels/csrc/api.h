@@ -50,6 +50,8 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zero_scales, const c10::optional<at::Tensor>& bias, int64_t out_features,
                        int64_t group);
+// int8 multiply-accumulates of `iters` steps of a register-only loop on every torch thread (qgemm/mac_peak.cpp)
+int64_t int8_mac_peak(int64_t iters);
 // bias [N] (or zeros) padded to Np floats, for the panel epilogues (gemm_w8a8.cpp).
 at::Tensor padded_bias(const c10::optional<at::Tensor>& bias, int64_t N, int64_t Np, const at::TensorOptions& opts);
 
