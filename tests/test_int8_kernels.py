@@ -64,6 +64,19 @@ def test_quantize_per_token_matches_reference_exactly(ext, m, k):
         assert float(s[2]) == 0.0 and not q[2].any()
 
 
+def test_non_finite_rows_give_nan_outputs_only_there(ext):
+    x = torch.randn(4, 72)
+    x[1, 5], x[3, 70] = float("nan"), float("inf")
+    q, s = ext.quantize_per_token(x)
+    rq, rs = ref.quantize_per_token(x)
+    assert torch.equal(q, rq) and not q[1].any() and not q[3].any()
+    assert s[1].isnan() and s[3].isnan() and rs[1].isnan() and torch.isfinite(s[[0, 2]]).all()
+    layer = W8A8Linear.from_float(torch.randn(20, 72))
+    w4 = W4A8Linear.from_quantized(w4_weight(20, 72, 8))
+    for y in (layer(x), w4(x)):
+        assert y[[1, 3]].isnan().all() and torch.isfinite(y[[0, 2]]).all()
+
+
 def test_quantize_per_token_keeps_leading_dims(ext):
     x = torch.randn(2, 3, 40)
     q, s = ext.quantize_per_token(x)

@@ -77,11 +77,14 @@ PANEL = 16
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q int8 [..., K], scale float32 [...]): scale = max|x| / 127, q = round-half-even
-    of x * (127 / max|x|) (a zero row: scale 0, q 0). True divisions, as the kernel computes them."""
+    of x * (127 / max|x|) (a zero row: scale 0, q 0; a row with NaN or Inf: scale NaN, q 0). True
+    divisions, as the kernel computes them."""
     xf = x.float()
     amax = xf.abs().amax(-1)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    q = torch.round(xf * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    finite = torch.isfinite(xf).all(-1)
+    amax = torch.where(finite, amax, torch.full_like(amax, float("nan")))  # a non-finite row: NaN scale, codes 0
+    inv = torch.where(finite & (amax > 0), torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(torch.nan_to_num(xf * inv.unsqueeze(-1), nan=0.0)).clamp_(-127, 127).to(torch.int8)
     return q, amax / torch.full_like(amax, 127.0)
 
 

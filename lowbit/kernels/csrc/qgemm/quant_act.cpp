@@ -1,9 +1,12 @@
-// Dynamic per-token symmetric int8 quantization of activations (see int8.h for the scheme).
+// Dynamic per-token symmetric int8 quantization of activations (see int8.h for the scheme). A row
+// holding NaN or Inf gets codes 0 and a NaN scale, so the linear's output row is NaN, as fp32's would be.
 // The multiply by 127 / max|x| and vcvtps2dq's round-to-nearest-even match the torch reference
 // (lowbit/kernels/ref.py quantize_per_token) bit for bit.
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "../api.h"
@@ -13,11 +16,23 @@ namespace lowbit::LOWBIT_ISA {
 
 float quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 mv = _mm256_setzero_ps();
+  __m256 mv = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) mv = _mm256_max_ps(mv, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    mv = _mm256_max_ps(mv, _mm256_andnot_ps(sign, v));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // max_ps would drop a NaN
+  }
   float amax = hmax(mv);
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  bool nan = _mm256_movemask_ps(bad) != 0;
+  for (; k < K; ++k) {
+    amax = std::max(amax, std::fabs(x[k]));
+    nan |= std::isnan(x[k]);
+  }
+  if (nan || !std::isfinite(amax)) {  // a non-finite row: codes 0 and a NaN scale, so NaN reaches the output
+    std::fill(q, q + Kp, int8_t{0});
+    return std::numeric_limits<float>::quiet_NaN();
+  }
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   const __m256 vinv = _mm256_set1_ps(inv);
   // Four 8-float pieces -> 32 int8: packs interleaves 128-bit halves, the permute restores order.
