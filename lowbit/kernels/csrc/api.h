@@ -52,8 +52,8 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t group);
 // int8 multiply-accumulates of `iters` steps of a register-only loop on every torch thread (qgemm/mac_peak.cpp)
 int64_t int8_mac_peak(int64_t iters);
-// bias [N] (or zeros) padded to Np floats, for the panel epilogues (gemm_w8a8.cpp).
-at::Tensor padded_bias(const c10::optional<at::Tensor>& bias, int64_t N, int64_t Np, const at::TensorOptions& opts);
+// The float32 [N] bias' data, or nullptr without one (checked; gemm_w8a8.cpp, used by both GEMMs).
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N);
 
 // ---- norms and activation (ops/norm_act.cpp)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);

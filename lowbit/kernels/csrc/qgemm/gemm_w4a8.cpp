@@ -27,7 +27,7 @@ struct W4Args {
   const int8_t* xq;    // [M, Kp]
   const float* xsum;   // [M, ng] per-group sums of xq
   const float* xs;     // [M]
-  const float* bias;   // [16P]
+  const float* bias;   // [N] or nullptr
   int64_t Kp, ng, gq, N;  // gq: 8-weight blocks per group
   float* y;
 };
@@ -96,12 +96,13 @@ void tile(const W4Args& a, int64_t p, int64_t m0) {
   }
 #endif
   const int64_t n0 = p * kPanel;
+  alignas(32) float btmp[16];
+  const float* bias = panel_bias(a.bias, n0, a.N, btmp);
   for (int r = 0; r < MR; ++r) {
     const __m256 xs = _mm256_set1_ps(a.xs[m0 + r]);
     alignas(32) float out[16];
-    _mm256_store_ps(out, _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(accf[r]), xs), _mm256_loadu_ps(a.bias + n0)));
-    _mm256_store_ps(out + 8,
-                    _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(accf[r] + 8), xs), _mm256_loadu_ps(a.bias + n0 + 8)));
+    _mm256_store_ps(out, _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(accf[r]), xs), _mm256_loadu_ps(bias)));
+    _mm256_store_ps(out + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(accf[r] + 8), xs), _mm256_loadu_ps(bias + 8)));
     store_panel(a.y + (m0 + r) * a.N + n0, out, a.N - n0);
   }
 }
@@ -147,9 +148,8 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
           sp[m * ng + g] = static_cast<float>(s);
         }
     });
-    auto b = padded_bias(bias, N, Np, x.options());
     const W4Args a{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zero_scales.data_ptr<float>(), qp, sp,
-                   xs.data_ptr<float>(), b.data_ptr<float>(), Kp, ng, group / 8, N, y.data_ptr<float>()};
+                   xs.data_ptr<float>(), bias_ptr(bias, N), Kp, ng, group / 8, N, y.data_ptr<float>()};
     over_panels(M, P, Kp, [&](int64_t p, int64_t m0, int64_t rows) {
       with_mr(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
     });

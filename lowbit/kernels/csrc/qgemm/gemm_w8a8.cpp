@@ -2,7 +2,6 @@
 // symmetric per output channel in the panel layout of int8.h. AVX2: vpsignb + vpmaddubsw + vpmaddwd
 // (the sign trick); AVX-512 VNNI: vpdpbusd on x + 128 with the 128 * rowsum(w) correction.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <cstring>
 #include <vector>
@@ -27,7 +26,7 @@ struct W8Args {
   const int8_t* xq;      // q [M, Kp] (AVX2 sign source)
   const float* xs;       // [M]
   const float* ws;       // [16P]
-  const float* bias;     // [16P]
+  const float* bias;     // [N] or nullptr
   const int32_t* rowsum; // [16P]
   int64_t Kp, N;
   float* y;              // [M, N]
@@ -55,15 +54,17 @@ void tile(const W8Args& a, int64_t p, int64_t m0) {
     }
   }
   const int64_t n0 = p * kPanel;
+  alignas(32) float btmp[16];
+  const float* bias = panel_bias(a.bias, n0, a.N, btmp);
   const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(a.rowsum + n0), 7);  // 128 * rowsum
   for (int r = 0; r < MR; ++r) {
     alignas(64) int32_t lanes[16];
     _mm512_store_si512(lanes, _mm512_sub_epi32(acc[r], corr));
     alignas(32) float out[16];
     const float xs = a.xs[m0 + r];
-    _mm256_store_ps(out, epilogue8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)), xs, a.ws + n0, a.bias + n0));
+    _mm256_store_ps(out, epilogue8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)), xs, a.ws + n0, bias));
     _mm256_store_ps(out + 8, epilogue8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8)), xs, a.ws + n0 + 8,
-                                       a.bias + n0 + 8));
+                                       bias + 8));
     store_panel(a.y + (m0 + r) * a.N + n0, out, a.N - n0);
   }
 }
@@ -88,11 +89,13 @@ void tile(const W8Args& a, int64_t p, int64_t m0) {
     }
   }
   const int64_t n0 = p * kPanel;
+  alignas(32) float btmp[16];
+  const float* bias = panel_bias(a.bias, n0, a.N, btmp);
   for (int r = 0; r < MR; ++r) {
     alignas(32) float out[16];
     const float xs = a.xs[m0 + r];
-    _mm256_store_ps(out, epilogue8(acc[r][0], xs, a.ws + n0, a.bias + n0));
-    _mm256_store_ps(out + 8, epilogue8(acc[r][1], xs, a.ws + n0 + 8, a.bias + n0 + 8));
+    _mm256_store_ps(out, epilogue8(acc[r][0], xs, a.ws + n0, bias));
+    _mm256_store_ps(out + 8, epilogue8(acc[r][1], xs, a.ws + n0 + 8, bias + 8));
     store_panel(a.y + (m0 + r) * a.N + n0, out, a.N - n0);
   }
 }
@@ -120,13 +123,12 @@ void derive_x(const int8_t* q, int64_t n, uint8_t* out) {
 
 }  // namespace
 
-at::Tensor padded_bias(const c10::optional<at::Tensor>& bias, int64_t N, int64_t Np, const at::TensorOptions& opts) {
-  auto b = at::zeros({Np}, opts);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float32 [", N, "]");
-    b.narrow(0, 0, N).copy_(bias->reshape({N}));
-  }
-  return b;
+// Bias: float32 [N] or none (the panel epilogue pads it, int8.h panel_bias).
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+              "bias must be contiguous float32 [", N, "]");
+  return bias->data_ptr<float>();
 }
 
 at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& w_scale,
@@ -156,9 +158,8 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     auto xs = at::empty({M}, x.options());
     quantize_rows(x.data_ptr<float>(), M, K, x.stride(0), Kp, q.data_ptr<int8_t>(), xs.data_ptr<float>());
     derive_x(q.data_ptr<int8_t>(), M * Kp, xa.data_ptr<uint8_t>());
-    auto b = padded_bias(bias, N, Np, x.options());
     const W8Args a{packed.data_ptr<int8_t>(), xa.data_ptr<uint8_t>(), q.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                   w_scale.data_ptr<float>(), b.data_ptr<float>(), rowsum.data_ptr<int32_t>(), Kp, N,
+                   w_scale.data_ptr<float>(), bias_ptr(bias, N), rowsum.data_ptr<int32_t>(), Kp, N,
                    y.data_ptr<float>()};
     over_panels(M, P, Kp, [&](int64_t p, int64_t m0, int64_t rows) {
       with_mr(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });

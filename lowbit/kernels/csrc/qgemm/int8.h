@@ -78,6 +78,14 @@ void over_panels(int64_t M, int64_t panels, int64_t Kp, Tile&& tile) {
   });
 }
 
+// The bias of panel n0 as 16 floats: in place for a whole panel, else (no bias, or the last,
+// partial panel) copied into tmp with zeros after the last channel.
+inline const float* panel_bias(const float* bias, int64_t n0, int64_t N, float* tmp) {
+  if (bias != nullptr && n0 + kPanel <= N) return bias + n0;
+  for (int64_t i = 0; i < kPanel; ++i) tmp[i] = (bias != nullptr && n0 + i < N) ? bias[n0 + i] : 0.0f;
+  return tmp;
+}
+
 // Stores 16 outputs of one row, only the n_valid first (the last panel may be partial).
 inline void store_panel(float* y, const float* v, int64_t n_valid) {
   if (n_valid >= kPanel) {
