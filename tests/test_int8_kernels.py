@@ -158,6 +158,23 @@ def test_w4a8_is_close_to_the_weight_only_layer(ext):
     assert 0 < err < 0.02, err
 
 
+def test_w4a8_scales_activations_per_group(ext):
+    """W4A8 computes W4A16 on x rounded with one int8 scale per token and weight group: an outlier
+    channel coarsens only its own group (per token, every group would share its step)."""
+    qw = w4_weight(64, 256, 64)
+    w4a16, w4a8 = QuantLinear.from_quantized(qw), W4A8Linear.from_quantized(qw)
+    x = torch.randn(5, 256)
+    x[:, 3] = 5000.0  # group 0 only
+
+    def rounded(groups: int) -> torch.Tensor:
+        q, s = ref.quantize_per_token(x.view(5, groups, -1))
+        return (q.float() * s.unsqueeze(-1)).view(5, 256)
+
+    got, per_group, per_token = w4a8(x), w4a16(rounded(4)), w4a16(rounded(1))
+    assert float((got - per_group).norm() / per_group.norm()) < 1e-5
+    assert float((per_token - per_group).norm() / per_group.norm()) > 1e-3
+
+
 # ----------------------------------------------------------------------------- packing, fallback
 def test_packers_round_trip():
     w = int8_weight(37, 100)

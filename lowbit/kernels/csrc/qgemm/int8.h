@@ -24,7 +24,8 @@
 //     up to 255) times w (up to 127) could reach 64770 and saturate, so the sign trick: |x| as u8 times
 //     sign(x) * w as s8 (vpsignb), at most 127 * 127 * 2 = 32258, exact; vpmaddwd by 1 widens to int32.
 //   AVX-512 VNNI W8A8: vpdpbusd on (x + 128) as u8 and w as s8 (no saturation), minus 128 * rowsum[n].
-//   W4A8 (both): the weight codes (0..15) are the unsigned side as they are, x the signed side:
+//   W4A8 (both): x is quantized per token and per weight group (gemm_w4a8.cpp says why). The weight
+//     codes (0..15) are the unsigned side as they are, x the signed side:
 //     15 * 127 * 2 = 3810 per vpmaddubsw pair, so two quads add in int16 before widening; the zero
 //     point is a per-group correction z * s * sum(x over the group), the sums computed per row.
 #pragma once
