@@ -15,6 +15,17 @@ def test_ceilings_return_positive_finite_numbers():
         assert v > 0 and math.isfinite(v)
 
 
+def test_int8_peak_counts_the_products_of_the_kernel_loop(isa):
+    from lowbit import kernels
+
+    per_step = {"avx2": 6 * 32, "avx512": 10 * 64}[isa]  # chains x products per instruction
+    import torch
+
+    assert kernels.BENCH.get().int8_mac_peak(3) == torch.get_num_threads() * 3 * per_step
+    peak = ceilings.int8_mac_peak(iters=20_000, repeats=2)
+    assert peak > 0 and math.isfinite(peak)
+
+
 def test_machine_info_fields():
     info = ceilings.machine_info()
     assert info["logical_cores"] >= 1 and info["torch_threads"] >= 1

@@ -67,12 +67,27 @@ def copy_bandwidth(bytes: int = 512 * MiB, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / secs
 
 
+def int8_mac_peak(iters: int = 2_000_000, repeats: int = 5) -> float | None:
+    """Median int8 multiply-accumulates per second of lowbit's own register-only loop on every torch
+    thread, with the instructions the int8 GEMMs use (AVX2 vpmaddubsw + vpmaddwd, AVX-512 VNNI
+    vpdpbusd): the ceiling of W8A8 / W4A8 (an op is two of them). None without the compiled kernels."""
+    from .. import kernels
+
+    ext = kernels.BENCH.get()
+    if ext is None:
+        return None
+    macs = ext.int8_mac_peak(1)
+    secs = _median_seconds(lambda: ext.int8_mac_peak(iters), repeats)
+    return macs * iters / secs
+
+
 @dataclass
 class Ceilings:
     matmul_flops: float  # FLOP/s, fp32
     read_bytes_per_s: float  # use this for weight streaming
     copy_bytes_per_s: float  # read + write counted
     machine: dict
+    int8_macs_per_s: float | None = None  # int8 multiply-accumulates/s (None: no compiled kernels)
 
 
 def measure(n: int = 2048, bytes: int = 512 * MiB, repeats: int = 5) -> Ceilings:
@@ -82,6 +97,7 @@ def measure(n: int = 2048, bytes: int = 512 * MiB, repeats: int = 5) -> Ceilings
         read_bytes_per_s=read_bandwidth(bytes, repeats),
         copy_bytes_per_s=copy_bandwidth(bytes, repeats),
         machine=machine_info(),
+        int8_macs_per_s=int8_mac_peak(repeats=repeats),
     )
 
 
@@ -133,6 +149,7 @@ def main() -> None:
         "matmul_gflops": round(c.matmul_flops / 1e9, 1),
         "read_gib_per_s": round(c.read_bytes_per_s / 2**30, 2),
         "copy_gib_per_s": round(c.copy_bytes_per_s / 2**30, 2),
+        "int8_gops": None if c.int8_macs_per_s is None else round(2 * c.int8_macs_per_s / 1e9, 1),
     }, indent=2))
 
 

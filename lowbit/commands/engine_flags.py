@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     g.add_argument("--quantize-lm-head", action="store_true", help="int8 embedding / LM head")
+    g.add_argument("--activation-dtype", choices=["auto", "int8"], default=d.activation_dtype,
+                   help="int8: 4-bit weight checkpoints run their matmuls on int8 per-token activations (W4A8); "
+                        "auto (default): fp32 activations, int8 for W8A8 checkpoints")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores); process-wide, so set by the command line (cli.py), "
                         "not by the engine")
@@ -51,4 +54,5 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         quantize_lm_head=args.quantize_lm_head,
+        activation_dtype=getattr(args, "activation_dtype", "auto"),
     )

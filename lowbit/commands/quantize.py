@@ -1,4 +1,5 @@
-"""`lowbit quantize`: AWQ, GPTQ, AWQ-GPTQ or RTN weight quantization of a model into a standard checkpoint."""
+"""`lowbit quantize`: AWQ, GPTQ, AWQ-GPTQ or RTN weight quantization, or SmoothQuant W8A8 (int8 weights
+and activations), of a model into a standard checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights (AWQ, GPTQ, AWQ-GPTQ or RTN) into an AWQ / "
                                         "compressed-tensors checkpoint")
     add_model_arg(p)
-    p.add_argument("--method", choices=["awq", "gptq", "awq-gptq", "rtn"], default="awq",
+    p.add_argument("--method", choices=["awq", "gptq", "awq-gptq", "rtn", "smoothquant"], default="awq",
                    help="awq (default), gptq (Hessian-aware rounding), awq-gptq (AWQ's scales, then GPTQ's "
-                        "rounding) or the rtn baseline")
-    p.add_argument("--w-bit", type=int, default=4, help="weight bits, 2..8 (default 4)")
+                        "rounding), the rtn baseline, or smoothquant (W8A8: int8 per-channel weights and int8 "
+                        "per-token activations, compressed-tensors int-quantized)")
+    p.add_argument("--w-bit", type=int, default=None, help="weight bits, 2..8 (default 4; smoothquant: 8)")
     p.add_argument("--group-size", type=_group_size, default=None,
                    help="quantization group size along the input dim; -1 = per output channel; default auto: "
                         "128 where it divides every layer's input features, else 64 (e.g. SmolLM2-135M), else 32")
@@ -59,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GPTQ: round columns in descending activation order; 'group' (the default when given) "
                         "also forms the groups in that order (stored with g_idx: compressed-tensors only), "
                         "'weight' keeps the original groups (any format)")
-    p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default="awq",
-                   help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq)")
+    p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default=None,
+                   help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq; "
+                        "smoothquant: compressed-tensors)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--seed", type=int, default=0, help="calibration document order")
@@ -85,17 +88,24 @@ def run(args: argparse.Namespace) -> int:
         search_samples=None if args.search_samples == 0 else args.search_samples,
         search_tokens=None if args.search_tokens == 0 else args.search_tokens,
     )
+    smooth = args.method == "smoothquant"
+    w_bit = args.w_bit if args.w_bit is not None else (8 if smooth else 4)
+    fmt = args.fmt or ("compressed-tensors" if smooth else "awq")
+    sym = args.sym or smooth  # W8A8 weights are symmetric by definition (check_request refuses the rest)
     pin_mmap_threshold()  # process-wide and permanent: this command owns the process (quant/heap.py)
     report = quantize(
-        args.model, args.method, args.w_bit, args.group_size, args.sym, args.calib, args.calib_samples,
-        args.calib_seqlen, args.fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
+        args.model, args.method, w_bit, args.group_size, sym, args.calib, args.calib_samples,
+        args.calib_seqlen, fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
         gptq_config=GptqConfig(damp=args.damp, act_order=args.act_order),
     )
     t = report.totals
     print(f"wrote {report.out_dir} ({report.method} W{report.bits} g{report.group_size}"
           f"{' sym' if report.sym else ''}, {report.fmt} format, {report.quantized_linears} linears) "
           f"in {report.total_seconds:.1f} s", file=sys.stderr)
-    if t and "layers_awq_better_than_rtn" in t:
+    if t and "alphas" in t:
+        print(f"layer output error (sum over layers, calibration inputs): W8A8 {t['layer_error_w8a8_sum']:.4g}, "
+              f"SmoothQuant {t['layer_error_smoothquant_sum']:.4g}", file=sys.stderr)
+    elif t and "layers_awq_better_than_rtn" in t:
         print(f"layer output error (sum over layers, calibration inputs): RTN {t['layer_error_rtn_sum']:.4g}, "
               f"AWQ {t['layer_error_awq_sum']:.4g}; AWQ better on {t['layers_awq_better_than_rtn']}/{report.num_layers} layers",
               file=sys.stderr)

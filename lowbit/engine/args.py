@@ -17,6 +17,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto (fp32) | int8 | int4
     quantize_lm_head: bool = False  # int8 embedding/LM head
+    # auto: as the checkpoint says (fp32 activations; int8 for W8A8 checkpoints); int8: 4-bit weight
+    # checkpoints (AWQ, RTN, GPTQ) run their matmuls on int8 per-token activations too (W4A8)
+    activation_dtype: str = "auto"
     session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
     max_sessions: int = 256
     seed: int = 0  # seeds the engine's own generator, which unseeded requests draw from
@@ -24,6 +27,8 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("auto", "fp32", "int8", "int4"):
             raise LowbitError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
+        if self.activation_dtype not in ("auto", "int8"):
+            raise LowbitError(f"activation_dtype must be auto or int8, got {self.activation_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise LowbitError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:

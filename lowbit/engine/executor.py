@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import kernels
 from ..layers.linear import QuantLinear
+from ..layers.linear_int8 import W4A8Linear, W8A8Linear
 from ..layers.permuted import InputPermuted
 from ..models.transformer import CausalLM, DecoderLayer
 
@@ -69,6 +70,8 @@ def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | Non
     if kind is QuantLinear:
         handle = m._handle or m._bind()
         return handle.forward if handle is not False else None
+    if kind is W8A8Linear or kind is W4A8Linear:
+        return m.direct()
     if kind is InputPermuted:  # act-order GPTQ: the input gather, then the inner linear's own call
         inner = _direct(m._modules["inner"])
         return m.direct(inner) if inner is not None else None

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import LowbitError
 from ..logprobs import Logprob
 from ..models.loader import LoadedModel, load_tokenizer
 from ..quant.loader import load_model
@@ -87,6 +88,8 @@ class ModelRunner:
         self.model.fuse_projections()
         if args.quantize_lm_head:
             self._quantize_lm_head()
+        if args.activation_dtype == "int8":
+            self._int8_activations()
         self.eos_token_ids = eos_token_ids(self.loaded)
         if sampler is None:
             from ..layers.sampler import Sampler
@@ -104,6 +107,16 @@ class ModelRunner:
             self.pool.nbytes() / 2**20, self.spec.bytes_per_block // self.spec.block_size,
             model_nbytes(self.model) / 2**20,
         )
+
+    def _int8_activations(self) -> None:
+        """W4A8: every 4-bit QuantLinear runs on int8 activations (W8A8 checkpoints already do)."""
+        from ..layers.linear_int8 import W8A8Linear, use_int8_activations
+
+        swapped = use_int8_activations(self.model)
+        if not swapped and not any(isinstance(m, W8A8Linear) for m in self.model.modules()):
+            raise LowbitError("activation_dtype int8 needs a 4-bit weight checkpoint (AWQ, RTN, GPTQ) or a W8A8 "
+                              "(SmoothQuant) one; this model has neither")
+        log.info("int8 activations: %d linears switched to W4A8", swapped)
 
     def _quantize_lm_head(self) -> None:
         from ..layers.linear import quantize_embedding

@@ -8,6 +8,8 @@ above (layers, models, engine) can use it and a new backend plugs in here only.
 Call sites:
     ext = kernels.OPS.get()      # fused decode ops (rms_norm, rotary_, paged_decode_attention, ...)
     ext = kernels.QGEMM.get()    # quantized linear (QLinear, dequantize); kernels.get() is the same
+    ext = kernels.INT8.get()     # int8-activation GEMMs (quantize_per_token, w8a8_linear, w4a8_linear)
+    ext = kernels.BENCH.get()    # machine peaks with the kernels' own instructions (int8_mac_peak)
 Each returns an object whose attributes are the chosen compiled functions, or None when the torch
 reference runs (no usable variant, or LOWBIT_ISA=ref / LOWBIT_NO_EXT=1). `lowbit env` prints every
 choice and why; `reset()` makes the next call choose again (tests flip LOWBIT_ISA).
@@ -22,10 +24,12 @@ from .variants import VARIANTS, Variant
 REGISTRY = Registry()
 QGEMM = REGISTRY.family("qgemm")
 OPS = REGISTRY.family("ops")
+INT8 = REGISTRY.family("int8")
+BENCH = REGISTRY.family("bench")
 
 __all__ = [
     "KernelConfigError", "OP_SPECS", "Choice", "OpSet", "Registry", "VARIANTS", "Variant",
-    "REGISTRY", "QGEMM", "OPS", "get", "available", "reset", "choices", "usable_variants",
+    "REGISTRY", "QGEMM", "OPS", "INT8", "BENCH", "get", "available", "reset", "choices", "usable_variants",
 ]
 
 

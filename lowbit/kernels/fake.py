@@ -28,6 +28,18 @@ def register(namespace: str) -> None:
     def _dequantize(packed, scales, offset, bits, k8, group):
         return scales.new_empty((packed.shape[0], k8))
 
+    @fake("quantize_per_token")
+    def _quantize_per_token(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1])
+
+    @fake("w8a8_linear")
+    def _w8a8_linear(x, packed, w_scale, rowsum, bias, out_features):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @fake("w4a8_linear")
+    def _w4a8_linear(x, packed, scales, zero_scales, bias, out_features, group):
+        return x.new_empty((*x.shape[:-1], out_features))
+
     @fake("rms_norm")
     def _rms_norm(x, w, eps):
         return x.new_empty(x.shape)

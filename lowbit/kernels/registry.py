@@ -60,6 +60,10 @@ _ATTN = "gather + SDPA (lowbit/layers/paged_attention.py)"
 OPS: tuple[OpSpec, ...] = (
     OpSpec("QLinear", "qgemm", ref_elsewhere="QuantLinear's dequantize + matmul (lowbit/layers/linear.py)"),
     OpSpec("dequantize", "qgemm", ref_elsewhere="QuantLinear._dequant_rows (lowbit/layers/linear.py)"),
+    OpSpec("quantize_per_token", "int8", "quantize_per_token"),
+    OpSpec("w8a8_linear", "int8", "w8a8_linear"),
+    OpSpec("w4a8_linear", "int8", "w4a8_linear"),
+    OpSpec("int8_mac_peak", "bench", ref_elsewhere="none: a peak of the machine (lowbit/bench/ceilings.py)"),
     OpSpec("rms_norm", "ops", "rms_norm"),
     OpSpec("fused_add_rms_norm", "ops", "fused_add_rms_norm"),
     OpSpec("silu_and_mul", "ops", "silu_and_mul"),

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..layers.linear import QuantLinear
+from ..layers.linear_int8 import W8A8Linear
 from ..layers.permuted import InputPermuted
 from ..layers.qweight import QuantizedWeight
 from ..models.config import ModelConfig
@@ -64,6 +65,8 @@ def _permuted(module: QuantLinear, perm: torch.Tensor | None) -> QuantLinear | I
 
 def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     ckpt = load_quantized(model_dir)
+    # W8A8 checkpoints (int8 activations too) get the int8 GEMM layer; the rest the weight-only one
+    linear = W8A8Linear.from_quantized if ckpt.activations == "int8" else QuantLinear.from_quantized
     fp = dict(ckpt.fp_tensors)
     quantized = dict(ckpt.quantized)
     # act-order checkpoints: down_proj's permutation folds into gate/up rows, the rest gather x
@@ -82,11 +85,11 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
                     bias = torch.cat(biases) if all(b is not None for b in biases) else None
                     for n in names:
                         del quantized[n]
-                    replace_module(model, prefix + fused, _permuted(QuantLinear.from_quantized(merged, bias), perms.get(names[0])))
+                    replace_module(model, prefix + fused, _permuted(linear(merged, bias), perms.get(names[0])))
                     for n in names:
                         replace_module(model, n, None)
     for name, qw in quantized.items():
-        replace_module(model, name, _permuted(QuantLinear.from_quantized(qw, _bias(fp, name)), perms.get(name)))
+        replace_module(model, name, _permuted(linear(qw, _bias(fp, name)), perms.get(name)))
 
     state = {k: v.float() for k, v in fp.items()}
     expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}

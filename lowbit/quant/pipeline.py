@@ -51,9 +51,11 @@ from .gptq_layer import GPTQ_METHODS
 from .heap import release_freed_memory
 from .method_report import errors_png
 from .rtn import MODULES_NOT_CONVERTED, QuantSpec, rtn_quantize_layer
+from .smoothquant import smoothquant_layer
 
-METHODS = ("awq", "rtn", *GPTQ_METHODS)
-CALIBRATED = ("awq", *GPTQ_METHODS)
+SMOOTHQUANT = "smoothquant"  # W8A8: int8 per-channel weights, int8 per-token activations
+METHODS = ("awq", "rtn", SMOOTHQUANT, *GPTQ_METHODS)
+CALIBRATED = ("awq", SMOOTHQUANT, *GPTQ_METHODS)
 REPORT_JSON = "quant_report.json"
 REPORT_PNG = "quant_report.png"
 EMBED = "model.embed_tokens.weight"
@@ -224,6 +226,15 @@ def _totals(layers: list[LayerResult]) -> dict[str, Any]:
     }
 
 
+def _smooth_totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """SmoothQuant: the summed layer-output errors with and without smoothing, and the alphas chosen."""
+    return {
+        "layer_error_w8a8_sum": float(sum(max(0.0, r["err_none"]) for r in layers)),
+        "layer_error_smoothquant_sum": float(sum(max(0.0, r["err_best"]) for r in layers)),
+        "alphas": [r["alpha"] for r in layers],
+    }
+
+
 def report_png(layers: list[LayerResult], title: str) -> bytes:
     """Per-layer output error of RTN vs AWQ on the same inputs (log scale)."""
     series = {"RTN": [r.err_rtn for r in layers], "AWQ": [r.err_awq for r in layers]}
@@ -264,6 +275,11 @@ def check_request(cfg: ModelConfig, method: str, spec: QuantSpec, fmt: str, gptq
         raise QuantizationError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if method in GPTQ_METHODS:
         gptq_layer.check_request(gptq_cfg or GptqConfig(), fmt)
+    if method == SMOOTHQUANT and (spec.bits != 8 or not spec.sym or not spec.per_channel or fmt != "compressed-tensors"):
+        raise QuantizationError(
+            "smoothquant writes W8A8: 8-bit symmetric per-channel weights in the compressed-tensors format "
+            f"(got {spec.bits} bits, group size {spec.group_size}, sym {spec.sym}, format {fmt})"
+        )
     if fmt == "awq" and spec.bits != 4:
         raise QuantizationError(
             f"the awq checkpoint format stores 4-bit weights only; use --format compressed-tensors for {spec.bits} bits"
@@ -316,7 +332,7 @@ def quantize(
         raise QuantizationError(f"{model_dir} is already quantized; start from a full-precision model")
     cfg = resolve_config(hf)
     if group_size is None:
-        group_size = auto_group_size(cfg)
+        group_size = -1 if method == SMOOTHQUANT else auto_group_size(cfg)
     out = Path(out_dir).expanduser().absolute()
     spec = QuantSpec(w_bit, group_size, sym, scale_dtype=storage_scale_dtype(fmt, hf) if fmt in FORMATS else None)
     gptq_cfg = gptq_config or GptqConfig()
@@ -340,7 +356,7 @@ def quantize(
             "source": calib_data.source, "samples": calib_data.n_samples, "seqlen": calib_data.seqlen,
             "documents": calib_data.n_documents,
         },
-        awq=asdict(awq_cfg) if method in ("awq", "awq-gptq") else None,
+        awq=asdict(awq_cfg) if method in ("awq", "awq-gptq", SMOOTHQUANT) else None,
         gptq=asdict(gptq_cfg) if method in GPTQ_METHODS else None,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -351,10 +367,11 @@ def quantize(
             cfg, ckpt, spec, method, awq_cfg, calib_data, spill, progress, report, gptq_cfg, perms)
         report.quantize_seconds = round(time.perf_counter() - t_start, 2)
         report.quantized_linears = len(spill)
-        report.totals = (gptq_layer.totals if method in GPTQ_METHODS else _totals)(layer_results)
+        report.totals = ((gptq_layer.totals if method in GPTQ_METHODS else _totals)(layer_results)
+                         if method != SMOOTHQUANT else _smooth_totals(report.layers))
         fp = FpTensors(ckpt, {f"{n}.weight" for n in spill}, overrides)
         extra = {REPORT_JSON: b""}
-        if layer_results:
+        if layer_results and method != SMOOTHQUANT:
             title = f"{cfg.architecture} W{w_bit} g{group_size}{' sym' if sym else ''}: per-layer output error"
             extra[REPORT_PNG] = (gptq_layer.report_png if method in GPTQ_METHODS else report_png)(layer_results, title)
         t_save = time.perf_counter()
@@ -364,6 +381,7 @@ def quantize(
             out, hf_config=hf, fp_tensors=fp, quantized=spill, fmt=fmt, copy_files_from=model_dir,
             force=force, extra_files=extra, scale_dtype=spec.scale_dtype, input_perms=perms,
             actorder_name="weight" if method in GPTQ_METHODS and gptq_cfg.act_order == "weight" else None,
+            activations="int8" if method == SMOOTHQUANT else None,
         )
         report.save_seconds = round(time.perf_counter() - t_save, 2)
         report.total_seconds = round(time.perf_counter() - t_start, 2)
@@ -397,6 +415,8 @@ def _quantize_layers(
             assert store is not None
             if method == "awq":
                 qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
+            elif method == SMOOTHQUANT:
+                qweights, res = smoothquant_layer(layer, rotary, store, awq_cfg, index=i, scale_dtype=spec.scale_dtype)
             else:
                 step = gptq_layer.quantize_layer(method, layer, rotary, store, spec, gptq_cfg or GptqConfig(), awq_cfg, index=i)
                 qweights, res = step.qweights, step.result
@@ -404,7 +424,9 @@ def _quantize_layers(
                     perms.update({prefix + n: p for n, p in step.perms.items()})
             results.append(res)
             store = None if i + 1 == cfg.num_layers else propagate(layer, rotary, store)
-            if progress:  # AWQ: err_awq, GPTQ / AWQ-GPTQ: err (the method's own)
+            if progress and method == SMOOTHQUANT:
+                bar.set_postfix({"alpha": res.alpha, "err": f"{res.err_best:.2e}", "err_none": f"{res.err_none:.2e}"})
+            elif progress:  # AWQ: err_awq, GPTQ / AWQ-GPTQ: err (the method's own)
                 err = ("err_awq", res.err_awq) if method == "awq" else ("err", res.err_method)
                 bar.set_postfix({err[0]: f"{err[1]:.2e}", "err_rtn": f"{res.err_rtn:.2e}"})
             # norms and biases changed by folding the scales: written instead of the source's
@@ -418,6 +440,8 @@ def _quantize_layers(
         spill.add_layer(i, {prefix + n: qw for n, qw in qweights.items()})
         if method == "awq":
             report.layers.append(_layer_dict(results[-1]))
+        elif method == SMOOTHQUANT:
+            report.layers.append(asdict(results[-1]))
         elif method in GPTQ_METHODS:
             report.layers.append(gptq_layer.layer_dict(results[-1]))
         del layer, qweights

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "qgemm/layer.h"
 
@@ -38,6 +39,22 @@ struct Handle {
   at::Tensor forward(const at::Tensor& x) const;
   at::Tensor forward_mode(const at::Tensor& x, int64_t mode) const;
 };
+
+// ---- int8 activations (qgemm/quant_act.cpp, gemm_w8a8.cpp, gemm_w4a8.cpp; layouts in qgemm/int8.h)
+// x [..., K] -> (q int8 [..., K], scale float [...]): per-token symmetric, scale = max|x| / 127.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x);
+// y [..., N] = per-token int8 x times int8 W (per-channel scales, panel layout) (+ bias), fp32 out.
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
+                       const at::Tensor& rowsum, const c10::optional<at::Tensor>& bias, int64_t out_features);
+// y [..., N] = int8 x (per token and weight group) times 4-bit W (group scales and zero points, panel
+// layout) (+ bias).
+at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zero_scales, const c10::optional<at::Tensor>& bias, int64_t out_features,
+                       int64_t group);
+// int8 multiply-accumulates of `iters` steps of a register-only loop on every torch thread (qgemm/mac_peak.cpp)
+int64_t int8_mac_peak(int64_t iters);
+// The float32 [N] bias' data, or nullptr without one (checked; gemm_w8a8.cpp, used by both GEMMs).
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N);
 
 // ---- norms and activation (ops/norm_act.cpp)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);

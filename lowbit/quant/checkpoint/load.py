@@ -17,6 +17,7 @@ from ...errors import ModelLoadError, QuantizationError
 from ...models.weights import PICKLE_SUFFIXES, SafetensorsCheckpoint, pickle_refusal
 from ..formats import actorder, awq_gemm
 from ..formats import compressed_tensors as ct
+from ..formats import ct_int8
 from ...layers.qweight import QuantizedWeight
 
 # quantization configs kept beside config.json by early AutoAWQ / AutoGPTQ releases
@@ -43,6 +44,8 @@ class QuantizedCheckpoint:
     # act-order weights (formats/actorder.py): module -> input-channel permutation; such a
     # module's QuantizedWeight is group-contiguous in that order (column j = channel perm[j])
     input_perms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # "int8": the linears also quantize their inputs (W8A8, compressed-tensors int-quantized); None: weight-only
+    activations: str | None = None
 
 
 def load_quantized(model_dir: str | Path) -> QuantizedCheckpoint:
@@ -145,6 +148,8 @@ def _load_awq(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> Quant
 
 
 def _load_ct(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> QuantizedCheckpoint:
+    if str(qcfg.get("format", "")).lower() == ct_int8.FORMAT:
+        return _load_ct_int8(qcfg, config, tensors)
     version = qcfg.get("version")
     quantized, consumed, first, perms = {}, set(), None, {}
     for module in _modules_with(tensors, ".weight_packed"):
@@ -177,6 +182,35 @@ def _load_ct(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> Quanti
         modules_to_not_convert=list(qcfg.get("ignore") or []),
         config=config,
         input_perms=perms,
+    )
+
+
+def _load_ct_int8(qcfg: dict, config: dict, tensors: SafetensorsCheckpoint) -> QuantizedCheckpoint:
+    """compressed-tensors int-quantized W8A8 (ours or llm-compressor's): int8 weights per channel,
+    int8 activations per token at run time."""
+    quantized, consumed = {}, set()
+    for module in _modules_with(tensors, ".weight_scale"):
+        try:
+            gname, group = ct.group_for(qcfg, module)
+            fmt = ct.group_format(qcfg, group)
+            if fmt != ct_int8.FORMAT:
+                raise QuantizationError(f"config group {gname} has format {fmt!r}; a W8A8 checkpoint mixes no formats")
+            ct_int8.check_activations(group, gname)
+        except QuantizationError as e:
+            raise ModelLoadError(f"compressed-tensors config: {e}") from e
+        if f"{module}.input_scale" in tensors:
+            raise ModelLoadError(f"{module}: static activation scales (input_scale) are not supported; "
+                                 "lowbit quantizes activations dynamically per token")
+        keys = {k: f"{module}.{k}" for k in ct_int8.TENSOR_NAMES if f"{module}.{k}" in tensors}
+        got = tensors.read(keys.values())
+        parts = {k: got[v] for k, v in keys.items()}
+        quantized[module] = _decode(lambda: ct_int8.unpack(parts, module), tensors.file_of(f"{module}.weight_scale"))
+        consumed.update(keys.values())
+    _require_layers(quantized)
+    return QuantizedCheckpoint(
+        fmt="compressed-tensors", bits=8, group_size=-1, sym=True, fp_tensors=_fp_rest(tensors, consumed),
+        quantized=quantized, modules_to_not_convert=list(qcfg.get("ignore") or []), config=config,
+        activations="int8",
     )
 
 

@@ -31,6 +31,7 @@ from ...fsio import check_target, publish_dir
 from ...models.weights import INDEX_FILE
 from ..formats import actorder, awq_gemm
 from ..formats import compressed_tensors as ct
+from ..formats import ct_int8
 from ...layers.qweight import QuantizedWeight
 
 FORMATS = ("awq", "compressed-tensors")
@@ -71,6 +72,7 @@ def save_quantized(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     input_perms: dict[str, torch.Tensor] | None = None,
     actorder_name: str | None = None,
+    activations: str | None = None,
 ) -> Path:
     """Write a checkpoint loadable by vLLM / transformers (and by load_quantized).
 
@@ -83,11 +85,17 @@ def save_quantized(
     input_perms: act-order weights (group-contiguous in perm order, formats/actorder.py), written
     as compressed-tensors actorder "group" with weight_g_idx; actorder_name: the config's
     "actorder" when there are none (GPTQ's "weight" order leaves no trace in the tensors).
+    activations "int8": W8A8 (8-bit symmetric per-channel weights, activations int8 per token at
+    run time), written as compressed-tensors "int-quantized" (formats/ct_int8.py).
     Returns out_dir.
     """
     out_dir = Path(out_dir).absolute()
     if input_perms and fmt != "compressed-tensors":
         raise QuantizationError("act-order (g_idx) weights can be saved in the compressed-tensors format only")
+    if activations not in (None, "int8"):
+        raise QuantizationError(f"activations must be None or 'int8', got {activations!r}")
+    if activations and (fmt != "compressed-tensors" or input_perms):
+        raise QuantizationError("int8-activation (W8A8) weights are saved as compressed-tensors, without act-order")
     check_target(out_dir, force)
     bits, group_size, sym = _uniform_params(quantized, fmt)
     _check_names(fp_tensors, quantized)
@@ -95,9 +103,11 @@ def save_quantized(
     if fmt == "awq":
         _check_awq_skips(skipped, quantized)
     scale_dtype = scale_dtype or _choose_scale_dtype(fmt, hf_config, quantized)
-    tensors = _packed_tensors(quantized, fmt, scale_dtype, input_perms or {})
+    tensors = _packed_tensors(quantized, fmt, scale_dtype, input_perms or {}, activations)
     _add_fp_tensors(tensors, fp_tensors, _fp_dtype(fmt, hf_config))
     config = _output_config(hf_config, fmt, bits, group_size, sym, skipped, fp_tensors)
+    if activations:
+        config["quantization_config"] = ct_int8.quantization_config(["lm_head", *skipped])
     if fmt == "compressed-tensors" and (input_perms or actorder_name):
         config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = (
             "group" if input_perms else actorder_name)
@@ -197,14 +207,18 @@ def _check_awq_skips(skipped: list[str], quantized: dict[str, QuantizedWeight]) 
 
 
 def _packed_tensors(
-    quantized: dict[str, QuantizedWeight], fmt: str, scale_dtype: torch.dtype, perms: dict[str, torch.Tensor]
+    quantized: dict[str, QuantizedWeight], fmt: str, scale_dtype: torch.dtype, perms: dict[str, torch.Tensor],
+    activations: str | None = None,
 ) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():
         if name in perms:  # codes back in channel order, the group of each channel in g_idx
             tensors[f"{name}.{actorder.G_IDX}"] = actorder.g_idx_of(perms[name], qw.group_size)
             qw = actorder.stored_columns(qw, perms[name])
-        parts = awq_gemm.pack(qw, name) if fmt == "awq" else ct.pack(qw, scale_dtype, name)
+        if activations:
+            parts = ct_int8.pack(qw, scale_dtype, name)
+        else:
+            parts = awq_gemm.pack(qw, name) if fmt == "awq" else ct.pack(qw, scale_dtype, name)
         for key, t in parts.items():
             tensors[f"{name}.{key}"] = t
     return tensors

@@ -31,6 +31,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward_mode", &ops::Handle::forward_mode, kNoGil, "forward with a forced kernel (benchmarks/tests)");
   m.def("dequantize", &ops::dequantize, kNoGil, "dequantize packed rows to fp32");
 
+  m.def("quantize_per_token", &ops::quantize_per_token, kNoGil,
+        "x [..., K] -> (int8 q, float scale [...]): per-token symmetric int8 activations");
+  m.def("w8a8_linear", &ops::w8a8_linear, kNoGil, "int8 x (per token) @ int8 W^T (per channel), fp32 out");
+  m.def("w4a8_linear", &ops::w4a8_linear, kNoGil, "int8 x (per token and group) @ 4-bit W^T (groups, zero points), fp32 out");
+  m.def("int8_mac_peak", &ops::int8_mac_peak, kNoGil, "int8 products of a register-only peak loop on every thread");
+
   m.def("rms_norm", &ops::rms_norm, kNoGil, "w * x / rms(x) over rows of a [M, n] fp32 tensor");
   m.def("fused_add_rms_norm", &ops::fused_add_rms_norm, kNoGil, "residual += x (in place); return rms_norm(residual)");
   m.def("silu_and_mul", &ops::silu_and_mul, kNoGil, "[M, 2I] -> silu(x[:, :I]) * x[:, I:]");
