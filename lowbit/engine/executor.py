@@ -23,6 +23,7 @@ from torch import nn
 from .. import kernels
 from ..layers.linear import QuantLinear
 from ..layers.permuted import InputPermuted
+from ..layers.tp_linear import RowParallel
 from ..models.transformer import CausalLM, DecoderLayer
 
 
@@ -70,6 +71,9 @@ def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | Non
         handle = m._handle or m._bind()
         return handle.forward if handle is not False else None
     if kind is InputPermuted:  # act-order GPTQ: the input gather, then the inner linear's own call
+        inner = _direct(m._modules["inner"])
+        return m.direct(inner) if inner is not None else None
+    if kind is RowParallel:  # tensor parallel: the inner linear's call, the all-reduce, the bias
         inner = _direct(m._modules["inner"])
         return m.direct(inner) if inner is not None else None
     return None

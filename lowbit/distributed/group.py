@@ -1,0 +1,92 @@
+"""TPGroup: what a tensor-parallel rank needs to talk to the others.
+
+Row-parallel layers call `all_reduce` once per o_proj / down_proj; the driver calls
+`broadcast_step` once per engine step. Both go through a shared-memory segment between ranks of
+one machine when there is one (shm_allreduce.py, microseconds) and through torch.distributed
+(gloo) otherwise. Every failure (a peer died, a timeout) becomes one `CollectiveError`, so the
+caller never sees a gloo stack trace and never waits forever.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ..errors import LowbitError
+
+#: Seconds a collective waits for the other ranks before raising (LOWBIT_TP_TIMEOUT overrides).
+DEFAULT_TIMEOUT = 60.0
+
+
+class CollectiveError(LowbitError):
+    """A tensor-parallel peer died, or a collective timed out."""
+
+
+@dataclass
+class TPGroup:
+    """rank / world of this process; `group` the torch.distributed process group (None at world 1);
+    `shm` the local shared-memory all-reduce when every rank is on this machine, else None."""
+
+    rank: int
+    world: int
+    group: Any = None
+    shm: Any = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over the ranks, in place (every rank gets the sum); returns t."""
+        if self.world == 1:
+            return t
+        if self.shm is not None:
+            return self.shm.all_reduce(t)
+        import torch.distributed as dist
+
+        try:
+            dist.all_reduce(t, group=self.group)
+        except Exception as e:  # gloo raises RuntimeError / DistBackendError on a dead peer or timeout
+            raise CollectiveError(f"tensor-parallel all-reduce failed on rank {self.rank}: {_short(e)}") from None
+        return t
+
+    def broadcast_obj(self, obj: Any = None) -> Any:
+        """The driver's `obj` on every rank (workers pass nothing and get it back)."""
+        if self.world == 1:
+            return obj
+        if self.shm is not None:
+            return self.shm.broadcast_bytes(pickle.dumps(obj) if self.rank == 0 else None, decode=pickle.loads)
+        import torch.distributed as dist
+
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        except Exception as e:
+            raise CollectiveError(f"tensor-parallel broadcast failed on rank {self.rank}: {_short(e)}") from None
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.all_reduce(torch.zeros(1))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def init_torch_group(rank: int, world: int, init_method: str, timeout: float) -> Any:
+    """torch.distributed's default gloo group, or a one-line CollectiveError (port in use, a rank
+    that never came, a bad address)."""
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout))
+    except Exception as e:
+        raise CollectiveError(f"rank {rank}: cannot join the tensor-parallel group at {init_method}: {_short(e)}") from None
+    return dist.group.WORLD
