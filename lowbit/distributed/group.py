@@ -35,6 +35,7 @@ class TPGroup:
     group: Any = None
     shm: Any = None
     timeout: float = DEFAULT_TIMEOUT
+    step_group: Any = None  # the step broadcast's gloo group: no deadline (an idle server sends no steps)
 
     @property
     def is_driver(self) -> bool:
@@ -64,7 +65,7 @@ class TPGroup:
 
         box = [obj]
         try:
-            dist.broadcast_object_list(box, src=0, group=self.group)
+            dist.broadcast_object_list(box, src=0, group=self.step_group or self.group)
         except Exception as e:
             raise CollectiveError(f"tensor-parallel broadcast failed on rank {self.rank}: {_short(e)}") from None
         return box[0]
@@ -79,14 +80,21 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def init_torch_group(rank: int, world: int, init_method: str, timeout: float) -> Any:
-    """torch.distributed's default gloo group, or a one-line CollectiveError (port in use, a rank
+#: The step broadcast's deadline: workers wait this long for the next step (a dead driver is
+#: noticed sooner: its sockets close, and local workers die with it).
+STEP_TIMEOUT = 7 * 24 * 3600.0
+
+
+def init_torch_group(rank: int, world: int, init_method: str, timeout: float) -> tuple[Any, Any]:
+    """(torch.distributed's default gloo group with `timeout`, a second group for the step
+    broadcast without a practical deadline), or a one-line CollectiveError (port in use, a rank
     that never came, a bad address)."""
     import torch.distributed as dist
 
     try:
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout))
+        steps = dist.new_group(list(range(world)), timeout=timedelta(seconds=STEP_TIMEOUT), backend="gloo")
     except Exception as e:
         raise CollectiveError(f"rank {rank}: cannot join the tensor-parallel group at {init_method}: {_short(e)}") from None
-    return dist.group.WORLD
+    return dist.group.WORLD, steps

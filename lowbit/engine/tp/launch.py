@@ -84,8 +84,8 @@ class TPDriver:
         if self.shm is not None:
             self.shm.set_pids([os.getpid()] + [p.pid for p in self.procs])
         pin(cores_for(0, L, cores))
-        group = self._join()
-        self.group = TPGroup(0, rdzv.world, group, self.shm, self.timeout)
+        group, steps = self._join()
+        self.group = TPGroup(0, rdzv.world, group, self.shm, self.timeout, steps)
 
     def _join(self):
         """init_process_group on a helper thread while the workers are watched."""
@@ -148,6 +148,8 @@ class TPDriver:
             log.info("rank %d/%d: weights %.1f MiB resident, KV pool %.1f MiB (%d KV heads)",
                      rank, self.rdzv.world, weights / 2**20, pool / 2**20, heads)
         self.worker_report = ready
+        if self.shm is not None:
+            self.shm.unlink()  # every rank has it mapped: nothing left in /dev/shm after a crash
 
     def broadcast_step(self, inputs) -> None:
         if self.dead is not None:

@@ -57,13 +57,13 @@ def die_with_parent(parent_pid: int) -> None:
 def join(spec: WorkerSpec) -> TPGroup:
     """This rank's TPGroup: the torch.distributed group, plus the local shared-memory path."""
     rank, world = spec.rank, spec.rdzv.world
-    group = init_torch_group(rank, world, spec.rdzv.init_method, spec.timeout)
+    group, steps = init_torch_group(rank, world, spec.rdzv.init_method, spec.timeout)
     shm = None
     if spec.shm_name is not None:
         from ...distributed.shm_allreduce import ShmAllReduce
 
         shm = ShmAllReduce.attach(spec.shm_name, spec.local_rank, spec.timeout)
-    return TPGroup(rank, world, group, shm, spec.timeout)
+    return TPGroup(rank, world, group, shm, spec.timeout, steps)
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:
