@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..distributed.group import TPGroup
+from ..distributed.group import CollectiveError, TPGroup
 from ..errors import LowbitError
 from ..logprobs import Logprob
 from ..models.loader import LoadedModel, load_tokenizer
@@ -129,9 +129,14 @@ class ModelRunner:
                 sample_rows.extend([row - 1] * draws)
                 samplers.append((seq, draws))
         inputs = StepInputs(list(step.copies), items, ids)
-        if self.tp is not None:
+        if self.tp is None:
+            hidden = self.shard.forward(inputs)
+        else:
             self.tp.broadcast_step(inputs)
-        hidden = self.shard.forward(inputs)
+            try:
+                hidden = self.shard.forward(inputs)
+            except CollectiveError as e:  # a rank died or timed out mid-step: stop them all
+                self.tp.fail(str(e))
         if not samplers:
             return []
         if len(sample_rows) != row or sample_rows != list(range(row)):

@@ -22,7 +22,7 @@ from multiprocessing.connection import wait as mp_wait
 import torch
 
 from ...distributed.group import DEFAULT_TIMEOUT, CollectiveError, TPGroup, init_torch_group
-from ...errors import LowbitError
+from ...errors import EngineDeadError, LowbitError
 from ..args import EngineArgs
 from .placement import Rendezvous, check_port_free, cores_for, pin, rendezvous_from
 from .worker import WorkerSpec, worker_main
@@ -33,7 +33,7 @@ log = logging.getLogger("lowbit.engine")
 STARTUP_TIMEOUT = 600.0
 
 
-class TPDeadError(LowbitError):
+class TPDeadError(EngineDeadError):
     """A tensor-parallel rank failed: the engine cannot run any more steps."""
 
 
@@ -46,46 +46,97 @@ def shm_enabled(rdzv: Rendezvous) -> bool:
     return rdzv.nnodes == 1 and os.environ.get("LOWBIT_TP_SHM", "1") != "0"
 
 
+class _Ranks:
+    """What stopping the workers needs, kept apart from the driver so a weakref finalizer (run at
+    garbage collection or interpreter exit) can stop them without keeping the driver alive."""
+
+    def __init__(self) -> None:
+        self.procs: list = []
+        self.conns: list = []
+        self.group: TPGroup | None = None
+        self.shm = None
+        self.dead: str | None = None
+        self.closing = False
+        self.saved = (os.sched_getaffinity(0), torch.get_num_threads())
+
+    def shutdown(self) -> None:
+        """A clean None step when the group is healthy, then join / terminate / kill; gives the
+        process back its cores and threads."""
+        self.closing = True
+        if self.dead is None and self.group is not None and self.procs:
+            try:
+                self.group.broadcast_obj(None)
+            except CollectiveError:
+                pass
+        if self.dead is None:
+            self.dead = "the engine was closed"
+        _stop(self.procs, self.conns)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a dead peer can make teardown itself fail
+            pass
+        affinity, threads = self.saved
+        try:
+            os.sched_setaffinity(0, affinity)
+        except OSError:
+            pass
+        torch.set_num_threads(threads)
+
+
 class TPDriver:
     def __init__(self, args: EngineArgs, rdzv: Rendezvous) -> None:
         self.rdzv = rdzv
         self.timeout = timeout_from_env()
-        self.dead: str | None = None
-        self.procs: list = []
-        self.conns: list = []
-        self.shm = None
-        self._saved = (os.sched_getaffinity(0), torch.get_num_threads())
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self.ranks = _Ranks()
+        self._finalizer = weakref.finalize(self, self.ranks.shutdown)
         try:
             self._start(args)
         except BaseException:
-            self.dead = "startup failed"
+            self.ranks.dead = "startup failed"
             self.close()
             raise
 
+    @property
+    def dead(self) -> str | None:
+        return self.ranks.dead
+
+    @property
+    def shm(self):
+        return self.ranks.shm
+
+    @property
+    def procs(self) -> list:
+        return self.ranks.procs
+
     def _start(self, args: EngineArgs) -> None:
-        rdzv = self.rdzv
+        rdzv, ranks = self.rdzv, self.ranks
         L = rdzv.local_world
         if shm_enabled(rdzv):
             from ...distributed.shm_allreduce import ShmAllReduce
 
-            self.shm = ShmAllReduce.create(L, self.timeout)
+            ranks.shm = ShmAllReduce.create(L, self.timeout)
         ctx = torch.multiprocessing.get_context("spawn")
         cores = sorted(os.sched_getaffinity(0))
         for local in range(1, L):
             spec = WorkerSpec(local, rdzv, args, cores_for(local, L, cores), os.getpid(),
-                              None if self.shm is None else self.shm.name, self.timeout)
+                              None if ranks.shm is None else ranks.shm.name, self.timeout)
             parent, child = ctx.Pipe(duplex=False)
             p = ctx.Process(target=worker_main, args=(spec, child), name=f"lowbit-tp-rank{spec.rank}", daemon=True)
             p.start()
             child.close()
-            self.procs.append(p)
-            self.conns.append(parent)
-        if self.shm is not None:
-            self.shm.set_pids([os.getpid()] + [p.pid for p in self.procs])
+            ranks.procs.append(p)
+            ranks.conns.append(parent)
+        if ranks.shm is not None:
+            ranks.shm.set_pids([os.getpid()] + [p.pid for p in ranks.procs])
         pin(cores_for(0, L, cores))
         group, steps = self._join()
-        self.group = TPGroup(0, rdzv.world, group, self.shm, self.timeout, steps)
+        self.group = ranks.group = TPGroup(0, rdzv.world, group, ranks.shm, self.timeout, steps)
 
     def _join(self):
         """init_process_group on a helper thread while the workers are watched."""
@@ -113,7 +164,7 @@ class TPDriver:
 
     def _check_workers(self, starting: bool = False) -> None:
         """A dead worker -> its own one-line error if it sent one, else its exit code."""
-        for p, c in zip(self.procs, self.conns):
+        for p, c in zip(self.ranks.procs, self.ranks.conns):
             if not p.is_alive():
                 if c.poll():
                     msg = c.recv()
@@ -123,10 +174,10 @@ class TPDriver:
                 raise LowbitError(f"tensor-parallel {p.name} {what} (exit code {p.exitcode})")
 
     def wait_ready(self) -> None:
-        """Blocks until every worker loaded its slice; one-line LowbitError if one cannot."""
+        """Blocks until every local worker loaded its slice; one-line LowbitError if one cannot."""
         ready: dict[int, tuple] = {}
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        pending = list(zip(self.procs, self.conns))
+        pending = list(zip(self.ranks.procs, self.ranks.conns))
         while pending:
             if time.monotonic() > deadline:
                 raise LowbitError(f"tensor-parallel workers not ready after {STARTUP_TIMEOUT:.0f} s")
@@ -148,12 +199,33 @@ class TPDriver:
             log.info("rank %d/%d: weights %.1f MiB resident, KV pool %.1f MiB (%d KV heads)",
                      rank, self.rdzv.world, weights / 2**20, pool / 2**20, heads)
         self.worker_report = ready
-        if self.shm is not None:
-            self.shm.unlink()  # every rank has it mapped: nothing left in /dev/shm after a crash
+        if self.ranks.shm is not None:
+            self.ranks.shm.unlink()  # every rank has it mapped: nothing left in /dev/shm after a crash
+
+    def watch(self, on_death) -> None:
+        """Calls on_death(reason) from a helper thread as soon as a local worker dies (an idle
+        server learns it at once, not at its next step). Clean stops are not reported."""
+        procs, ranks = list(self.ranks.procs), self.ranks
+
+        def run() -> None:
+            live = list(procs)
+            while live:
+                mp_wait([p.sentinel for p in live])
+                for p in [p for p in live if not p.is_alive()]:
+                    live.remove(p)
+                    if ranks.closing or p.exitcode == 0:
+                        continue
+                    reason = f"tensor-parallel {p.name} died (exit code {p.exitcode})"
+                    if ranks.dead is None:
+                        ranks.dead = reason
+                    on_death(reason)
+                    return
+
+        threading.Thread(target=run, name="lowbit-tp-watch", daemon=True).start()
 
     def broadcast_step(self, inputs) -> None:
-        if self.dead is not None:
-            raise TPDeadError(self.dead)
+        if self.ranks.dead is not None:
+            raise TPDeadError(self.ranks.dead)
         try:
             self.group.broadcast_obj(inputs)
         except CollectiveError as e:
@@ -161,44 +233,21 @@ class TPDriver:
 
     def fail(self, reason: str) -> None:
         """Marks the engine dead, stops the workers, raises TPDeadError."""
-        for p in self.procs:
+        for p in self.ranks.procs:
             if not p.is_alive() and p.exitcode not in (0, None):
                 reason = f"tensor-parallel {p.name} died (exit code {p.exitcode}); {reason}"
                 break
-        self.dead = reason
-        _stop(self.procs, self.conns, graceful=False)
+        self.ranks.dead = reason
+        _stop(self.ranks.procs, self.ranks.conns, graceful=False)
         raise TPDeadError(reason)
 
     def close(self) -> None:
-        """Stops every worker (a clean None step when the group is healthy) and gives the process
-        back its cores and threads."""
-        if self.dead is None and self.procs:
-            try:
-                self.group.broadcast_obj(None)
-            except (CollectiveError, AttributeError):
-                pass
-            self.dead = "the engine was closed"
-        _stop(self.procs, self.conns)
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a dead peer can make teardown itself fail
-            pass
-        affinity, threads = self._saved
-        try:
-            os.sched_setaffinity(0, affinity)
-        except OSError:
-            pass
-        torch.set_num_threads(threads)
+        self._finalizer()  # runs ranks.shutdown once
 
 
 def _stop(procs: list, conns: list, graceful: bool = True) -> None:
-    """Joins (graceful) then terminates, then kills the workers: none is left behind."""
+    """Joins (graceful: they were sent a stop) then terminates, then kills the workers: none is
+    left behind."""
     end = time.monotonic() + (3.0 if graceful else 0.0)
     for p in procs:
         p.join(max(0.0, end - time.monotonic()))

@@ -70,8 +70,15 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     """The spawned process's entry point: exits 0 after a clean stop, 1 on any failure."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(spec.parent_pid)
+    os._exit(run_rank(spec, conn))
+
+
+def run_rank(spec: WorkerSpec, conn=None) -> int:
+    """Join, load this rank's slice, report ready (or the error) on `conn`, serve the steps."""
     logging.basicConfig(level=logging.WARNING, format=f"lowbit rank {spec.rank}: %(message)s")
     try:
+        if os.environ.get("LOWBIT_TP_FAIL_RANK") == str(spec.rank):  # fault injection for tests
+            raise RuntimeError("LOWBIT_TP_FAIL_RANK asked this rank to fail")
         pin(spec.cores)
         group = join(spec)
         from ...quant.loader import load_model
@@ -79,11 +86,15 @@ def worker_main(spec: WorkerSpec, conn) -> None:
 
         loaded = load_model(spec.args.model, with_tokenizer=False, tp=group)
         shard = ModelShard(spec.args, loaded)
-        conn.send(("ready", spec.rank, model_nbytes(shard.model), shard.pool.nbytes(), shard.spec.num_kv_heads))
+        if conn is not None:
+            conn.send(("ready", spec.rank, model_nbytes(shard.model), shard.pool.nbytes(), shard.spec.num_kv_heads))
     except BaseException as e:  # noqa: BLE001 - reported to the driver as one line
-        _report(conn, f"rank {spec.rank} failed to start: {type(e).__name__}: {e}")
-        os._exit(1)
-    os._exit(serve(shard, group))
+        msg = f"rank {spec.rank} failed to start: {type(e).__name__}: {e}"
+        if conn is not None:
+            _report(conn, msg)
+        print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+        return 1
+    return serve(shard, group)
 
 
 def serve(shard, group: TPGroup) -> int:
