@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _configure_process(args)
         if _worker_node(args):
-            from .commands.engine_flags import engine_args_from
+            from .commands.engine_flags import worker_engine_args
             from .engine.tp.node import run_node
 
-            return run_node(engine_args_from(args))
+            return run_node(worker_engine_args(args))
         return int(args.func(args) or 0)
     except (LowbitError, KernelConfigError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _worker_node(args: argparse.Namespace) -> bool:
     """A machine other than node 0 of a multi-node tensor-parallel run: it only hosts ranks."""
-    if not hasattr(args, "node_rank") or not hasattr(args, "kv_cache_memory"):
+    if not hasattr(args, "node_rank"):
         return False
     from .engine.tp.node import effective_node_rank
 

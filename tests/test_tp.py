@@ -70,7 +70,8 @@ def tiny_dirs(tmp_path_factory):
 
 def _engine(path, tp, **kw):
     rec = Recorder()
-    args = EngineArgs(model=str(path), kv_cache_memory=4 << 20, tensor_parallel_size=tp, **kw)
+    kw.setdefault("kv_cache_memory", 4 << 20)
+    args = EngineArgs(model=str(path), tensor_parallel_size=tp, **kw)
     return LLMEngine(args, sampler=rec), rec
 
 
@@ -173,3 +174,60 @@ def test_take_cols_keeps_groups_with_their_scales():
     assert per_channel.take_cols(torch.arange(40, 80)).group_size == 40
     with pytest.raises(ShardingError):
         qw.take_cols(torch.arange(0, 12))  # 12 columns: groups of 4, which no kernel takes
+
+
+# ---- the default model (slow) ----------------------------------------------------------------------
+
+
+def _mixed_prompts(tokenizer, shared_data, count=32):
+    """`count` prompts of 4..~200 tokens cut from WikiText-2 test text."""
+    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    ids = tokenizer(text[:200_000])["input_ids"]
+    lengths = [4 + (i * 37) % 200 for i in range(count)]
+    out, pos = [], 0
+    for n in lengths:
+        out.append(ids[pos : pos + n])
+        pos += n + 11
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_w4_dir(default_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp-default") / "w4g64"
+    _quantize_dir(default_model_dir, d, bits=4, group_size=64)
+    for f in default_model_dir.iterdir():  # the tokenizer files
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation")):
+            (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fp32", "w4g64"])
+def test_default_model_tp2_matches_tp1(default_model_dir, default_w4_dir, shared_data, kind):
+    """32 mixed-length prompts x 64 greedy tokens: >= 31/32 identical; every shared context's
+    logits within 1e-4 * max|logit|; a divergence prints TP=1's top-2 margin there."""
+    path = default_model_dir if kind == "fp32" else default_w4_dir
+    runs = {}
+    prompts = None
+    for tp in (1, 2):
+        engine, rec = _engine(path, tp, max_num_batched_tokens=512, kv_cache_memory=192 << 20)
+        try:
+            prompts = prompts or _mixed_prompts(engine.tokenizer, shared_data)
+            outs = _run(engine, prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+            _assert_free(engine)
+        finally:
+            engine.runner.close()
+        runs[tp] = ([o.outputs[0].token_ids for o in outs], rec.rows)
+    same = 0
+    for i, (a, b) in enumerate(zip(runs[1][0], runs[2][0])):
+        if a == b:
+            same += 1
+            continue
+        k = next(j for j in range(len(a)) if a[j] != b[j])
+        top2 = runs[1][1][tuple(prompts[i]) + tuple(a[:k])].topk(2).values
+        print(f"prompt {i}: diverges at token {k}; TP=1 top-2 margin {float(top2[0] - top2[1]):.3g}")
+    assert same >= 31
+    common = runs[1][1].keys() & runs[2][1].keys()
+    worst = max(float((runs[1][1][c] - runs[2][1][c]).abs().max() / runs[1][1][c].abs().max()) for c in common)
+    print(f"{kind}: {same}/32 identical, {len(common)} shared contexts, worst |dlogit| / max|logit| {worst:.2e}")
+    assert worst <= 1e-4

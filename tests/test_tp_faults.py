@@ -178,3 +178,49 @@ def test_server_killed_or_interrupted_leaves_no_rank(tiny, how):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+# ---- two "nodes" on loopback ------------------------------------------------------------------------
+
+
+def test_two_nodes_on_loopback(tiny, monkeypatch):
+    """Node 1 is its own process tree running the same command line with --node-rank 1; node 0 is
+    this process. Gloo carries everything between them (no shared memory); greedy tokens match
+    TP=1, and node 1 exits 0 when the engine closes."""
+    for var in ("NNODES", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ["--model", str(tiny), "-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
+             "--master-port", str(port), "--kv-cache-memory", "4MiB"]
+    node1 = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "generate", "-p", "unused", *flags,
+                              "--node-rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    try:
+        ref = LLMEngine(EngineArgs(model=str(tiny), kv_cache_memory=4 << 20))
+        ref.add_request("a", [5, 6, 7, 8], params)
+        want = _drain(ref)
+        engine = LLMEngine(EngineArgs(model=str(tiny), kv_cache_memory=4 << 20, tensor_parallel_size=2, nnodes=2,
+                                      node_rank=0, master_addr="127.0.0.1", master_port=port))
+        try:
+            assert engine.runner.tp.shm is None and engine.runner.pool.spec.num_kv_heads == 2
+            engine.add_request("a", [5, 6, 7, 8], params)
+            assert _drain(engine) == want
+        finally:
+            engine.close()
+        _, err = node1.communicate(timeout=30)
+        assert node1.returncode == 0, err
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+def _drain(engine) -> list[int]:
+    tokens = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+    return tokens

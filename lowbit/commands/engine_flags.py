@@ -71,3 +71,11 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         quantize_lm_head=args.quantize_lm_head,
         **parallel_kwargs(args),
     )
+
+
+def worker_engine_args(args: argparse.Namespace) -> EngineArgs:
+    """What a worker node (node rank > 0) builds its ranks from: the command's engine flags, or the
+    engine defaults for a command without them (eval ppl), exactly as node 0 does."""
+    if hasattr(args, "kv_cache_memory"):
+        return engine_args_from(args)
+    return EngineArgs(model=args.model, **parallel_kwargs(args))

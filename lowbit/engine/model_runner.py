@@ -110,6 +110,22 @@ class ModelRunner:
             self.tp.close()
 
     @torch.inference_mode()
+    def forward_window(self, ids: list[int]) -> torch.Tensor:
+        """Final hidden states [T, H] of one fresh sequence, run as a single prefill on blocks 0..
+        of the pool over every rank (perplexity under tensor parallelism; no scheduler involved)."""
+        nb = (len(ids) + self.pool.block_size - 1) // self.pool.block_size
+        if nb > self.pool.num_blocks:
+            raise LowbitError(f"a window of {len(ids)} tokens needs {nb} KV blocks; the pool has {self.pool.num_blocks}")
+        inputs = StepInputs([], [SeqSlice(list(range(nb)), 0, len(ids))], list(ids))
+        if self.tp is None:
+            return self.shard.forward(inputs)
+        self.tp.broadcast_step(inputs)
+        try:
+            return self.shard.forward(inputs)
+        except CollectiveError as e:
+            self.tp.fail(str(e))
+
+    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> list[StepResult]:
         items: list[SeqSlice] = []
         ids: list[int] = []

@@ -63,7 +63,7 @@ class _Ranks:
         """A clean None step when the group is healthy, then join / terminate / kill; gives the
         process back its cores and threads."""
         self.closing = True
-        if self.dead is None and self.group is not None and self.procs:
+        if self.dead is None and self.group is not None and self.group.world > 1:
             try:
                 self.group.broadcast_obj(None)
             except CollectiveError:
