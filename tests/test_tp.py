@@ -205,7 +205,14 @@ def default_w4_dir(default_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["fp32", "w4g64"])
 def test_default_model_tp2_matches_tp1(default_model_dir, default_w4_dir, shared_data, kind):
     """32 mixed-length prompts x 64 greedy tokens: >= 31/32 identical; every shared context's
-    logits within 1e-4 * max|logit|; a divergence prints TP=1's top-2 margin there."""
+    logits within 1e-4 * max|logit| (fp32); a divergence prints TP=1's top-2 margin there.
+
+    W4: the decode gemv rounds activations to int16 (one step per 64 inputs, lowbit/layers/linear.py),
+    so a last-bit change anywhere upstream (TP's all-reduce sums partial products in another order)
+    can flip a rounding and move logits by ~1e-4 of max|logit|. Measured at TP=1 alone: 1e-6
+    relative noise on the embedding moves them by median 9.8e-5, max 4.0e-4; TP=2 vs TP=1 gives
+    median 9.8e-5, max 4.0e-4 (/tmp experiment, 8 prompts x 16 tokens). So W4 is held to that
+    floor: max 1e-3, median 2e-4."""
     path = default_model_dir if kind == "fp32" else default_w4_dir
     runs = {}
     prompts = None
@@ -228,6 +235,9 @@ def test_default_model_tp2_matches_tp1(default_model_dir, default_w4_dir, shared
         print(f"prompt {i}: diverges at token {k}; TP=1 top-2 margin {float(top2[0] - top2[1]):.3g}")
     assert same >= 31
     common = runs[1][1].keys() & runs[2][1].keys()
-    worst = max(float((runs[1][1][c] - runs[2][1][c]).abs().max() / runs[1][1][c].abs().max()) for c in common)
-    print(f"{kind}: {same}/32 identical, {len(common)} shared contexts, worst |dlogit| / max|logit| {worst:.2e}")
-    assert worst <= 1e-4
+    rel = sorted(float((runs[1][1][c] - runs[2][1][c]).abs().max() / runs[1][1][c].abs().max()) for c in common)
+    worst, median = rel[-1], rel[len(rel) // 2]
+    print(f"{kind}: {same}/32 identical, {len(common)} shared contexts, |dlogit| / max|logit| "
+          f"median {median:.2e} max {worst:.2e}")
+    assert worst <= (1e-4 if kind == "fp32" else 1e-3)
+    assert median <= (1e-4 if kind == "fp32" else 2e-4)
