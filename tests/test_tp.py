@@ -241,3 +241,19 @@ def test_default_model_tp2_matches_tp1(default_model_dir, default_w4_dir, shared
           f"median {median:.2e} max {worst:.2e}")
     assert worst <= (1e-4 if kind == "fp32" else 1e-3)
     assert median <= (1e-4 if kind == "fp32" else 2e-4)
+
+
+def test_tp2_under_forced_preemption(tiny_dirs):
+    """A pool too small for the batch: sequences are preempted and recomputed on every rank
+    alike; greedy tokens still match TP=1 and no block leaks."""
+    greedy = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    tokens = {}
+    for tp in (1, 2):
+        engine, _ = _engine(tiny_dirs[("llama", "fp")], tp, kv_cache_memory=1 << 20)
+        try:
+            tokens[tp] = [o.outputs[0].token_ids for o in _run(engine, PROMPTS, greedy)]
+            assert engine.stats().num_preemptions > 0
+            _assert_free(engine)
+        finally:
+            engine.runner.close()
+    assert tokens[2] == tokens[1]
