@@ -21,7 +21,7 @@ def _rank(rank: int, world: int, port: int, shm_path: str | None, n: int, iters:
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, [cores[rank % len(cores)]])
     torch.set_num_threads(1)
-    group, _ = init_torch_group(rank, world, f"tcp://127.0.0.1:{port}", 60)
+    group, _ = init_torch_group(rank, world, "127.0.0.1", port, 60)
     shm = ShmAllReduce.attach(shm_path, rank, 60) if shm_path and rank else None
     results = {}
     for name in ("shm", "gloo"):

@@ -124,19 +124,23 @@ def test_tp2_matches_tp1(tiny_dirs, arch, kind):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max(), ctx
 
 
-def test_tp2_int8_kv_and_gloo(tiny_dirs, monkeypatch):
-    """int8 KV cache (per token and head: each rank quantizes its own heads as TP=1 would),
-    over gloo instead of shared memory."""
+@pytest.mark.parametrize("head", ["vocab-parallel", "replicated"])
+def test_tp2_int8_kv_and_gloo(tiny_dirs, monkeypatch, head):
+    """int8 KV cache (per token and head: each rank quantizes its own heads as TP=1 would) and
+    the int8 LM head (split by vocabulary rows, or replicated), over gloo instead of shared memory."""
     monkeypatch.setenv("LOWBIT_TP_SHM", "0")
     greedy = SamplingParams(temperature=0, max_tokens=8)
     tokens = {}
     for tp in (1, 2):
-        engine, _ = _engine(tiny_dirs[("llama", "w4")], tp, kv_cache_dtype="int8")
+        engine, _ = _engine(tiny_dirs[("llama", "w4")], tp, kv_cache_dtype="int8", quantize_lm_head=True,
+                            vocab_parallel_head=head == "vocab-parallel")
         try:
             tokens[tp] = [o.outputs[0].token_ids for o in _run(engine, PROMPTS, greedy)]
             _assert_free(engine)
             if tp == 2:
                 assert engine.runner.tp.shm is None
+                assert type(engine.runner.model.lm_head).__name__ == ("VocabParallelHead" if head == "vocab-parallel"
+                                                                       else "QuantLinear")
         finally:
             engine.runner.close()
     assert tokens[2] == tokens[1]

@@ -1,5 +1,6 @@
-"""Tensor-parallel faults: a rank killed with -9, a port in use, a rank that cannot start, the
-driver killed, Ctrl-C. Each ends in one clear error, every rank gone within 10 s, no orphans."""
+"""Tensor parallelism end to end. Faults: a rank killed with -9, a port in use, a rank that
+cannot start, the driver killed, Ctrl-C; each ends in one clear error, every rank gone within
+10 s, no orphans. Also two "nodes" on loopback, and `eval ppl` over two ranks."""
 from __future__ import annotations
 
 import os
@@ -224,3 +225,17 @@ def _drain(engine) -> list[int]:
             if out.finished:
                 tokens = out.outputs[0].token_ids
     return tokens
+
+
+# ---- eval ppl over ranks --------------------------------------------------------------------------
+
+
+def test_eval_ppl_tp2_matches_tp1(tiny, tmp_path):
+    from lowbit.eval.perplexity import evaluate_ppl
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    one = evaluate_ppl(str(tiny), str(text), seqlen=128, max_windows=3, progress=False)
+    two = evaluate_ppl(str(tiny), str(text), seqlen=128, max_windows=3, progress=False, tensor_parallel_size=2)
+    assert one.n_tokens == two.n_tokens == 3 * 127
+    assert abs(one.nll - two.nll) < 1e-4 * abs(one.nll)

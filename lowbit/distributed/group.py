@@ -9,6 +9,8 @@ caller never sees a gloo stack trace and never waits forever.
 from __future__ import annotations
 
 import pickle
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -55,6 +57,26 @@ class TPGroup:
             raise CollectiveError(f"tensor-parallel all-reduce failed on rank {self.rank}: {_short(e)}") from None
         return t
 
+    def gather_to_driver(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        """Rank r's t [M, sizes[r]] -> on rank 0 their concatenation along dim 1; None elsewhere."""
+        if self.world == 1:
+            return t
+        if self.shm is not None:
+            return self.shm.gather(t, sizes)
+        import torch.distributed as dist
+
+        width = max(sizes)
+        padded = torch.zeros(t.shape[0], width)
+        padded[:, : t.shape[1]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
+        try:
+            dist.gather(padded, parts, dst=0, group=self.group)
+        except Exception as e:
+            raise CollectiveError(f"tensor-parallel gather failed on rank {self.rank}: {_short(e)}") from None
+        if parts is None:
+            return None
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
+
     def broadcast_obj(self, obj: Any = None) -> Any:
         """The driver's `obj` on every rank (workers pass nothing and get it back)."""
         if self.world == 1:
@@ -85,16 +107,39 @@ def _short(e: BaseException) -> str:
 STEP_TIMEOUT = 7 * 24 * 3600.0
 
 
-def init_torch_group(rank: int, world: int, init_method: str, timeout: float) -> tuple[Any, Any]:
+_JOINED = "lowbit/joined"
+
+
+def init_torch_group(rank: int, world: int, addr: str, port: int, timeout: float,
+                     on_wait: Callable[[], None] | None = None) -> tuple[Any, Any]:
     """(torch.distributed's default gloo group with `timeout`, a second group for the step
     broadcast without a practical deadline), or a one-line CollectiveError (port in use, a rank
-    that never came, a bad address)."""
+    that never came, a bad address).
+
+    Rank 0 hosts the TCPStore without blocking and waits in its own loop until every other rank
+    checked in, calling on_wait() (which may raise: a worker that died) between polls; only then
+    does anyone call init_process_group. So a failed start leaves no thread stuck in gloo.
+    """
     import torch.distributed as dist
 
+    where = f"tcp://{addr}:{port}"
     try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout))
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout),
+                              wait_for_workers=False)
+        if rank == 0:
+            deadline = time.monotonic() + timeout
+            while store.add(_JOINED, 0) < world - 1:
+                if on_wait is not None:
+                    on_wait()
+                if time.monotonic() > deadline:
+                    raise CollectiveError(f"tensor-parallel ranks did not all join {where} within {timeout:.0f} s")
+                time.sleep(0.05)
+        else:
+            store.add(_JOINED, 1)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
         steps = dist.new_group(list(range(world)), timeout=timedelta(seconds=STEP_TIMEOUT), backend="gloo")
+    except LowbitError:
+        raise
     except Exception as e:
-        raise CollectiveError(f"rank {rank}: cannot join the tensor-parallel group at {init_method}: {_short(e)}") from None
+        raise CollectiveError(f"rank {rank}: cannot join the tensor-parallel group at {where}: {_short(e)}") from None
     return dist.group.WORLD, steps

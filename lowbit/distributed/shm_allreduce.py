@@ -150,6 +150,26 @@ class ShmAllReduce:
             self._view_cache[n] = v
         return v
 
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        """Rank r's t [M, sizes[r]] -> on rank 0 the concatenation [M, sum(sizes)] along dim 1
+        (every other rank gets None). Rows go through in chunks that fit a slot."""
+        t = t.to(torch.float32).contiguous()
+        M, width = t.shape[0], max(sizes)
+        rows_per = max(1, (SLOT_BYTES // 4) // max(1, width))
+        out = t.new_empty(M, sum(sizes)) if self.rank == 0 else None
+        starts = [sum(sizes[:r]) for r in range(self.world)]
+        for a in range(0, max(M, 1), rows_per):
+            part = t[a : a + rows_per]
+            n = part.numel()
+            bank = self.banks[(self.seq + 1) % 2]
+            bank[self.rank, :n].copy_(part.reshape(-1))
+            self._publish_and_wait(timeout=self.timeout)
+            if out is not None:
+                m = part.shape[0]
+                for r in range(self.world):
+                    out[a : a + m, starts[r] : starts[r] + sizes[r]] = bank[r, : m * sizes[r]].view(m, sizes[r])
+        return out
+
     def broadcast_bytes(self, data: bytes | None, decode: Callable[[bytes], Any] = bytes) -> Any:
         """Rank 0's bytes on every rank (decoded). Workers wait without a deadline: an idle server
         sends no steps for hours; a dead driver or peer is still noticed."""

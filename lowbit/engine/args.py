@@ -25,6 +25,7 @@ class EngineArgs:
     node_rank: int = 0  # this machine's index; node 0 runs the engine (rank 0)
     master_addr: str | None = None  # where node 0 listens (default 127.0.0.1, or $MASTER_ADDR)
     master_port: int | None = None  # its port (default: a free one on one machine, or $MASTER_PORT)
+    vocab_parallel_head: bool = True  # under TP, each rank computes its slice of the logits (else rank 0 all)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("auto", "fp32", "int8", "int4"):

@@ -144,20 +144,17 @@ class ModelRunner:
                 draws = 1 if seq.group.forked else seq.group.n
                 sample_rows.extend([row - 1] * draws)
                 samplers.append((seq, draws))
-        inputs = StepInputs(list(step.copies), items, ids)
+        inputs = StepInputs(list(step.copies), items, ids, sample_rows if samplers else None)
         if self.tp is None:
-            hidden = self.shard.forward(inputs)
+            logits = self.shard.run(inputs)
         else:
             self.tp.broadcast_step(inputs)
             try:
-                hidden = self.shard.forward(inputs)
+                logits = self.shard.run(inputs)
             except CollectiveError as e:  # a rank died or timed out mid-step: stop them all
                 self.tp.fail(str(e))
         if not samplers:
             return []
-        if len(sample_rows) != row or sample_rows != list(range(row)):
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long)]
-        logits = self.model.compute_logits(hidden)
         params, prompts, outputs, gens = [], [], [], []
         for seq, draws in samplers:
             for i in range(draws):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..models.loader import LoadedModel
+from ..models.tp import split_lm_head
 from .args import EngineArgs
 from .executor import execute
 from .kv_cache import KVCachePool, KVCacheSpec, normalize_kv_dtype, num_blocks_for_budget
@@ -28,6 +29,7 @@ class StepInputs:
     copies: list[tuple[int, int]]
     items: list[SeqSlice]
     ids: list[int]
+    sample_rows: list[int] | None = None  # rows whose logits the sampler needs (None: no logits)
 
 
 def model_nbytes(model: torch.nn.Module) -> int:
@@ -56,6 +58,10 @@ class ModelShard:
         sizing = self.spec if self.plan is None else replace(self.spec, num_kv_heads=self.plan.max_kv_heads)
         self.pool = KVCachePool(self.spec, num_blocks_for_budget(sizing, args.kv_cache_memory))
         self.window = cfg.sliding_window
+        # a vocabulary-parallel LM head: every rank computes its slice of each step's logits
+        self.head_parallel = self.plan is not None and args.vocab_parallel_head
+        if self.head_parallel:
+            split_lm_head(self.model)
         where = "" if self.plan is None else f"rank {self.plan.rank}/{self.plan.world}: "
         log.info(
             "%sKV cache %s: %d blocks x %d tokens = %d tokens, %d KV heads, pool %.1f MiB (%d B/token); model %.1f MiB",
@@ -78,6 +84,19 @@ class ModelShard:
             m.lm_head = q_head
         elif isinstance(m.lm_head, torch.nn.Linear):
             m.lm_head = quantize_embedding(m.lm_head.weight)[1]
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor | None:
+        """forward, then the logits of step.sample_rows: on rank 0 the full rows; on other ranks
+        their vocabulary slice goes to rank 0 (None returned), or nothing when the head is replicated."""
+        hidden = self.forward(step)
+        rows = step.sample_rows
+        if rows is None or (self.plan is not None and self.plan.rank != 0 and not self.head_parallel):
+            return None
+        if len(rows) != hidden.shape[0] or rows != list(range(hidden.shape[0])):
+            hidden = hidden[torch.tensor(rows, dtype=torch.long)]
+        logits = self.model.compute_logits(hidden)
+        return logits if self.plan is None or self.plan.rank == 0 else None
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:

@@ -188,7 +188,9 @@ def evaluate_ppl(
         from ..engine.args import EngineArgs
         from ..engine.model_runner import ModelRunner
 
-        runner = ModelRunner(EngineArgs(model=str(model_dir), tensor_parallel_size=tensor_parallel_size, **parallel))
+        # windows score every row in chunks on rank 0 alone: a replicated head, no per-chunk gather
+        runner = ModelRunner(EngineArgs(model=str(model_dir), tensor_parallel_size=tensor_parallel_size,
+                                        vocab_parallel_head=False, **parallel))
         try:
             if runner.tokenizer is None:
                 raise EvalError(f"{model_dir} has no tokenizer files")

@@ -53,6 +53,50 @@ def pop_bias(m: nn.Module) -> torch.Tensor | None:
     raise TypeError(f"cannot take the bias of a {type(m).__name__}")
 
 
+def slice_head_rows(head: nn.Module, a: int, b: int) -> nn.Module:
+    """Output rows [a, b) of an LM head: an fp nn.Linear, or the per-row int8 QuantLinear of
+    quantize_embedding (whole rows: each keeps its scale, and its offset when offsets differ)."""
+    if type(head) is nn.Linear:
+        return slice_rows(head, [(a, b)])
+    if isinstance(head, QuantLinear) and head.container_bits == 8 and head.scales.shape[1] == 1:
+        offset = head.offset if head.offset.numel() == 1 else head.offset[a:b]
+        bias = None if head.bias is None else head.bias[a:b].clone()
+        return QuantLinear(head.in_features, b - a, head.bits, head.group_size, head.packed[a:b].clone(),
+                           head.scales[a:b].clone(), offset.clone(), bias)
+    raise TypeError(f"cannot split an LM head of type {type(head).__name__} by vocabulary")
+
+
+class VocabParallelHead(nn.Module):
+    """One rank's rows of the LM head: every rank computes the logits of its vocabulary slice and
+    rank 0 gathers them (the others return an empty tensor). Why: the replicated head of a small
+    model (SmolLM2: 49152 x 576 fp32 = 113 MB per token) outweighs its whole W4 decoder, and would
+    run on rank 0's share of the cores alone."""
+
+    def __init__(self, inner: nn.Module, sizes: list[int], group: TPGroup) -> None:
+        super().__init__()
+        self.inner = inner
+        self.sizes = sizes
+        self.group = group
+
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.sizes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        local = self.inner(h.reshape(-1, h.shape[-1])).float()
+        full = self.group.gather_to_driver(local, self.sizes)
+        if full is None:
+            return local.new_empty(0)
+        return full.view(*h.shape[:-1], full.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"rank={self.group.rank}, vocab_slices={self.sizes}"
+
+
 class RowParallel(nn.Module):
     """y = all_reduce(inner(x_local)) + bias: one rank's share of a row-parallel linear."""
 

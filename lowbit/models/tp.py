@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..distributed.group import TPGroup
-from ..distributed.partition import ShardingError, ShardPlan, ffn_unit, make_plan
+from ..distributed.partition import ShardingError, ShardPlan, balanced, ffn_unit, make_plan
 from ..layers.qweight import QuantizedWeight
-from ..layers.tp_linear import RowParallel, pop_bias, slice_cols, slice_rows
+from ..layers.tp_linear import RowParallel, VocabParallelHead, pop_bias, slice_cols, slice_head_rows, slice_rows
 from .config import ModelConfig
 from .transformer import CausalLM
 
@@ -89,7 +89,17 @@ def shard_model(model: CausalLM, plan: ShardPlan, group: TPGroup) -> CausalLM:
         mlp.down_proj = _row_parallel(mlp.down_proj, "down_proj", ffn, cfg.intermediate_size, plan, group)
         mlp.intermediate_size = ffn
     model.tp_plan = plan
+    model.tp_group = group
     return model
+
+
+def split_lm_head(model: CausalLM) -> None:
+    """Replaces a sharded model's LM head by its rank's vocabulary rows (VocabParallelHead).
+    Run after any LM-head quantization; the embedding stays whole (a lookup costs no bandwidth)."""
+    plan, group = model.tp_plan, model.tp_group
+    sizes = balanced(model.config.vocab_size, plan.world)
+    a = sum(sizes[: plan.rank])
+    model.lm_head = VocabParallelHead(slice_head_rows(model.lm_head, a, a + sizes[plan.rank]), sizes, group)
 
 
 def _columns(parent: nn.Module, local: dict[str, int], fused: str, plan: ShardPlan, hidden: int) -> None:

@@ -139,28 +139,9 @@ class TPDriver:
         self.group = ranks.group = TPGroup(0, rdzv.world, group, ranks.shm, self.timeout, steps)
 
     def _join(self):
-        """init_process_group on a helper thread while the workers are watched."""
-        box: dict = {}
-
-        def init() -> None:
-            try:
-                box["group"] = init_torch_group(self.rdzv.global_rank(0), self.rdzv.world, self.rdzv.init_method,
-                                                self.timeout)
-            except BaseException as e:  # noqa: BLE001
-                box["error"] = e
-
-        t = threading.Thread(target=init, name="lowbit-tp-join", daemon=True)
-        t.start()
-        deadline = time.monotonic() + self.timeout
-        while t.is_alive():
-            t.join(0.05)
-            self._check_workers(starting=True)
-            if time.monotonic() > deadline:
-                raise CollectiveError(f"tensor-parallel ranks did not all join {self.rdzv.init_method} "
-                                      f"within {self.timeout:.0f} s")
-        if "error" in box:
-            raise box["error"]
-        return box["group"]
+        """init_process_group as rank 0, watching the workers while the others check in."""
+        return init_torch_group(self.rdzv.global_rank(0), self.rdzv.world, self.rdzv.master_addr,
+                                self.rdzv.master_port, self.timeout, on_wait=lambda: self._check_workers(starting=True))
 
     def _check_workers(self, starting: bool = False) -> None:
         """A dead worker -> its own one-line error if it sent one, else its exit code."""

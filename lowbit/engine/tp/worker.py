@@ -57,7 +57,7 @@ def die_with_parent(parent_pid: int) -> None:
 def join(spec: WorkerSpec) -> TPGroup:
     """This rank's TPGroup: the torch.distributed group, plus the local shared-memory path."""
     rank, world = spec.rank, spec.rdzv.world
-    group, steps = init_torch_group(rank, world, spec.rdzv.init_method, spec.timeout)
+    group, steps = init_torch_group(rank, world, spec.rdzv.master_addr, spec.rdzv.master_port, spec.timeout)
     shm = None
     if spec.shm_name is not None:
         from ...distributed.shm_allreduce import ShmAllReduce
@@ -104,7 +104,7 @@ def serve(shard, group: TPGroup) -> int:
             step = group.broadcast_obj()
             if step is None:
                 return 0
-            shard.forward(step)
+            shard.run(step)
     except CollectiveError as e:
         print(f"lowbit: {e}", file=sys.stderr, flush=True)
     except BaseException as e:  # noqa: BLE001 - a worker must never hang its peers: exit
