@@ -53,15 +53,20 @@ def make_rtn_w4(src: Path, dst: Path) -> Path:
 
 
 def split_bytes(model) -> tuple[int, int]:
-    """(bytes of the tensor-parallel linears, bytes of everything else) of a whole model."""
+    """(bytes TP splits over the ranks, bytes every rank holds whole) of a whole model: the decoder
+    linears and the LM head (vocab-parallel; a tied head becomes a copy of 1/N of the embedding
+    rows) vs the embedding, norms and the rest."""
     from lowbit.engine.model_shard import model_nbytes
 
-    sharded = 0
+    linears = 0
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in LINEARS or leaf in ("qkv_proj", "gate_up_proj"):
-            sharded += model_nbytes(m)
-    return sharded, model_nbytes(model) - sharded
+            linears += model_nbytes(m)
+    replicated = model_nbytes(model) - linears
+    if not model.config.tie_word_embeddings:
+        replicated -= model_nbytes(model.lm_head)
+    return linears + model_nbytes(model.lm_head), replicated
 
 
 def child(model: str, tp: int, runs: int) -> dict:

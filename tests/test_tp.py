@@ -261,3 +261,24 @@ def test_tp2_under_forced_preemption(tiny_dirs):
         finally:
             engine.runner.close()
     assert tokens[2] == tokens[1]
+
+
+@pytest.mark.parametrize("kind", ["fp", "w4"])
+def test_sharded_model_keeps_the_lean_decode_loop(tiny_dirs, kind):
+    """A rank's model (built here without peers: loading needs no collective) still runs the lean
+    decode loop: RowParallel resolves to its inner kernel call plus the all-reduce."""
+    from lowbit.distributed.group import TPGroup
+    from lowbit.engine.executor import lean_plan
+    from lowbit.layers.tp_linear import RowParallel
+    from lowbit.quant.loader import load_model
+
+    loaded = load_model(str(tiny_dirs[("llama", kind)]), with_tokenizer=False, tp=TPGroup(1, 2))
+    model = loaded.model
+    model.fuse_projections()
+    assert loaded.shard.num_q_heads == 2 and loaded.shard.num_kv_heads == 1 and loaded.shard.ffn == (192, 320)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, RowParallel) and isinstance(layer.mlp.down_proj, RowParallel)
+    assert layer.self_attn.qkv_proj.out_features == (2 + 2 * 1) * 64
+    assert layer.mlp.down_proj.in_features == 128
+    plan = lean_plan(model)
+    assert plan is not None and plan[0].num_heads == 2 and plan[0].num_kv_heads == 1
