@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lowbit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     make_app = create_app
+    if (args.replicas is not None or args.ray_address is not None) and args.tensor_parallel_size > 1:
+        raise LowbitError("--replicas / --ray-address with --tensor-parallel-size > 1 is not supported yet")
     if args.replicas is not None or args.ray_address is not None:  # only then is Ray imported
         from ..cluster.ingress import create_cluster_app
         from ..cluster.launch import config_from_args, start_cluster

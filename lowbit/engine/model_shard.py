@@ -31,6 +31,15 @@ class StepInputs:
     ids: list[int]
     sample_rows: list[int] | None = None  # rows whose logits the sampler needs (None: no logits)
 
+    def __reduce__(self):
+        """Pickled as plain lists and tuples (the step broadcast): 3-4x cheaper than dataclasses."""
+        return (_from_wire, (self.copies, [(s.block_table, s.start, s.num_new) for s in self.items], self.ids,
+                             self.sample_rows))
+
+
+def _from_wire(copies, items, ids, sample_rows) -> StepInputs:
+    return StepInputs(copies, [SeqSlice(*it) for it in items], ids, sample_rows)
+
 
 def model_nbytes(model: torch.nn.Module) -> int:
     seen, total = set(), 0
