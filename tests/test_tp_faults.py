@@ -82,6 +82,29 @@ def test_killed_rank_fails_the_step_and_every_rank_exits(tiny, monkeypatch, shm)
         engine.close()
 
 
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_hung_rank_times_out(tiny, monkeypatch, shm):
+    """A rank that stops answering (SIGSTOP: alive, silent) -> the collective's deadline
+    (LOWBIT_TP_TIMEOUT) ends the step with a clear error instead of a hang."""
+    monkeypatch.setenv("LOWBIT_TP_SHM", shm)
+    monkeypatch.setenv("LOWBIT_TP_TIMEOUT", "4")
+    engine = LLMEngine(EngineArgs(model=str(tiny), kv_cache_memory=4 << 20, tensor_parallel_size=2))
+    try:
+        proc = engine.runner.tp.procs[0]
+        engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        engine.step()
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match="timed out|failed"):
+            for _ in range(100):
+                engine.step()
+        assert time.monotonic() - t0 < 30
+        proc.join(10)
+        assert proc.exitcode not in (None, 0)
+    finally:
+        engine.close()
+
+
 def test_port_in_use_is_one_error(tiny):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

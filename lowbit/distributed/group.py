@@ -37,7 +37,7 @@ class TPGroup:
     group: Any = None
     shm: Any = None
     timeout: float = DEFAULT_TIMEOUT
-    step_group: Any = None  # the step broadcast's gloo group: no deadline (an idle server sends no steps)
+    step_group: Any = None  # the step broadcast's own gloo group (the driver's heartbeats use it too)
 
     @property
     def is_driver(self) -> bool:
@@ -102,18 +102,18 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-#: The step broadcast's deadline: workers wait this long for the next step (a dead driver is
-#: noticed sooner: its sockets close, and local workers die with it).
-STEP_TIMEOUT = 7 * 24 * 3600.0
+HEARTBEAT = "lowbit-heartbeat"  # what an idle driver broadcasts on gloo so workers' waits never expire
 
 
 _JOINED = "lowbit/joined"
+#: Seconds the ranks may take to start and meet (the other nodes of a multi-node run included).
+JOIN_TIMEOUT = 300.0
 
 
 def init_torch_group(rank: int, world: int, addr: str, port: int, timeout: float,
                      on_wait: Callable[[], None] | None = None) -> tuple[Any, Any]:
     """(torch.distributed's default gloo group with `timeout`, a second group for the step
-    broadcast without a practical deadline), or a one-line CollectiveError (port in use, a rank
+    broadcast, with the same deadline: an idle driver keeps it alive with heartbeats), or a one-line CollectiveError (port in use, a rank
     that never came, a bad address).
 
     Rank 0 hosts the TCPStore without blocking and waits in its own loop until every other rank
@@ -123,21 +123,22 @@ def init_torch_group(rank: int, world: int, addr: str, port: int, timeout: float
     import torch.distributed as dist
 
     where = f"tcp://{addr}:{port}"
+    join = max(timeout, JOIN_TIMEOUT)  # starting an interpreter and torch takes longer than a collective
     try:
-        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=timeout),
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=join),
                               wait_for_workers=False)
         if rank == 0:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + join
             while store.add(_JOINED, 0) < world - 1:
                 if on_wait is not None:
                     on_wait()
                 if time.monotonic() > deadline:
-                    raise CollectiveError(f"tensor-parallel ranks did not all join {where} within {timeout:.0f} s")
+                    raise CollectiveError(f"tensor-parallel ranks did not all join {where} within {join:.0f} s")
                 time.sleep(0.05)
         else:
             store.add(_JOINED, 1)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-        steps = dist.new_group(list(range(world)), timeout=timedelta(seconds=STEP_TIMEOUT), backend="gloo")
+        steps = dist.new_group(list(range(world)), timeout=timedelta(seconds=timeout), backend="gloo")
     except LowbitError:
         raise
     except Exception as e:

@@ -121,9 +121,11 @@ class ModelRunner:
             return self.shard.forward(inputs)
         self.tp.broadcast_step(inputs)
         try:
-            return self.shard.forward(inputs)
+            hidden = self.shard.forward(inputs)
         except CollectiveError as e:
             self.tp.fail(str(e))
+        self.tp.step_done()
+        return hidden
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> list[StepResult]:
@@ -153,6 +155,7 @@ class ModelRunner:
                 logits = self.shard.run(inputs)
             except CollectiveError as e:  # a rank died or timed out mid-step: stop them all
                 self.tp.fail(str(e))
+            self.tp.step_done()
         if not samplers:
             return []
         params, prompts, outputs, gens = [], [], [], []

@@ -21,7 +21,7 @@ from multiprocessing.connection import wait as mp_wait
 
 import torch
 
-from ...distributed.group import DEFAULT_TIMEOUT, CollectiveError, TPGroup, init_torch_group
+from ...distributed.group import DEFAULT_TIMEOUT, HEARTBEAT, CollectiveError, TPGroup, init_torch_group
 from ...errors import EngineDeadError, LowbitError
 from ..args import EngineArgs
 from .placement import Rendezvous, check_port_free, cores_for, pin, rendezvous_from
@@ -57,15 +57,20 @@ class _Ranks:
         self.shm = None
         self.dead: str | None = None
         self.closing = False
+        self.in_step = False  # a step was broadcast and has not finished (Ctrl-C inside it)
+        self.lock = threading.Lock()  # one broadcast at a time on the step group (steps, heartbeats, stop)
         self.saved = (os.sched_getaffinity(0), torch.get_num_threads())
 
     def shutdown(self) -> None:
         """A clean None step when the group is healthy, then join / terminate / kill; gives the
         process back its cores and threads."""
         self.closing = True
+        if self.in_step and self.dead is None:  # the ranks are inside a step: no clean stop message
+            self.dead = "interrupted during a step"
         if self.dead is None and self.group is not None and self.group.world > 1:
             try:
-                self.group.broadcast_obj(None)
+                with self.lock:
+                    self.group.broadcast_obj(None)
             except CollectiveError:
                 pass
         if self.dead is None:
@@ -94,6 +99,7 @@ class TPDriver:
         self.rdzv = rdzv
         self.timeout = timeout_from_env()
         self.ranks = _Ranks()
+        self._last_broadcast = time.monotonic()
         self._finalizer = weakref.finalize(self, self.ranks.shutdown)
         try:
             self._start(args)
@@ -137,6 +143,27 @@ class TPDriver:
         pin(cores_for(0, L, cores))
         group, steps = self._join()
         self.group = ranks.group = TPGroup(0, rdzv.world, group, ranks.shm, self.timeout, steps)
+        if ranks.shm is None:  # gloo: every wait has a deadline, so an idle driver must say it is alive
+            threading.Thread(target=self._heartbeat, name="lowbit-tp-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """Every timeout/4 without a step, broadcast a heartbeat on the step group (serialized with
+        the steps by the broadcast lock), so a worker's wait for the next step never expires while
+        the driver lives, yet a hung driver or worker is still noticed within the timeout."""
+        ranks, period = self.ranks, self.timeout / 4
+        while True:
+            time.sleep(period)
+            with self.ranks.lock:
+                if ranks.dead is not None or ranks.closing:
+                    return
+                if time.monotonic() - self._last_broadcast < period:
+                    continue
+                try:
+                    self.group.broadcast_obj(HEARTBEAT)
+                    self._last_broadcast = time.monotonic()
+                except CollectiveError as e:
+                    ranks.dead = str(e)
+                    return
 
     def _join(self):
         """init_process_group as rank 0, watching the workers while the others check in."""
@@ -207,10 +234,16 @@ class TPDriver:
     def broadcast_step(self, inputs) -> None:
         if self.ranks.dead is not None:
             raise TPDeadError(self.ranks.dead)
+        self.ranks.in_step = True
         try:
-            self.group.broadcast_obj(inputs)
+            with self.ranks.lock:
+                self.group.broadcast_obj(inputs)
+                self._last_broadcast = time.monotonic()
         except CollectiveError as e:
             self.fail(str(e))
+
+    def step_done(self) -> None:
+        self.ranks.in_step = False
 
     def fail(self, reason: str) -> None:
         """Marks the engine dead, stops the workers, raises TPDeadError."""

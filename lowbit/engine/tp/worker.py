@@ -2,7 +2,9 @@
 broadcasts until told to stop (None) or a peer fails.
 
 Workers never outlive their parent: the kernel kills them when it dies (PR_SET_PDEATHSIG), and
-a watcher thread covers the instant between fork and prctl. They ignore Ctrl-C: the terminal
+a watcher thread covers the instant between fork and prctl. PR_SET_PDEATHSIG follows the parent
+*thread* that started them, so the engine must live in the thread that built it (LLM: the
+caller's; AsyncEngine: its own engine thread, for the server's lifetime). They ignore Ctrl-C: the terminal
 sends SIGINT to the whole process group, and the driver, not each worker, decides how to stop.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ...distributed.group import DEFAULT_TIMEOUT, CollectiveError, TPGroup, init_torch_group
+from ...distributed.group import DEFAULT_TIMEOUT, HEARTBEAT, CollectiveError, TPGroup, init_torch_group
 from ..args import EngineArgs
 from .placement import Rendezvous, pin
 
@@ -104,6 +106,8 @@ def serve(shard, group: TPGroup) -> int:
             step = group.broadcast_obj()
             if step is None:
                 return 0
+            if isinstance(step, str) and step == HEARTBEAT:
+                continue
             shard.run(step)
     except CollectiveError as e:
         print(f"lowbit: {e}", file=sys.stderr, flush=True)
