@@ -12,6 +12,7 @@ import os
 import time
 
 import torch
+import torch.distributed
 
 
 def _rank(rank: int, world: int, port: int, shm_path: str | None, n: int, iters: int, q) -> None:
@@ -39,6 +40,8 @@ def _rank(rank: int, world: int, port: int, shm_path: str | None, n: int, iters:
         results[name] = (times[len(times) // 2] * 1e6, times[int(len(times) * 0.9)] * 1e6)
     if rank == 0:
         q.put(results)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads stopped before the interpreter exits
 
 
 _DRIVER_SHM: list = [None]
