@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _configure_process(args)
+        if _worker_node(args):
+            from .commands.engine_flags import worker_engine_args
+            from .engine.tp.node import run_node
+
+            return run_node(worker_engine_args(args))
         return int(args.func(args) or 0)
     except (LowbitError, KernelConfigError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
@@ -39,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _worker_node(args: argparse.Namespace) -> bool:
+    """A machine other than node 0 of a multi-node tensor-parallel run: it only hosts ranks."""
+    if not hasattr(args, "node_rank"):
+        return False
+    from .engine.tp.node import effective_node_rank
+
+    return effective_node_rank(args.node_rank, args.nnodes) > 0
 
 
 def _configure_process(args: argparse.Namespace) -> None:

@@ -13,5 +13,9 @@ class UnsupportedArchitectureError(ModelLoadError):
     """A config.json naming an architecture we have no implementation for."""
 
 
+class EngineDeadError(LowbitError):
+    """The engine can run no more steps (a tensor-parallel rank died): servers answer 503."""
+
+
 class QuantizationError(LowbitError):
     """Impossible quantization parameters (bits, group size that does not divide a layer...)."""

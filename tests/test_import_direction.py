@@ -1,6 +1,6 @@
 """The package's layering, checked from the source: imports flow one way, and files stay small.
 
-kernels < layers < models < quant (loaders) < engine < eval, bench < serve < cluster < commands, cli
+kernels < distributed < layers < models < quant (loaders) < engine < eval, bench < serve < cluster < commands, cli
 < the package's __init__. A module may import from its own layer or any layer below; never above.
 Leaves (errors, logprobs) import nothing from lowbit and may be imported from anywhere.
 
@@ -23,6 +23,7 @@ PACKAGE = ROOT / "lowbit"
 #: Rank of each top-level part of the package (lower = closer to the hardware).
 LAYERS: dict[str, int] = {
     "lowbit.kernels": 0,
+    "lowbit.distributed": 0.5,  # tensor-parallel groups and collectives: above kernels, below layers
     "lowbit.layers": 1,
     "lowbit.models": 2,
     "lowbit.quant": 3,

@@ -23,8 +23,26 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
                    help="HF model dir, .gguf file, hub id, or 'smollm2-135m' (default: the built-in default model)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Tensor parallelism (lowbit/engine/tp/, docs/parallel.md)."""
+    d = EngineArgs()
+    g = p.add_argument_group("tensor parallelism")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size, metavar="N",
+                   help="slice the model over N processes (default 1); each gets cores/N threads")
+    g.add_argument("--nnodes", type=int, default=d.nnodes, help="machines the N ranks span (default 1)")
+    g.add_argument("--node-rank", type=int, default=d.node_rank, help="this machine's index (node 0 runs the engine)")
+    g.add_argument("--master-addr", default=None, help="node 0's address (default 127.0.0.1 or $MASTER_ADDR)")
+    g.add_argument("--master-port", type=int, default=None, help="node 0's port (default: free, or $MASTER_PORT)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    return dict(tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
+                master_addr=args.master_addr, master_port=args.master_port)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineArgs()
+    add_parallel_args(p)
     g = p.add_argument_group("engine")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the paged KV-cache pool, e.g. 512MiB (default %(default)s)")
@@ -55,4 +73,13 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=not args.no_prefix_caching,
         quantize_lm_head=args.quantize_lm_head,
         activation_dtype=getattr(args, "activation_dtype", "auto"),
+        **parallel_kwargs(args),
     )
+
+
+def worker_engine_args(args: argparse.Namespace) -> EngineArgs:
+    """What a worker node (node rank > 0) builds its ranks from: the command's engine flags, or the
+    engine defaults for a command without them (eval ppl), exactly as node 0 does."""
+    if hasattr(args, "kv_cache_memory"):
+        return engine_args_from(args)
+    return EngineArgs(model=args.model, vocab_parallel_head=False, **parallel_kwargs(args))  # as evaluate_ppl

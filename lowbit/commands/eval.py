@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .engine_flags import add_model_arg
+from .engine_flags import add_model_arg, add_parallel_args, parallel_kwargs
 
 
 def _positive(text: str) -> int:
@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ppl = evsub.add_parser("ppl", help="perplexity of one model (fp or quantized checkpoint)")
     add_model_arg(ppl)
     _data_args(ppl)
+    add_parallel_args(ppl)
     ppl.set_defaults(func=run_ppl)
 
     cmp = evsub.add_parser("compare", help="perplexity of several models on the same text, as one table")
@@ -49,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_ppl(args: argparse.Namespace) -> int:
     from ..eval.perplexity import evaluate_ppl
 
-    r = evaluate_ppl(args.model, args.dataset, args.seqlen, args.max_windows, progress=not args.quiet)
+    r = evaluate_ppl(args.model, args.dataset, args.seqlen, args.max_windows, progress=not args.quiet,
+                     **parallel_kwargs(args))
     print(f"perplexity {r.ppl:.4f}  (nll {r.nll:.4f}, {r.n_windows} windows x {r.seqlen} tokens, "
           f"{r.n_tokens} predictions, {r.seconds:.1f} s; {r.model} on {r.dataset})")
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 
 from ..errors import LowbitError
 from .engine_flags import add_engine_args, add_model_arg, engine_args_from, parse_bytes
@@ -86,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lowbit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               f"port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     make_app = create_app
+    if (args.replicas is not None or args.ray_address is not None) and args.tensor_parallel_size > 1:
+        raise LowbitError("--replicas / --ray-address with --tensor-parallel-size > 1 is not supported yet")
     if args.replicas is not None or args.ray_address is not None:  # only then is Ray imported
         from ..cluster.ingress import create_cluster_app
         from ..cluster.launch import config_from_args, start_cluster
@@ -100,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"lowbit serve: {name} on http://{shown}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    dead = getattr(engine, "dead", None)
+    if dead is not None:
+        threading.Thread(target=_stop_when_dead, args=(dead,), name="lowbit-dead-watch", daemon=True).start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
                     timeout_graceful_shutdown=5)
@@ -107,4 +115,19 @@ def run(args: argparse.Namespace) -> int:
         shutdown = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
         if callable(shutdown):
             shutdown()
+    if dead is not None and dead.is_set():
+        print("lowbit serve: error: the engine died (a tensor-parallel rank failed); exiting", file=sys.stderr)
+        return 1
     return 0
+
+
+#: Seconds a server whose engine died keeps answering 503 before it exits (non-zero).
+DEAD_GRACE = 2.0
+
+
+def _stop_when_dead(dead: threading.Event) -> None:
+    """Once the engine is dead, new requests get 503 for DEAD_GRACE seconds, then the server stops
+    as Ctrl-C would (uvicorn's SIGINT handler) and the command exits 1."""
+    dead.wait()
+    time.sleep(DEAD_GRACE)
+    os.kill(os.getpid(), signal.SIGINT)

@@ -23,6 +23,12 @@ class EngineArgs:
     session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
     max_sessions: int = 256
     seed: int = 0  # seeds the engine's own generator, which unseeded requests draw from
+    tensor_parallel_size: int = 1  # ranks the model is sliced over (lowbit/engine/tp/)
+    nnodes: int = 1  # machines those ranks span (each runs tensor_parallel_size / nnodes ranks)
+    node_rank: int = 0  # this machine's index; node 0 runs the engine (rank 0)
+    master_addr: str | None = None  # where node 0 listens (default 127.0.0.1, or $MASTER_ADDR)
+    master_port: int | None = None  # its port (default: a free one on one machine, or $MASTER_PORT)
+    vocab_parallel_head: bool = True  # under TP, each rank computes its slice of the logits (else rank 0 all)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("auto", "fp32", "int8", "int4"):
@@ -33,5 +39,7 @@ class EngineArgs:
             raise LowbitError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:
             raise LowbitError("max_num_seqs must be >= 1 and max_num_batched_tokens >= block_size")
+        if self.tensor_parallel_size < 1 or self.nnodes < 1:
+            raise LowbitError("tensor_parallel_size and nnodes must be >= 1")
         if self.kv_cache_memory < 2**20:
             raise LowbitError(f"kv_cache_memory must be at least 1 MiB, got {self.kv_cache_memory} bytes")

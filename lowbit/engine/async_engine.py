@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import LowbitError
+from ..errors import EngineDeadError, LowbitError
 from .args import EngineArgs
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import RequestOutput
@@ -65,6 +65,8 @@ class AsyncEngine:
         self._cmds: list[tuple] = []
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stopped = False
+        self.dead = threading.Event()  # set when the engine can run no more steps (EngineDeadError)
+        self._dead_error: BaseException | None = None
         built: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, args=(args, engine, built), name="lowbit-engine", daemon=True)
         self._thread.start()
@@ -82,6 +84,9 @@ class AsyncEngine:
             built.set_exception(e)
             return
         built.set_result(self.engine)
+        tp = getattr(self.engine.runner, "tp", None)
+        if tp is not None:  # a rank dying while the server idles: fail and refuse at once
+            tp.watch(self._rank_died)
         self._run()
 
     @classmethod
@@ -138,8 +143,16 @@ class AsyncEngine:
 
     close = shutdown
 
+    def _rank_died(self, reason: str) -> None:
+        try:
+            self._submit(("dead", reason))
+        except LowbitError:  # already shut down
+            pass
+
     def _submit(self, cmd: tuple) -> None:
         with self._cv:
+            if self._dead_error is not None and cmd[0] == "add":
+                raise EngineDeadError(str(self._dead_error))
             if self._stopped and cmd[0] != "abort":
                 raise LowbitError("the engine has been shut down")
             self._cmds.append(cmd)
@@ -157,10 +170,17 @@ class AsyncEngine:
                 self._apply(cmd)
             if stopped:
                 self._fail_all(LowbitError("the engine has been shut down"))
+                self.engine.close()
                 return
             if self.engine.has_unfinished():
                 try:
                     self._deliver(self.engine.step())
+                except EngineDeadError as e:  # a tensor-parallel rank died: no more steps
+                    log.error("engine stopped: %s", e)
+                    with self._cv:
+                        self._dead_error = e
+                    self._fail_all(e)
+                    self.dead.set()
                 except Exception as e:  # a bug or out of memory: fail the requests, keep serving
                     log.exception("engine step failed")
                     self._fail_all(e)
@@ -183,6 +203,13 @@ class AsyncEngine:
             if notify and stream is not None:
                 for out in outs:
                     stream.send(out)
+        elif kind == "dead":
+            if self._dead_error is None:
+                log.error("engine stopped: %s", cmd[1])
+                with self._cv:
+                    self._dead_error = EngineDeadError(cmd[1])
+                self._fail_all(self._dead_error)
+                self.dead.set()
         elif kind == "end_session":
             _, sid, fut = cmd
             try:

@@ -24,6 +24,7 @@ from .. import kernels
 from ..layers.linear import QuantLinear
 from ..layers.linear_int8 import W4A8Linear, W8A8Linear
 from ..layers.permuted import InputPermuted
+from ..layers.tp_linear import RowParallel
 from ..models.transformer import CausalLM, DecoderLayer
 
 
@@ -73,6 +74,9 @@ def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | Non
     if kind is W8A8Linear or kind is W4A8Linear:
         return m.direct()
     if kind is InputPermuted:  # act-order GPTQ: the input gather, then the inner linear's own call
+        inner = _direct(m._modules["inner"])
+        return m.direct(inner) if inner is not None else None
+    if kind is RowParallel:  # tensor parallel: the inner linear's call, the all-reduce, the bias
         inner = _direct(m._modules["inner"])
         return m.direct(inner) if inner is not None else None
     return None

@@ -29,6 +29,10 @@ class LLM:
         llm.engine, llm._counter = engine, 0
         return llm
 
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (also done at exit); the LLM cannot generate after."""
+        self.engine.close()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -191,6 +191,10 @@ class LLMEngine:
     def end_session(self, session_id: str) -> bool:
         return self.sessions.end(str(session_id))
 
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (a one-rank engine holds nothing to release)."""
+        self.runner.close()
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self._maybe_expire()

@@ -14,14 +14,14 @@ from typing import Any, Callable
 
 import torch
 
+from ..distributed.group import CollectiveError, TPGroup
 from ..errors import LowbitError
 from ..logprobs import Logprob
 from ..models.loader import LoadedModel, load_tokenizer
 from ..quant.loader import load_model
 from .args import EngineArgs
-from .executor import execute
-from .kv_cache import KVCachePool, KVCacheSpec, normalize_kv_dtype, num_blocks_for_budget
-from .paged_attention import SeqSlice, build_paged_context
+from .model_shard import ModelShard, StepInputs, model_nbytes  # noqa: F401 (model_nbytes: re-exported)
+from .paged_attention import SeqSlice
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -43,9 +43,10 @@ class StepResult:
     samples: list[SampledToken]  # one, or n for a request that forks now
 
 
-def load_for_engine(spec: str | None) -> LoadedModel:
-    """load_model, with the tokenizer optional: a directory without tokenizer files serves token ids."""
-    loaded = load_model(spec, with_tokenizer=False)
+def load_for_engine(spec: str | None, tp: TPGroup | None = None) -> LoadedModel:
+    """load_model, with the tokenizer optional: a directory without tokenizer files serves token ids.
+    tp: load only that tensor-parallel rank's slice."""
+    loaded = load_model(spec, with_tokenizer=False, tp=tp)
     if any((Path(loaded.path) / f).exists() for f in _TOKENIZER_FILES):
         loaded.tokenizer = load_tokenizer(Path(loaded.path))
     return loaded
@@ -67,76 +68,67 @@ def eos_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted({int(i) for i in ids})
 
 
-def model_nbytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta" or t.untyped_storage().data_ptr() in seen:
-            continue
-        seen.add(t.untyped_storage().data_ptr())
-        total += t.untyped_storage().nbytes()
-    return total
-
-
 class ModelRunner:
     def __init__(self, args: EngineArgs, loaded: LoadedModel | None = None, sampler: Callable | None = None,
                  generator: torch.Generator | None = None) -> None:
         """generator: what the default sampler draws unseeded requests from (the engine's own)."""
-        self.loaded = loaded if loaded is not None else load_for_engine(args.model)
-        self.model = self.loaded.model
+        self.tp = None
+        if args.tensor_parallel_size > 1:
+            from .tp.launch import start_tensor_parallel
+
+            if loaded is not None:
+                raise LowbitError("tensor_parallel_size > 1 loads the model on every rank: pass the model path, "
+                                  "not a loaded model")
+            self.tp = start_tensor_parallel(args)  # workers started; this process is rank 0
+        try:
+            self._build(args, loaded, sampler, generator)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, args: EngineArgs, loaded: LoadedModel | None, sampler: Callable | None,
+               generator: torch.Generator | None) -> None:
+        if loaded is None:
+            loaded = load_for_engine(args.model, None if self.tp is None else self.tp.group)
+        self.loaded = loaded
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        self.model.fuse_projections()
-        if args.quantize_lm_head:
-            self._quantize_lm_head()
-        if args.activation_dtype == "int8":
-            self._int8_activations()
+        self.shard = ModelShard(args, self.loaded)
+        self.model, self.spec, self.pool, self.window = self.shard.model, self.shard.spec, self.shard.pool, self.shard.window
         self.eos_token_ids = eos_token_ids(self.loaded)
         if sampler is None:
             from ..layers.sampler import Sampler
 
             sampler = Sampler(self.eos_token_ids, generator=generator)
         self.sampler = sampler
-        cfg = self.config
-        self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.block_size,
-                                normalize_kv_dtype(args.kv_cache_dtype))
-        self.pool = KVCachePool(self.spec, num_blocks_for_budget(self.spec, args.kv_cache_memory))
-        self.window = cfg.sliding_window
-        log.info(
-            "KV cache %s: %d blocks x %d tokens = %d tokens, pool %.1f MiB (%d B/token); model %.1f MiB",
-            self.spec.dtype, self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
-            self.pool.nbytes() / 2**20, self.spec.bytes_per_block // self.spec.block_size,
-            model_nbytes(self.model) / 2**20,
-        )
+        if self.tp is not None:
+            self.tp.wait_ready()  # every worker loaded its slice (or a one-line error)
 
-    def _int8_activations(self) -> None:
-        """W4A8: every 4-bit QuantLinear runs on int8 activations (W8A8 checkpoints already do)."""
-        from ..layers.linear_int8 import W8A8Linear, use_int8_activations
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do with one rank)."""
+        if self.tp is not None:
+            self.tp.close()
 
-        swapped = use_int8_activations(self.model)
-        if not swapped and not any(isinstance(m, W8A8Linear) for m in self.model.modules()):
-            raise LowbitError("activation_dtype int8 needs a 4-bit weight checkpoint (AWQ, RTN, GPTQ) or a W8A8 "
-                              "(SmoothQuant) one; this model has neither")
-        log.info("int8 activations: %d linears switched to W4A8", swapped)
-
-    def _quantize_lm_head(self) -> None:
-        from ..layers.linear import quantize_embedding
-
-        m = self.model
-        emb = m.model.embed_tokens
-        if not isinstance(emb, torch.nn.Embedding):
-            return
-        tied = isinstance(m.lm_head, torch.nn.Linear) and m.lm_head.weight is emb.weight
-        q_emb, q_head = quantize_embedding(emb.weight)
-        m.model.embed_tokens = q_emb
-        if tied:
-            m.lm_head = q_head
-        elif isinstance(m.lm_head, torch.nn.Linear):
-            m.lm_head = quantize_embedding(m.lm_head.weight)[1]
+    @torch.inference_mode()
+    def forward_window(self, ids: list[int]) -> torch.Tensor:
+        """Final hidden states [T, H] of one fresh sequence, run as a single prefill on blocks 0..
+        of the pool over every rank (perplexity under tensor parallelism; no scheduler involved)."""
+        nb = (len(ids) + self.pool.block_size - 1) // self.pool.block_size
+        if nb > self.pool.num_blocks:
+            raise LowbitError(f"a window of {len(ids)} tokens needs {nb} KV blocks; the pool has {self.pool.num_blocks}")
+        inputs = StepInputs([], [SeqSlice(list(range(nb)), 0, len(ids))], list(ids))
+        if self.tp is None:
+            return self.shard.forward(inputs)
+        self.tp.broadcast_step(inputs)
+        try:
+            hidden = self.shard.forward(inputs)
+        except CollectiveError as e:
+            self.tp.fail(str(e))
+        self.tp.step_done()
+        return hidden
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> list[StepResult]:
-        if step.copies:
-            self.pool.copy_blocks([s for s, _ in step.copies], [d for _, d in step.copies])
         items: list[SeqSlice] = []
         ids: list[int] = []
         sample_rows: list[int] = []
@@ -154,13 +146,18 @@ class ModelRunner:
                 draws = 1 if seq.group.forked else seq.group.n
                 sample_rows.extend([row - 1] * draws)
                 samplers.append((seq, draws))
-        ctx = build_paged_context(self.pool, items, self.window)
-        hidden = execute(self.model, torch.tensor(ids, dtype=torch.long), ctx.positions, ctx)
+        inputs = StepInputs(list(step.copies), items, ids, sample_rows if samplers else None)
+        if self.tp is None:
+            logits = self.shard.run(inputs)
+        else:
+            self.tp.broadcast_step(inputs)
+            try:
+                logits = self.shard.run(inputs)
+            except CollectiveError as e:  # a rank died or timed out mid-step: stop them all
+                self.tp.fail(str(e))
+            self.tp.step_done()
         if not samplers:
             return []
-        if len(sample_rows) != row or sample_rows != list(range(row)):
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long)]
-        logits = self.model.compute_logits(hidden)
         params, prompts, outputs, gens = [], [], [], []
         for seq, draws in samplers:
             for i in range(draws):

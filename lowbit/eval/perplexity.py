@@ -153,22 +153,56 @@ def perplexity(
     )
 
 
+class _RankedModel:
+    """What `window_nll` calls on a model, run over tensor-parallel ranks: each window is one fresh
+    prefill through the engine's ModelRunner (rank 0 computes the logits)."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.runner.forward_window(ids.reshape(-1).tolist()).unsqueeze(0)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.runner.model.compute_logits(hidden)
+
+
 def evaluate_ppl(
     model_spec: str | os.PathLike | None,
     dataset: str | os.PathLike | None = None,
     seqlen: int = DEFAULT_SEQLEN,
     max_windows: int | None = None,
     progress: bool = True,
+    tensor_parallel_size: int = 1,
+    **parallel,
 ) -> PerplexityResult:
-    """Load a model (fp or quantized checkpoint) and measure its perplexity on `dataset`."""
+    """Load a model (fp or quantized checkpoint) and measure its perplexity on `dataset`.
+    tensor_parallel_size > 1 (with the engine's nnodes / master_* options): over that many ranks."""
     from ..models.loader import resolve_model_dir
     from ..quant.loader import load_model
 
     model_dir = resolve_model_dir(model_spec)  # a bad model path is reported before anything else
     text, desc = (read_eval_text(dataset), str(dataset)) if dataset is not None else default_eval_text()
+    label = str(model_spec) if model_spec is not None else "default"
+    if tensor_parallel_size > 1:
+        from ..engine.args import EngineArgs
+        from ..engine.model_runner import ModelRunner
+
+        # windows score every row in chunks on rank 0 alone: a replicated head, no per-chunk gather
+        runner = ModelRunner(EngineArgs(model=str(model_dir), tensor_parallel_size=tensor_parallel_size,
+                                        vocab_parallel_head=False, **parallel))
+        try:
+            if runner.tokenizer is None:
+                raise EvalError(f"{model_dir} has no tokenizer files")
+            ids = tokenize_stream(runner.tokenizer, text)
+            res = perplexity(_RankedModel(runner), ids, seqlen, max_windows, progress=progress,
+                             desc=Path(label).name or label)
+        finally:
+            runner.close()
+        res.dataset, res.model = desc, str(model_dir)
+        return res
     lm = load_model(model_dir)
     ids = tokenize_stream(lm.tokenizer, text)
-    label = str(model_spec) if model_spec is not None else "default"
     res = perplexity(lm.model, ids, seqlen, max_windows, progress=progress, desc=Path(label).name or label)
     res.dataset, res.model = desc, str(lm.path)
     return res

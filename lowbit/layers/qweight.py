@@ -40,3 +40,38 @@ class QuantizedWeight:
         scales = self.scales.to(dtype).repeat_interleave(g, dim=1)
         zeros = self.zeros.to(dtype).repeat_interleave(g, dim=1)
         return (self.q.to(dtype) - zeros) * scales
+
+    # ------------------------------------------------------------ tensor-parallel slices
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "QuantizedWeight":
+        """Output rows [a, b) of each range, concatenated (column-parallel: q/k/v heads, gate/up)."""
+        pick = lambda t: torch.cat([t[a:b] for a, b in ranges])  # noqa: E731
+        return QuantizedWeight(pick(self.q), pick(self.scales), pick(self.zeros), self.bits, self.group_size, self.sym)
+
+    def take_cols(self, cols: torch.Tensor) -> "QuantizedWeight":
+        """Input columns `cols` (int64, in the order wanted; row-parallel: o_proj, down_proj).
+
+        Each group of the result must come whole from one group of this weight, so its scale and
+        zero are that group's: the result's group size is the largest g' dividing the group size
+        for which every run of g' picked columns lies in one source group (a split at a head
+        boundary inside a group of 128 gives groups of 64 with repeated scales: same math).
+        Per-channel weights (one group per row) stay per-channel.
+        """
+        from ..distributed.partition import ShardingError
+
+        g, k = self.group_size, self.in_features
+        n = cols.numel()
+        if g == k:  # per-channel: the row's one scale covers any subset of columns
+            return QuantizedWeight(self.q[:, cols], self.scales, self.zeros, self.bits, n, self.sym)
+        src_group = cols // g
+        g2 = g
+        while g2 > 1:  # the widest runs of picked columns that each sit in one source group
+            if n % g2 == 0:
+                runs = src_group.view(-1, g2)
+                if bool((runs == runs[:, :1]).all()):
+                    break
+            g2 //= 2
+        if g2 % 8 and g2 != n:
+            raise ShardingError(f"cannot slice {n} input columns of a group-{g} weight into whole groups "
+                                "(the kernels need groups of a multiple of 8)")
+        first = src_group.view(-1, g2)[:, 0]
+        return QuantizedWeight(self.q[:, cols], self.scales[:, first], self.zeros[:, first], self.bits, g2, self.sym)

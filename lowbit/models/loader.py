@@ -25,6 +25,7 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     quantization: dict[str, Any] | None = None  # the checkpoint's quantization_config, if any
+    shard: Any = None  # the tensor-parallel ShardPlan this rank's model was cut to (None: whole model)
 
 
 def resolve_model_dir(spec: str | os.PathLike | None) -> Path:

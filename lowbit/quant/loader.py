@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..distributed.group import TPGroup
 from ..errors import ModelLoadError
 from ..layers.linear import QuantLinear
 from ..layers.linear_int8 import W8A8Linear
@@ -28,6 +29,7 @@ from ..models.config import ModelConfig
 from ..models.loader import LoadedModel, build_fp_model, load_tokenizer, read_hf_config, resolve_model_dir
 from ..models.loader_utils import replace_module
 from ..models.registry import resolve_config
+from ..models.tp import plan_for, shard_model, shard_quantized
 from ..models.transformer import CausalLM
 from ..models.weights import iter_tensors
 from .checkpoint import load_quantized
@@ -63,7 +65,8 @@ def _permuted(module: QuantLinear, perm: torch.Tensor | None) -> QuantLinear | I
     return module if perm is None else InputPermuted(module, perm)
 
 
-def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
+def build_quantized_model(cfg: ModelConfig, model_dir: Path, tp: TPGroup | None = None) -> CausalLM:
+    """tp: build only this tensor-parallel rank's slice (cut before fusing and packing)."""
     ckpt = load_quantized(model_dir)
     # W8A8 checkpoints (int8 activations too) get the int8 GEMM layer; the rest the weight-only one
     linear = W8A8Linear.from_quantized if ckpt.activations == "int8" else QuantLinear.from_quantized
@@ -71,6 +74,11 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     quantized = dict(ckpt.quantized)
     # act-order checkpoints: down_proj's permutation folds into gate/up rows, the rest gather x
     perms = fold_into_previous(quantized, fp, ckpt.input_perms) if ckpt.input_perms else {}
+    plan = None
+    if tp is not None and tp.world > 1:
+        down = quantized.get("model.layers.0.mlp.down_proj")
+        plan = plan_for(cfg, tp.rank, tp.world, None if down is None else down.group_size)
+        shard_quantized(quantized, fp, perms, plan)
     with torch.device("meta"):
         model = CausalLM(cfg)
 
@@ -102,6 +110,8 @@ def build_quantized_model(cfg: ModelConfig, model_dir: Path) -> CausalLM:
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     model.tie_weights()
     model.requires_grad_(False)
+    if plan is not None:
+        shard_model(model, plan, tp)
     return model.eval()
 
 
@@ -117,7 +127,8 @@ def _legacy_quant_config(model_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True) -> LoadedModel:
+def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = True,
+               tp: TPGroup | None = None) -> LoadedModel:
     """A model directory, .gguf file, hub id or the default alias -> a loaded CausalLM (quantized
     when its config.json has a quantization_config, or a legacy quantize_config.json / quant_config.json
     lies beside it), with its tokenizer unless told otherwise."""
@@ -126,8 +137,11 @@ def load_model(spec: str | os.PathLike | None = None, *, with_tokenizer: bool = 
     cfg = resolve_config(hf)
     qcfg = hf.get("quantization_config") or _legacy_quant_config(model_dir)
     if qcfg:
-        model = build_quantized_model(cfg, model_dir)
+        model = build_quantized_model(cfg, model_dir, tp)
     else:
         model = build_fp_model(cfg, iter_tensors(model_dir))
+        if tp is not None and tp.world > 1:
+            shard_model(model, plan_for(cfg, tp.rank, tp.world), tp)
     tok = load_tokenizer(model_dir) if with_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tok, config=cfg, path=model_dir, quantization=qcfg)
+    return LoadedModel(model=model, tokenizer=tok, config=cfg, path=model_dir, quantization=qcfg,
+                       shard=getattr(model, "tp_plan", None))

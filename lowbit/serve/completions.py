@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
-from ..errors import LowbitError
+from ..errors import EngineDeadError, LowbitError
 from ..logprobs import Logprob
 from .errors import APIError, error_body
 from .metrics import RequestTimer
@@ -185,6 +185,8 @@ def sse(obj: BaseModel | dict) -> str:
 def sse_error(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    if isinstance(exc, EngineDeadError):
+        return sse(error_body(503, str(exc)))
     if isinstance(exc, LowbitError):
         return sse(error_body(400, str(exc)))
     return sse(error_body(500, f"internal server error ({type(exc).__name__})"))

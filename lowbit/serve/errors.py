@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import LowbitError
+from ..errors import EngineDeadError, LowbitError
 
 log = logging.getLogger("lowbit.serve")
 
@@ -74,6 +74,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(exc))
 
     @app.exception_handler(LowbitError)
     async def _lowbit_error(_: Request, exc: LowbitError) -> JSONResponse:
