@@ -168,18 +168,23 @@ def quantization_config(bits: int, group_size: int, sym: bool, ignore: list[str]
         "actorder": None,
         "observer": "minmax",
     }
+    return config_of(weights, None, FORMAT, ignore)
+
+
+def config_of(weights: dict, input_activations: dict | None, fmt: str, ignore: list[str] | None) -> dict:
+    """The "quantization_config" around one config group (every compressed-tensors writer's frame)."""
     return {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": fmt,
         "quantization_status": "compressed",
         "version": WRITER_VERSION,
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
                 "weights": weights,
-                "input_activations": None,
+                "input_activations": input_activations,
                 "output_activations": None,
-                "format": FORMAT,
+                "format": fmt,
             }
         },
         "ignore": list(ignore) if ignore is not None else ["lm_head"],

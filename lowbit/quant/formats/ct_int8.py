@@ -21,7 +21,7 @@ import torch
 
 from lowbit.errors import QuantizationError
 from lowbit.layers.qweight import QuantizedWeight
-from lowbit.quant.formats.compressed_tensors import WRITER_VERSION
+from lowbit.quant.formats.compressed_tensors import config_of
 
 FORMAT = "int-quantized"
 TENSOR_NAMES = ("weight", "weight_scale", "weight_zero_point")
@@ -77,25 +77,7 @@ def quantization_config(ignore: list[str] | None = None) -> dict:
         "num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
         "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None,
     }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": FORMAT,
-        "quantization_status": "compressed",
-        "version": WRITER_VERSION,
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activation_scheme(),
-                "output_activations": None,
-                "format": FORMAT,
-            }
-        },
-        "ignore": list(ignore) if ignore is not None else ["lm_head"],
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-    }
+    return config_of(weights, activation_scheme(), FORMAT, ignore)
 
 
 def check_activations(group: dict, group_name: str = "group_0") -> None:
