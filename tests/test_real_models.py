@@ -49,7 +49,7 @@ def wikitext_ids(qwen_dir, shared_data) -> torch.Tensor:
 def test_qwen2_decoder_matches_transformers(qwen_dir, wikitext_ids):
     import transformers
 
-    from lowbit.models.loader import load_model
+    from lowbit.quant.loader import load_model
 
     ours = load_model(qwen_dir, with_tokenizer=False).model
     with torch.no_grad():

@@ -64,8 +64,7 @@ class ClusterEngine:
         self.max_model_len = info.max_model_len
         self.block_size = info.block_size
         # the ingress's session store spans all replicas: each holds up to max_sessions
-        self.args = dataclasses.replace(info.args, max_sessions=info.args.max_sessions * pool.config.replicas,
-                                        num_threads=pool.threads)
+        self.args = dataclasses.replace(info.args, max_sessions=info.args.max_sessions * pool.config.replicas)
         self._requests: dict[str, str] = {}  # request id -> replica, while running
         self.overheads: collections.deque[float] = collections.deque(maxlen=8192)  # seconds, newest last
         self.on_overhead: Callable[[float], None] | None = None  # the ingress's histogram

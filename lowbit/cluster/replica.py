@@ -139,14 +139,17 @@ class ReplicaReport:
 class EngineReplica:
     """Wrapped with ray.remote by replicas.py (this module imports no Ray, so it loads anywhere)."""
 
-    def __init__(self, args: EngineArgs, cores: list[int] | None = None) -> None:
+    def __init__(self, args: EngineArgs, threads: int, cores: list[int] | None = None) -> None:
+        import torch
+
         from ..engine.async_engine import AsyncEngine
 
         if cores:
             os.sched_setaffinity(0, cores)
         self.cores = sorted(os.sched_getaffinity(0)) if cores else None
+        self.threads = threads
+        torch.set_num_threads(threads)  # before the engine's thread starts its first OpenMP region
         self.engine = AsyncEngine(args)
-        self.threads = int(args.num_threads or os.cpu_count() or 1)
         self.pid = os.getpid()
         self.node = socket.gethostname()
         self.incarnation = f"{self.node}:{self.pid}:{time.time():.6f}"
@@ -164,8 +167,7 @@ class EngineReplica:
         return ReplicaInfo(e.tokenizer, e.model_config, int(e.max_model_len), int(e.args.block_size), e.args)
 
     def report(self) -> ReplicaReport:
-        sessions = self.engine.engine.sessions
-        held = sum(len(s.blocks) for s in list(sessions.sessions.values()))  # list(): one atomic copy
+        held = self.engine.engine.sessions.num_blocks_held()
         return ReplicaReport(self.incarnation, self.node, self.pid, self.threads, self.cores,
                              self.engine.stats(), held, self.generating)
 

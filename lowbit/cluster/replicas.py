@@ -111,9 +111,8 @@ class ReplicaPool:
 
             n = os.cpu_count() or 1
             cores = sorted({(index * self.threads + i) % n for i in range(self.threads)})
-        args = _with_threads(self.engine_args, self.threads)
         actor = self._cls.options(num_cpus=self.threads, max_restarts=self.config.max_restarts, max_task_retries=0,
-                                  max_concurrency=4096).remote(args, cores)
+                                  max_concurrency=4096).remote(self.engine_args, self.threads, cores)
         member = _Member(name, index, actor)
         member.watch = actor.watch.remote()
         member.warming = actor.warmup.remote()
@@ -269,12 +268,6 @@ class ReplicaPool:
             self._ray.kill(m.actor, no_restart=True)
         except Exception:  # already dead
             pass
-
-
-def _with_threads(args: EngineArgs, threads: int) -> EngineArgs:
-    import dataclasses
-
-    return dataclasses.replace(args, num_threads=threads)
 
 
 def _cause(e: BaseException) -> str:

@@ -82,4 +82,6 @@ def worker_engine_args(args: argparse.Namespace) -> EngineArgs:
     engine defaults for a command without them (eval ppl), exactly as node 0 does."""
     if hasattr(args, "kv_cache_memory"):
         return engine_args_from(args)
-    return EngineArgs(model=args.model, vocab_parallel_head=False, **parallel_kwargs(args))  # as evaluate_ppl
+    from ..eval.perplexity import ppl_engine_args
+
+    return ppl_engine_args(args.model, **parallel_kwargs(args))

@@ -1,7 +1,7 @@
 """TPGroup: what a tensor-parallel rank needs to talk to the others.
 
 Row-parallel layers call `all_reduce` once per o_proj / down_proj; the driver calls
-`broadcast_step` once per engine step. Both go through a shared-memory segment between ranks of
+`broadcast_obj` once per engine step (TPDriver.run_step). Both go through a shared-memory segment between ranks of
 one machine when there is one (shm_allreduce.py, microseconds) and through torch.distributed
 (gloo) otherwise. Every failure (a peer died, a timeout) becomes one `CollectiveError`, so the
 caller never sees a gloo stack trace and never waits forever.

@@ -143,6 +143,14 @@ class AsyncEngine:
 
     close = shutdown
 
+    def _die(self, error: EngineDeadError) -> None:
+        """The engine can run no more steps: fail every request, refuse new ones, tell the server."""
+        log.error("engine stopped: %s", error)
+        with self._cv:
+            self._dead_error = error
+        self._fail_all(error)
+        self.dead.set()
+
     def _rank_died(self, reason: str) -> None:
         try:
             self._submit(("dead", reason))
@@ -176,11 +184,7 @@ class AsyncEngine:
                 try:
                     self._deliver(self.engine.step())
                 except EngineDeadError as e:  # a tensor-parallel rank died: no more steps
-                    log.error("engine stopped: %s", e)
-                    with self._cv:
-                        self._dead_error = e
-                    self._fail_all(e)
-                    self.dead.set()
+                    self._die(e)
                 except Exception as e:  # a bug or out of memory: fail the requests, keep serving
                     log.exception("engine step failed")
                     self._fail_all(e)
@@ -205,11 +209,7 @@ class AsyncEngine:
                     stream.send(out)
         elif kind == "dead":
             if self._dead_error is None:
-                log.error("engine stopped: %s", cmd[1])
-                with self._cv:
-                    self._dead_error = EngineDeadError(cmd[1])
-                self._fail_all(self._dead_error)
-                self.dead.set()
+                self._die(EngineDeadError(cmd[1]))
         elif kind == "end_session":
             _, sid, fut = cmd
             try:

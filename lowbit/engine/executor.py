@@ -73,10 +73,9 @@ def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | Non
         return handle.forward if handle is not False else None
     if kind is W8A8Linear or kind is W4A8Linear:
         return m.direct()
-    if kind is InputPermuted:  # act-order GPTQ: the input gather, then the inner linear's own call
-        inner = _direct(m._modules["inner"])
-        return m.direct(inner) if inner is not None else None
-    if kind is RowParallel:  # tensor parallel: the inner linear's call, the all-reduce, the bias
+    # act-order GPTQ (the input gather) or tensor parallel (the all-reduce, the bias) around the
+    # inner linear's own call
+    if kind is InputPermuted or kind is RowParallel:
         inner = _direct(m._modules["inner"])
         return m.direct(inner) if inner is not None else None
     return None

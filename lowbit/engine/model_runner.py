@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..distributed.group import CollectiveError, TPGroup
+from ..distributed.group import TPGroup
 from ..errors import LowbitError
 from ..logprobs import Logprob
 from ..models.loader import LoadedModel, load_tokenizer
@@ -94,7 +94,6 @@ class ModelRunner:
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.shard = ModelShard(args, self.loaded)
-        self.model, self.spec, self.pool, self.window = self.shard.model, self.shard.spec, self.shard.pool, self.shard.window
         self.eos_token_ids = eos_token_ids(self.loaded)
         if sampler is None:
             from ..layers.sampler import Sampler
@@ -103,6 +102,22 @@ class ModelRunner:
         self.sampler = sampler
         if self.tp is not None:
             self.tp.wait_ready()  # every worker loaded its slice (or a one-line error)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.shard.model
+
+    @property
+    def spec(self):
+        return self.shard.spec
+
+    @property
+    def pool(self):
+        return self.shard.pool
+
+    def _on_all_ranks(self, fn: Callable[[StepInputs], Any], inputs: StepInputs) -> Any:
+        """fn(inputs) on this rank, every other rank running the same step (broadcast first)."""
+        return fn(inputs) if self.tp is None else self.tp.run_step(fn, inputs)
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (nothing to do with one rank)."""
@@ -116,16 +131,7 @@ class ModelRunner:
         nb = (len(ids) + self.pool.block_size - 1) // self.pool.block_size
         if nb > self.pool.num_blocks:
             raise LowbitError(f"a window of {len(ids)} tokens needs {nb} KV blocks; the pool has {self.pool.num_blocks}")
-        inputs = StepInputs([], [SeqSlice(list(range(nb)), 0, len(ids))], list(ids))
-        if self.tp is None:
-            return self.shard.forward(inputs)
-        self.tp.broadcast_step(inputs)
-        try:
-            hidden = self.shard.forward(inputs)
-        except CollectiveError as e:
-            self.tp.fail(str(e))
-        self.tp.step_done()
-        return hidden
+        return self._on_all_ranks(self.shard.forward, StepInputs([], [SeqSlice(list(range(nb)), 0, len(ids))], list(ids)))
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> list[StepResult]:
@@ -146,16 +152,8 @@ class ModelRunner:
                 draws = 1 if seq.group.forked else seq.group.n
                 sample_rows.extend([row - 1] * draws)
                 samplers.append((seq, draws))
-        inputs = StepInputs(list(step.copies), items, ids, sample_rows if samplers else None)
-        if self.tp is None:
-            logits = self.shard.run(inputs)
-        else:
-            self.tp.broadcast_step(inputs)
-            try:
-                logits = self.shard.run(inputs)
-            except CollectiveError as e:  # a rank died or timed out mid-step: stop them all
-                self.tp.fail(str(e))
-            self.tp.step_done()
+        logits = self._on_all_ranks(self.shard.run, StepInputs(list(step.copies), items, ids,
+                                                               sample_rows if samplers else None))
         if not samplers:
             return []
         params, prompts, outputs, gens = [], [], [], []

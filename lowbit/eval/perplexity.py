@@ -13,6 +13,7 @@ joined with "\\n\\n".
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -184,25 +185,28 @@ def evaluate_ppl(
     model_dir = resolve_model_dir(model_spec)  # a bad model path is reported before anything else
     text, desc = (read_eval_text(dataset), str(dataset)) if dataset is not None else default_eval_text()
     label = str(model_spec) if model_spec is not None else "default"
-    if tensor_parallel_size > 1:
-        from ..engine.args import EngineArgs
-        from ..engine.model_runner import ModelRunner
+    with contextlib.ExitStack() as stack:
+        if tensor_parallel_size > 1:
+            from ..engine.model_runner import ModelRunner
 
-        # windows score every row in chunks on rank 0 alone: a replicated head, no per-chunk gather
-        runner = ModelRunner(EngineArgs(model=str(model_dir), tensor_parallel_size=tensor_parallel_size,
-                                        vocab_parallel_head=False, **parallel))
-        try:
+            runner = ModelRunner(ppl_engine_args(model_dir, tensor_parallel_size=tensor_parallel_size, **parallel))
+            stack.callback(runner.close)
             if runner.tokenizer is None:
                 raise EvalError(f"{model_dir} has no tokenizer files")
-            ids = tokenize_stream(runner.tokenizer, text)
-            res = perplexity(_RankedModel(runner), ids, seqlen, max_windows, progress=progress,
-                             desc=Path(label).name or label)
-        finally:
-            runner.close()
-        res.dataset, res.model = desc, str(model_dir)
-        return res
-    lm = load_model(model_dir)
-    ids = tokenize_stream(lm.tokenizer, text)
-    res = perplexity(lm.model, ids, seqlen, max_windows, progress=progress, desc=Path(label).name or label)
-    res.dataset, res.model = desc, str(lm.path)
+            model, tokenizer, path = _RankedModel(runner), runner.tokenizer, model_dir
+        else:
+            lm = load_model(model_dir)
+            model, tokenizer, path = lm.model, lm.tokenizer, lm.path
+        ids = tokenize_stream(tokenizer, text)
+        res = perplexity(model, ids, seqlen, max_windows, progress=progress, desc=Path(label).name or label)
+    res.dataset, res.model = desc, str(path)
     return res
+
+
+def ppl_engine_args(model: str | os.PathLike | None, **parallel):
+    """The engine settings `eval ppl -tp N` runs with (a worker node of a multi-node run builds its
+    ranks from these too): windows score every row in chunks on rank 0 alone, so the LM head is
+    replicated (no per-chunk gather)."""
+    from ..engine.args import EngineArgs
+
+    return EngineArgs(model=None if model is None else str(model), vocab_parallel_head=False, **parallel)

@@ -71,7 +71,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torc
 
 # ----------------------------------------------------------------------------- int8 activations
 # The layouts (panels of 16 output channels) are described in csrc/qgemm/int8.h; the packers are
-# in lowbit/layers/int8_pack.py. The integer products here run in float64, exact for any K we meet.
+# in lowbit/layers/linear_int8.py. The integer products here run in float64, exact for any K we meet.
 PANEL = 16
 
 

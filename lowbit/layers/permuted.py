@@ -12,22 +12,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .wrapped import LinearWrapper
 
-class InputPermuted(nn.Module):
+
+class InputPermuted(LinearWrapper):
     def __init__(self, inner: nn.Module, perm: torch.Tensor) -> None:
-        super().__init__()
         if perm.dim() != 1 or perm.numel() != inner.in_features:
             raise ValueError(f"permutation of {perm.numel()} channels for a linear of {inner.in_features} inputs")
-        self.inner = inner
+        super().__init__(inner)
         self.register_buffer("perm", perm.to(torch.int64).contiguous())
-
-    @property
-    def in_features(self) -> int:
-        return self.inner.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.index_select(-1, self.perm))

@@ -18,6 +18,7 @@ from torch import nn
 from ..distributed.group import TPGroup
 from .linear import QuantLinear
 from .permuted import InputPermuted
+from .wrapped import LinearWrapper
 
 
 def slice_rows(lin: nn.Linear, ranges: list[tuple[int, int]]) -> nn.Linear:
@@ -66,21 +67,16 @@ def slice_head_rows(head: nn.Module, a: int, b: int) -> nn.Module:
     raise TypeError(f"cannot split an LM head of type {type(head).__name__} by vocabulary")
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(LinearWrapper):
     """One rank's rows of the LM head: every rank computes the logits of its vocabulary slice and
     rank 0 gathers them (the others return an empty tensor). Why: the replicated head of a small
     model (SmolLM2: 49152 x 576 fp32 = 113 MB per token) outweighs its whole W4 decoder, and would
     run on rank 0's share of the cores alone."""
 
     def __init__(self, inner: nn.Module, sizes: list[int], group: TPGroup) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.sizes = sizes
         self.group = group
-
-    @property
-    def in_features(self) -> int:
-        return self.inner.in_features
 
     @property
     def out_features(self) -> int:
@@ -97,22 +93,13 @@ class VocabParallelHead(nn.Module):
         return f"rank={self.group.rank}, vocab_slices={self.sizes}"
 
 
-class RowParallel(nn.Module):
+class RowParallel(LinearWrapper):
     """y = all_reduce(inner(x_local)) + bias: one rank's share of a row-parallel linear."""
 
     def __init__(self, inner: nn.Module, bias: torch.Tensor | None, group: TPGroup) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.register_buffer("bias", None if bias is None else bias.to(torch.float32).contiguous())
         self.group = group
-
-    @property
-    def in_features(self) -> int:
-        return self.inner.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.all_reduce(self.inner(x))

@@ -85,7 +85,7 @@ class FakeW8A8(nn.Module):
 
 def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [N, K], float32 scale [N]) of the checkpoint's quantizer (symmetric per channel, 127 levels)."""
-    qw = quantize_weight(w, 8, -1, sym=True)
+    qw = w8a8_weight(w)
     return (qw.q.to(torch.int16) - 128).to(torch.int8), qw.scales.reshape(-1)
 
 

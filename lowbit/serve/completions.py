@@ -20,9 +20,9 @@ from pydantic import BaseModel
 
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
-from ..errors import EngineDeadError, LowbitError
+from ..errors import LowbitError
 from ..logprobs import Logprob
-from .errors import APIError, error_body
+from .errors import APIError, error_body, exception_status
 from .metrics import RequestTimer
 from .protocol import (
     CompletionChoice,
@@ -185,11 +185,7 @@ def sse(obj: BaseModel | dict) -> str:
 def sse_error(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return sse(error_body(exc.status, exc.message, exc.param, exc.code))
-    if isinstance(exc, EngineDeadError):
-        return sse(error_body(503, str(exc)))
-    if isinstance(exc, LowbitError):
-        return sse(error_body(400, str(exc)))
-    return sse(error_body(500, f"internal server error ({type(exc).__name__})"))
+    return sse(error_body(*exception_status(exc)))
 
 
 def streaming_response(gen: AsyncIterator[str]) -> StreamingResponse:

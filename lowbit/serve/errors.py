@@ -46,6 +46,18 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
+def exception_status(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, message) of an exception raised while serving: an APIError as it says, a dead
+    engine 503, any other LowbitError (bad input the engine refused) 400, anything else 500."""
+    if isinstance(exc, APIError):
+        return exc.status, exc.message
+    if isinstance(exc, EngineDeadError):
+        return 503, str(exc)
+    if isinstance(exc, LowbitError):
+        return 400, str(exc)
+    return 500, f"internal server error ({type(exc).__name__})"
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line from pydantic's error list, plus the offending parameter name."""
     errs = exc.errors()
@@ -75,13 +87,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(exc))
-
-    @app.exception_handler(LowbitError)
+    @app.exception_handler(LowbitError)  # EngineDeadError (503) included
     async def _lowbit_error(_: Request, exc: LowbitError) -> JSONResponse:
-        return error_response(400, str(exc))
+        return error_response(*exception_status(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -100,4 +108,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error while serving a request")
-        return error_response(500, f"internal server error ({type(exc).__name__})")
+        return error_response(*exception_status(exc))

@@ -17,7 +17,9 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import wait as mp_wait
+from typing import Any
 
 import torch
 
@@ -25,7 +27,7 @@ from ...distributed.group import DEFAULT_TIMEOUT, HEARTBEAT, CollectiveError, TP
 from ...errors import EngineDeadError, LowbitError
 from ..args import EngineArgs
 from .placement import Rendezvous, check_port_free, cores_for, pin, rendezvous_from
-from .worker import WorkerSpec, worker_main
+from .worker import WorkerSpec, spawn_worker
 
 log = logging.getLogger("lowbit.engine")
 
@@ -132,10 +134,7 @@ class TPDriver:
         for local in range(1, L):
             spec = WorkerSpec(local, rdzv, args, cores_for(local, L, cores), os.getpid(),
                               None if ranks.shm is None else ranks.shm.name, self.timeout)
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, args=(spec, child), name=f"lowbit-tp-rank{spec.rank}", daemon=True)
-            p.start()
-            child.close()
+            p, parent = spawn_worker(ctx, spec)
             ranks.procs.append(p)
             ranks.conns.append(parent)
         if ranks.shm is not None:
@@ -175,9 +174,7 @@ class TPDriver:
         for p, c in zip(self.ranks.procs, self.ranks.conns):
             if not p.is_alive():
                 if c.poll():
-                    msg = c.recv()
-                    if msg[0] == "error":
-                        raise LowbitError(msg[1])
+                    _message(c)
                 what = "failed to start" if starting else "died"
                 raise LowbitError(f"tensor-parallel {p.name} {what} (exit code {p.exitcode})")
 
@@ -193,9 +190,7 @@ class TPDriver:
             still = []
             for p, c in pending:
                 if c.poll():
-                    msg = c.recv()
-                    if msg[0] == "error":
-                        raise LowbitError(msg[1])
+                    msg = _message(c)
                     ready[msg[1]] = msg[2:]
                 elif not p.is_alive():
                     raise LowbitError(f"tensor-parallel {p.name} failed to start (exit code {p.exitcode})")
@@ -231,7 +226,9 @@ class TPDriver:
 
         threading.Thread(target=run, name="lowbit-tp-watch", daemon=True).start()
 
-    def broadcast_step(self, inputs) -> None:
+    def run_step(self, fn: Callable[[Any], Any], inputs) -> Any:
+        """Broadcasts the step to every rank, then runs fn(inputs) here as rank 0; a rank that dies
+        or times out on the way (CollectiveError) stops them all (TPDeadError)."""
         if self.ranks.dead is not None:
             raise TPDeadError(self.ranks.dead)
         self.ranks.in_step = True
@@ -239,11 +236,11 @@ class TPDriver:
             with self.ranks.lock:
                 self.group.broadcast_obj(inputs)
                 self._last_broadcast = time.monotonic()
+            out = fn(inputs)
         except CollectiveError as e:
             self.fail(str(e))
-
-    def step_done(self) -> None:
         self.ranks.in_step = False
+        return out
 
     def fail(self, reason: str) -> None:
         """Marks the engine dead, stops the workers, raises TPDeadError."""
@@ -257,6 +254,14 @@ class TPDriver:
 
     def close(self) -> None:
         self._finalizer()  # runs ranks.shutdown once
+
+
+def _message(conn) -> tuple:
+    """A worker's next message; its one-line startup error raised as a LowbitError."""
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise LowbitError(msg[1])
+    return msg
 
 
 def _stop(procs: list, conns: list, graceful: bool = True) -> None:

@@ -16,18 +16,16 @@ import torch
 from ...errors import LowbitError
 from ..args import EngineArgs
 from .launch import timeout_from_env
-from .placement import cores_for, rendezvous_from
-from .worker import WorkerSpec, run_rank, worker_main
+from .placement import cores_for, nodes_from_env, rendezvous_from
+from .worker import WorkerSpec, run_rank, spawn_worker
 
 
 def effective_node_rank(node_rank: int, nnodes: int) -> int:
     """--node-rank, else torchrun's NODE_RANK / GROUP_RANK when the run spans machines."""
     if node_rank:
         return node_rank
-    env_nodes = int(os.environ.get("NNODES", os.environ.get("PET_NNODES", "1")) or 1)
-    if max(nnodes, env_nodes) > 1:
-        return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    return 0
+    nnodes, env_rank = nodes_from_env(nnodes, 0)
+    return env_rank if nnodes > 1 else 0
 
 
 def run_node(args: EngineArgs) -> int:
@@ -41,10 +39,7 @@ def run_node(args: EngineArgs) -> int:
     procs = []
     for local in range(1, rdzv.local_world):
         spec = WorkerSpec(local, rdzv, args, cores_for(local, rdzv.local_world, cores), os.getpid(), None, timeout)
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=worker_main, args=(spec, child), name=f"lowbit-tp-rank{spec.rank}", daemon=True)
-        p.start()
-        procs.append(p)
+        procs.append(spawn_worker(ctx, spec)[0])
     print(f"lowbit: node {rdzv.node_rank}/{rdzv.nnodes}: ranks {rdzv.global_rank(0)}..{rdzv.global_rank(rdzv.local_world - 1)}"
           f" joining {rdzv.init_method}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)

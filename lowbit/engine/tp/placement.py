@@ -41,9 +41,7 @@ def rendezvous_from(world: int, nnodes: int, node_rank: int, master_addr: str | 
     """Explicit flags first, then torchrun's env:// variables (MASTER_ADDR, MASTER_PORT, and
     NNODES / NODE_RANK or GROUP_RANK), then one machine on a free loopback port."""
     env = os.environ
-    nnodes = nnodes if nnodes > 1 else int(env.get("NNODES", env.get("PET_NNODES", "1")) or 1)
-    if node_rank == 0:
-        node_rank = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")) or 0)
+    nnodes, node_rank = nodes_from_env(nnodes, node_rank)
     addr = master_addr or env.get("MASTER_ADDR") or "127.0.0.1"
     port = master_port or int(env.get("MASTER_PORT", "0") or 0)
     if nnodes < 1 or world % nnodes:
@@ -55,6 +53,17 @@ def rendezvous_from(world: int, nnodes: int, node_rank: int, master_addr: str | 
     if not port:
         port = free_port(addr)
     return Rendezvous(world, nnodes, node_rank, addr, port)
+
+
+def nodes_from_env(nnodes: int, node_rank: int) -> tuple[int, int]:
+    """(nnodes, node_rank): the flags where given (nnodes > 1, node_rank > 0), else torchrun's
+    NNODES (PET_NNODES) and NODE_RANK (GROUP_RANK)."""
+    env = os.environ
+    if nnodes <= 1:
+        nnodes = int(env.get("NNODES", env.get("PET_NNODES", "1")) or 1)
+    if node_rank == 0:
+        node_rank = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")) or 0)
+    return nnodes, node_rank
 
 
 def free_port(addr: str = "127.0.0.1") -> int:

@@ -40,6 +40,16 @@ class WorkerSpec:
         return self.rdzv.global_rank(self.local_rank)
 
 
+def spawn_worker(ctx, spec: WorkerSpec):
+    """Starts `spec`'s rank in a fresh interpreter (a torch.multiprocessing "spawn" context);
+    returns (process, the read end of its pipe: "ready" or "error" messages)."""
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=worker_main, args=(spec, child), name=f"lowbit-tp-rank{spec.rank}", daemon=True)
+    p.start()
+    child.close()
+    return p, parent
+
+
 def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent goes (Linux), plus a polling fallback elsewhere."""
     try:

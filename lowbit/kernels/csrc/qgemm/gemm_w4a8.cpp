@@ -127,15 +127,8 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 3 && t->size(0) == P &&
                     t->size(1) == ng && t->size(2) == kPanel,
                 "w4a8_linear: scales and zero_scales must be contiguous float32 [", P, ", ", ng, ", 16]");
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) <= Kp, "w4a8_linear: input has ", x_in.size(-1),
-              " features, more than the weight's ", Kp);
-  const int64_t K = x_in.size(-1);
-  at::Tensor x = x_in.reshape({-1, K});
-  if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);
-  if (x.stride(-1) != 1) x = x.contiguous();
-  const int64_t M = x.size(0);
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = N;
+  const at::Tensor x = input_rows(x_in, Kp, "w4a8_linear");
+  const int64_t K = x.size(1), M = x.size(0);
   auto y = at::empty({M, N}, x.options());
   if (M > 0) {
     auto q = at::empty({M, Kp}, x.options().dtype(at::kChar));
@@ -163,8 +156,7 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
       with_mr(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
     });
   }
-  y = y.view(out_shape);
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  return like_input(y, x_in);
 }
 
 }  // namespace lowbit::LOWBIT_ISA

@@ -142,15 +142,8 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
               "w8a8_linear: w_scale must be contiguous float32 [", Np, "] (padded to whole panels)");
   TORCH_CHECK(rowsum.scalar_type() == at::kInt && rowsum.is_contiguous() && rowsum.numel() == Np,
               "w8a8_linear: rowsum must be contiguous int32 [", Np, "]");
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) <= Kp, "w8a8_linear: input has ", x_in.size(-1),
-              " features, more than the weight's ", Kp);
-  const int64_t K = x_in.size(-1);
-  at::Tensor x = x_in.reshape({-1, K});
-  if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);
-  if (x.stride(-1) != 1) x = x.contiguous();
-  const int64_t M = x.size(0);
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = N;
+  const at::Tensor x = input_rows(x_in, Kp, "w8a8_linear");
+  const int64_t K = x.size(1), M = x.size(0);
   auto y = at::empty({M, N}, x.options());
   if (M > 0) {
     auto q = at::empty({M, Kp}, x.options().dtype(at::kChar));
@@ -165,8 +158,7 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
       with_mr(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
     });
   }
-  y = y.view(out_shape);
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  return like_input(y, x_in);
 }
 
 }  // namespace lowbit::LOWBIT_ISA

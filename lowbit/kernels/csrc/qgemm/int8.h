@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../common/vec.h"
 
@@ -51,6 +52,24 @@ float quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q);
 
 // Quantized activations of M rows: q [M, Kp] and scales [M], rows over the threads.
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, int8_t* q, float* scales);
+
+// x [..., K] (K <= Kp) as fp32 rows [M, K] with unit stride along K (a view where it already is).
+inline at::Tensor input_rows(const at::Tensor& x_in, int64_t Kp, const char* op) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) <= Kp, op, ": input has ", x_in.size(-1),
+              " features, more than the weight's ", Kp);
+  at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
+  if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);
+  if (x.stride(-1) != 1) x = x.contiguous();
+  return x;
+}
+
+// y [M, N] back to x_in's leading shape [..., N] and dtype.
+inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x_in) {
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = y.size(1);
+  at::Tensor out = y.view(shape);
+  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+}
 
 // f(std::integral_constant<int, rows>) for rows in 1..kMR.
 template <typename F>
