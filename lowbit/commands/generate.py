@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -25,6 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _seconds_since_process_start() -> float | None:
+    """Wall time since this process was created (Linux /proc), so --stats can show the start-up a user
+    waits through: interpreter, imports, model load and the first token."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..engine.chat_template import apply_chat_template
     from ..engine.llm_engine import LLMEngine
@@ -42,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
         prompt = args.prompt
     t0 = time.perf_counter()
     engine.add_request("generate-0", prompt, params)
-    printed, first, out = 0, None, None
+    printed, first, out, since_start = 0, None, None, None
     while engine.has_unfinished():
         for out in engine.step():
             text = out.outputs[0].text
             if first is None and out.outputs[0].token_ids:
                 first = time.perf_counter()
+                since_start = _seconds_since_process_start()
             sys.stdout.write(text[printed:])
             sys.stdout.flush()
             printed = len(text)
@@ -56,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         n = len(out.outputs[0].token_ids)
         decode_s = time.perf_counter() - first
         rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-        print(f"[{n} tokens, time to first token {1000 * (first - t0):.0f} ms, decode {rate:.1f} tokens/s, "
+        wall = "" if since_start is None else f" ({since_start:.2f} s after the command started)"
+        print(f"[{n} tokens, time to first token {1000 * (first - t0):.0f} ms{wall}, decode {rate:.1f} tokens/s, "
               f"finish_reason={out.outputs[0].finish_reason}]", file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .config import ModelConfig
+from .tokenizer import fast_tokenizer_or_none
 from .transformer import CausalLM
 
 DEFAULT_ALIASES = ("smollm2-135m", "default")
@@ -81,6 +82,11 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
 
 
 def load_tokenizer(model_dir: Path):
+    """The model's tokenizer: lowbit's FastTokenizer when the files allow it (the same results as
+    transformers' without importing it at start-up; see models/tokenizer.py), else transformers'."""
+    fast = fast_tokenizer_or_none(model_dir)
+    if fast is not None:
+        return fast
     from transformers import AutoTokenizer
 
     try:
