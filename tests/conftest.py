@@ -111,3 +111,4 @@ def kernel_impl(request, monkeypatch):
     use_kernels(monkeypatch, request.param)
     yield request.param
     kernels.reset()
+

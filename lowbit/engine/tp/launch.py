@@ -59,6 +59,8 @@ class _Ranks:
         self.shm = None
         self.dead: str | None = None
         self.closing = False
+        self.stopped = threading.Event()  # set by shutdown: wakes the heartbeat thread at once
+        self.heartbeat: threading.Thread | None = None
         self.in_step = False  # a step was broadcast and has not finished (Ctrl-C inside it)
         self.lock = threading.Lock()  # one broadcast at a time on the step group (steps, heartbeats, stop)
         self.saved = (os.sched_getaffinity(0), torch.get_num_threads())
@@ -67,6 +69,11 @@ class _Ranks:
         """A clean None step when the group is healthy, then join / terminate / kill; gives the
         process back its cores and threads."""
         self.closing = True
+        self.stopped.set()
+        if self.heartbeat is not None and self.heartbeat is not threading.current_thread():
+            # joined, so no thread of ours still holds the process group when it is destroyed below
+            # (or when the interpreter exits: a daemon thread woken during finalization aborts it)
+            self.heartbeat.join(5.0)
         if self.in_step and self.dead is None:  # the ranks are inside a step: no clean stop message
             self.dead = "interrupted during a step"
         if self.dead is None and self.group is not None and self.group.world > 1:
@@ -143,15 +150,15 @@ class TPDriver:
         group, steps = self._join()
         self.group = ranks.group = TPGroup(0, rdzv.world, group, ranks.shm, self.timeout, steps)
         if ranks.shm is None:  # gloo: every wait has a deadline, so an idle driver must say it is alive
-            threading.Thread(target=self._heartbeat, name="lowbit-tp-heartbeat", daemon=True).start()
+            ranks.heartbeat = threading.Thread(target=self._heartbeat, name="lowbit-tp-heartbeat", daemon=True)
+            ranks.heartbeat.start()
 
     def _heartbeat(self) -> None:
         """Every timeout/4 without a step, broadcast a heartbeat on the step group (serialized with
         the steps by the broadcast lock), so a worker's wait for the next step never expires while
         the driver lives, yet a hung driver or worker is still noticed within the timeout."""
         ranks, period = self.ranks, self.timeout / 4
-        while True:
-            time.sleep(period)
+        while not ranks.stopped.wait(period):
             with self.ranks.lock:
                 if ranks.dead is not None or ranks.closing:
                     return
