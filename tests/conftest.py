@@ -111,4 +111,3 @@ def kernel_impl(request, monkeypatch):
     use_kernels(monkeypatch, request.param)
     yield request.param
     kernels.reset()
-
