@@ -17,12 +17,6 @@
 namespace lowbit::LOWBIT_ISA {
 namespace {
 
-inline int32_t load_i32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 struct W4Args {
   const uint8_t* w;    // [P, Kp/8, 64]
   const float* s;      // [P, ng, 16]

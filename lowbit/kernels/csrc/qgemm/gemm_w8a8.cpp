@@ -12,12 +12,6 @@
 namespace lowbit::LOWBIT_ISA {
 namespace {
 
-inline int32_t load_i32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 // What a tile needs: the activation codes (in the form this ISA's product wants), their scales,
 // the packed weight and the per-channel epilogue, padded to whole panels.
 struct W8Args {

@@ -36,12 +36,20 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../common/vec.h"
 
 namespace lowbit::LOWBIT_ISA {
+
+// four activation bytes as one 32-bit lane value (unaligned, no aliasing UB), to broadcast
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 constexpr int64_t kPanel = 16;  // output channels per packed panel
 constexpr int64_t kMR = 4;      // activation rows per register tile (AVX2: 2 x 4 int32 accumulators)
