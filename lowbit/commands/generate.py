@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .engine_flags import add_engine_args, add_model_arg, engine_args_from
 
@@ -30,8 +31,8 @@ def _seconds_since_process_start() -> float | None:
     """Wall time since this process was created (Linux /proc), so --stats can show the start-up a user
     waits through: interpreter, imports, model load and the first token."""
     try:
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None

@@ -144,3 +144,17 @@ def init_torch_group(rank: int, world: int, addr: str, port: int, timeout: float
     except Exception as e:
         raise CollectiveError(f"rank {rank}: cannot join the tensor-parallel group at {where}: {_short(e)}") from None
     return dist.group.WORLD, steps
+
+
+def leave_torch_group() -> None:
+    """Destroys this process's torch.distributed groups, if any. A process that returns normally
+    must do this before the interpreter exits: left to finalization, gloo's native threads are torn
+    down unjoined and the process aborts ("terminate called without an active exception") after a
+    clean stop. Never raises: a dead peer can make the teardown itself fail."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - nothing left to say goodbye to
+        pass

@@ -102,22 +102,20 @@ def fast_tokenizer_or_none(model_dir: Path) -> FastTokenizer | None:
         return None
     if set(config) - _INERT_KEYS or config.get("split_special_tokens") or config.get("clean_up_tokenization_spaces"):
         return None
-    spec = _read_json(model_dir / "tokenizer.json")
-    if not isinstance(spec, dict) or spec.get("truncation") or spec.get("padding") or not spec.get("post_processor"):
-        return None
     model_type = (_read_json(model_dir / "config.json") or {}).get("model_type", "")
     if "tral" in str(model_type):  # transformers may rewrite a Mistral-family pre-tokenizer's regex
         return None
     from tokenizers import Tokenizer
 
-    try:
+    try:  # tokenizer.json is parsed once, here, and checked on the object it gives
         backend = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     except Exception:
         return None  # transformers will report what is wrong with it
-    added = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    if backend.truncation or backend.padding or backend.post_processor is None:
+        return None
+    added = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
     wanted = [_token_str(config.get(k)) for k in _SPECIAL_KEYS]
-    wanted += [_token_str(v.get("content") if isinstance(v, dict) else None)
-               for v in (config.get("added_tokens_decoder") or {}).values()]
+    wanted += [_token_str(v) for v in (config.get("added_tokens_decoder") or {}).values()]
     for key in ("extra_special_tokens", "additional_special_tokens"):
         extra = config.get(key) or []
         wanted += [_token_str(v) for v in (extra.values() if isinstance(extra, dict) else extra)]

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ...distributed.group import DEFAULT_TIMEOUT, HEARTBEAT, CollectiveError, TPGroup, init_torch_group
+from ...distributed.group import (DEFAULT_TIMEOUT, HEARTBEAT, CollectiveError, TPGroup, init_torch_group,
+                                 leave_torch_group)
 from ...errors import EngineDeadError, LowbitError
 from ..args import EngineArgs
 from .placement import Rendezvous, check_port_free, cores_for, pin, rendezvous_from
@@ -58,17 +59,19 @@ class _Ranks:
         self.group: TPGroup | None = None
         self.shm = None
         self.dead: str | None = None
-        self.closing = False
-        self.stopped = threading.Event()  # set by shutdown: wakes the heartbeat thread at once
+        self.stopped = threading.Event()  # set by shutdown; wakes the heartbeat thread at once
         self.heartbeat: threading.Thread | None = None
         self.in_step = False  # a step was broadcast and has not finished (Ctrl-C inside it)
         self.lock = threading.Lock()  # one broadcast at a time on the step group (steps, heartbeats, stop)
         self.saved = (os.sched_getaffinity(0), torch.get_num_threads())
 
+    @property
+    def closing(self) -> bool:
+        return self.stopped.is_set()
+
     def shutdown(self) -> None:
         """A clean None step when the group is healthy, then join / terminate / kill; gives the
         process back its cores and threads."""
-        self.closing = True
         self.stopped.set()
         if self.heartbeat is not None and self.heartbeat is not threading.current_thread():
             # joined, so no thread of ours still holds the process group when it is destroyed below
@@ -88,13 +91,7 @@ class _Ranks:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a dead peer can make teardown itself fail
-            pass
+        leave_torch_group()
         affinity, threads = self.saved
         try:
             os.sched_setaffinity(0, affinity)

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ...distributed.group import leave_torch_group
 from ...errors import LowbitError
 from ..args import EngineArgs
 from .launch import timeout_from_env
@@ -51,19 +52,6 @@ def run_node(args: EngineArgs) -> int:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
-        _leave_group()
+        leave_torch_group()  # a clean exit, not an abort in gloo's teardown (ranks spawned here use os._exit)
     return code if all(p.exitcode == 0 for p in procs) else max(code, 1)
 
-
-def _leave_group() -> None:
-    """Destroys this process's gloo groups before the interpreter exits. Left to interpreter
-    finalization, gloo's native threads are torn down unjoined and the process aborts ("terminate
-    called without an active exception", exit -6) after a clean stop. The spawned ranks need none
-    of this: they leave through os._exit."""
-    import torch.distributed as dist
-
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the driver is gone: nothing left to say goodbye to
-        pass
