@@ -58,6 +58,9 @@ class GptqConfig:
     block_size: int = 128
     act_order: str | None = None  # None, "group" or "weight" (see the module docstring)
     max_damp_tries: int = 5  # each failed Cholesky multiplies the dampening by 10
+    # Re-collect each later sub-block's Hessian (o_proj, gate/up, down) after the earlier ones
+    # are rounded, so it sees the inputs the quantized layer will feed it (gptq_layer's docstring).
+    true_sequential: bool = False
 
     def validate(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1e3 and math.isfinite(self.damp)):
@@ -91,6 +94,37 @@ def unpermute_columns(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tenso
     out = torch.empty_like(w)
     out[:, perm] = w
     return out
+
+
+@torch.no_grad()
+def gptq_quantize_heads(
+    w: torch.Tensor,
+    hs: list[torch.Tensor],
+    spec: QuantSpec,
+    cfg: GptqConfig = GptqConfig(),
+    max_val: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
+) -> GptqResult:
+    """GPTQ of a weight whose rows fall into len(hs) equal blocks (heads), block i rounded against
+    hs[i] (v_proj: one attention-weighted Hessian per kv head, see gptq_hessian). Act order, which
+    must be one permutation for the whole weight, follows `order` when given (v_proj: q/k's, so
+    that q/k/v keep one permutation and stay fusable), else the diagonal summed over the blocks."""
+    if not hs or w.dim() != 2 or w.shape[0] % len(hs):
+        raise QuantizationError(f"GPTQ by heads: {len(hs)} Hessians do not split W of shape {tuple(w.shape)}")
+    rows = w.shape[0] // len(hs)
+    if cfg.act_order is not None and order is None:
+        order = torch.argsort(sum(torch.diagonal(h.float()) for h in hs), descending=True, stable=True)
+    parts = [gptq_quantize_shared([w[i * rows : (i + 1) * rows]], h, spec, cfg,
+                                  [None if max_val is None else max_val[i * rows : (i + 1) * rows]], order)[0]
+             for i, h in enumerate(hs)]
+    first = parts[0].qweight
+    qw = QuantizedWeight(
+        q=torch.cat([p.qweight.q for p in parts]), scales=torch.cat([p.qweight.scales for p in parts]),
+        zeros=torch.cat([p.qweight.zeros for p in parts]), bits=first.bits, group_size=first.group_size, sym=first.sym,
+    )
+    mean = lambda key: sum(getattr(p, key) for p in parts) / len(parts)  # noqa: E731 - equal row counts
+    return GptqResult(qw, parts[0].perm, max(p.damp for p in parts), mean("err"), mean("err_rtn"),
+                      damp_raised=any(p.damp_raised for p in parts))
 
 
 # ----------------------------------------------------------------------------- Hessian
@@ -186,13 +220,15 @@ def gptq_quantize_shared(
     spec: QuantSpec,
     cfg: GptqConfig = GptqConfig(),
     max_vals: list[torch.Tensor | None] | None = None,
+    order: torch.Tensor | None = None,
 ) -> list[GptqResult]:
-    """GPTQ of weights that read the same input (q/k/v, gate/up: one Hessian) in one pass.
+    """GPTQ of weights that read the same input (q/k, gate/up: one Hessian) in one pass.
 
     Why stacked: every GPTQ correction moves along a row of W (output channel) and depends only
     on H, so the rows of several weights can be rounded together: one Cholesky factor and one
     column loop instead of one per weight (q/k/v: 3 -> 1), with each weight's result the same
     as alone. max_vals: per weight, AWQ clip thresholds or None (no clipping: +inf).
+    order: the act-order column order to use instead of descending diag(h) (gptq_quantize_heads).
     """
     if not ws:
         return []
@@ -227,7 +263,7 @@ def gptq_quantize_shared(
 
     perm = None
     if cfg.act_order is not None:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = order if order is not None else torch.argsort(torch.diagonal(h), descending=True, stable=True)
     static = None
     if cfg.act_order == "weight":  # grids of the original groups, fixed before any column moves
         static = quantize_weight(W, spec.bits, g, spec.sym, max_val=max_val, scale_dtype=spec.scale_dtype)

@@ -1,0 +1,138 @@
+"""GPTQ's Hessians of a decoder layer: v_proj's attention-weighted Hessian per kv head equals the
+brute-force sum of (A_j X)^T (A_j X) over its query heads (every query row, and the strided
+subset), on each attention variant (GQA, q/k norm, sliding window); per-head GPTQ rounds each
+head against its own Hessian; AWQ's input scaling transforms them all exactly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lowbit.models.loader import build_fp_model
+from lowbit.models.registry import resolve_config
+from lowbit.models.transformer import rotary_for
+from lowbit.models.weights import iter_tensors
+from lowbit.quant.activations import positions_for
+from lowbit.quant.gptq import GptqConfig, gptq_quantize, gptq_quantize_heads
+from lowbit.quant.gptq_hessian import V_PROJ, AttentionHessian, HessianCapture
+from lowbit.quant.rtn import QuantSpec
+
+
+def tiny_layer(tmp_path, arch, **overrides):
+    make_tiny_model(arch, tmp_path, **overrides)
+    import json
+    cfg = resolve_config(json.loads((tmp_path / "config.json").read_text()))
+    model = build_fp_model(cfg, iter_tensors(tmp_path))
+    return model.model.layers[0], cfg
+
+
+def brute_force(attn, x, positions, rotary, rows, window):
+    """2/n sum_j (A_j X)^T (A_j X) per kv head, with A_j from an explicit softmax."""
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotary(positions, q, k)
+    rep = attn.num_heads // attn.num_kv_heads
+    out = []
+    for g in range(attn.num_kv_heads):
+        total, n = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64), 0
+        for j in range(g * rep, (g + 1) * rep):
+            s = torch.einsum("bqd,bkd->bqk", q[:, rows, j].double(), k[:, :, g].double()) / math.sqrt(attn.head_dim)
+            i, kk = torch.tensor(rows)[:, None], torch.arange(t)[None, :]
+            allowed = (kk <= i) & ((i - kk < window) if window else True)
+            a = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+            y = (a @ x.double()).reshape(-1, x.shape[-1])
+            total += y.t() @ y
+            n += y.shape[0]
+        out.append((total * 2 / n).float())
+    return out
+
+
+@pytest.mark.parametrize("arch,overrides,stride", [
+    ("llama", {}, 1), ("llama", {}, 4), ("qwen3", {}, 3), ("mistral", {"num_key_value_heads": 1}, 1),
+])
+def test_attention_hessian_is_the_attention_weighted_input_hessian(tmp_path, arch, overrides, stride):
+    layer, cfg = tiny_layer(tmp_path, arch, **overrides)
+    rotary = rotary_for(cfg)
+    x = torch.randn(2, 37, cfg.hidden_size)
+    pos = positions_for(x)
+    ah = AttentionHessian(layer.self_attn, query_stride=stride)
+    with torch.no_grad():
+        ah.hook(layer.self_attn, (x, pos, rotary, None))
+        rows = list(range(36, -1, -stride))[::-1]
+        ref = brute_force(layer.self_attn, x, pos, rotary, rows, layer.self_attn.window)
+    got = ah.hessians()
+    assert len(got) == cfg.num_kv_heads
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=2e-4, atol=2e-5)
+    assert not torch.allclose(got[0], 2 * x.reshape(-1, x.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) / 74)
+
+
+def test_sliding_window_restricts_the_attention_hessian(tmp_path):
+    layer, cfg = tiny_layer(tmp_path, "llama")
+    layer.self_attn.window = 5
+    rotary = rotary_for(cfg)
+    x = torch.randn(1, 23, cfg.hidden_size)
+    pos = positions_for(x)
+    ah = AttentionHessian(layer.self_attn, query_stride=2)
+    with torch.no_grad():
+        ah.hook(layer.self_attn, (x, pos, rotary, None))
+        ref = brute_force(layer.self_attn, x, pos, rotary, list(range(22, -1, -2))[::-1], 5)
+    for g, r in zip(ah.hessians(), ref):
+        torch.testing.assert_close(g, r, rtol=2e-4, atol=2e-5)
+
+
+def test_capture_hooks_every_input_and_scaling_transforms_each(tmp_path):
+    layer, cfg = tiny_layer(tmp_path, "llama")
+    rotary = rotary_for(cfg)
+    x = torch.randn(2, 16, cfg.hidden_size)
+    with HessianCapture(layer) as hc, torch.no_grad():
+        layer(x, positions_for(x), rotary)
+    assert sorted(hc.acc) == ["mlp.down_proj", "mlp.gate_proj", "self_attn.o_proj", "self_attn.q_proj"]
+    hv, hq = hc.hessian(V_PROJ), hc.hessian("self_attn.k_proj")
+    assert isinstance(hv, list) and len(hv) == cfg.num_kv_heads
+    assert torch.equal(hq, hc.hessian("self_attn.q_proj"))  # k_proj shares q_proj's input
+    s = torch.rand(cfg.hidden_size) + 0.5
+    hc.scale_inputs(("self_attn.q_proj", "self_attn.k_proj", V_PROJ), s)
+    d = torch.diag(1 / s)
+    torch.testing.assert_close(hc.hessian("self_attn.k_proj"), d @ hq @ d)
+    for got, before in zip(hc.hessian(V_PROJ), hv):
+        torch.testing.assert_close(got, d @ before @ d)
+    with torch.no_grad():  # hooks are gone after the with-block
+        layer(x, positions_for(x), rotary)
+    assert hc.acc["self_attn.q_proj"].count == 32
+
+
+@pytest.mark.parametrize("order", [None, "group", "weight"])
+def test_heads_round_against_their_own_hessians(order):
+    torch.manual_seed(0)
+    hs = []
+    for _ in range(3):
+        x = torch.randn(512, 64) @ torch.randn(64, 64) * torch.rand(64) * 3
+        hs.append(2 * x.t() @ x / 512)
+    w = torch.randn(3 * 8, 64)
+    spec, cfg = QuantSpec(4, 16), GptqConfig(act_order=order)
+    got = gptq_quantize_heads(w, hs, spec, cfg)
+    if order is None:
+        for i, h in enumerate(hs):
+            alone = gptq_quantize(w[8 * i : 8 * i + 8], h, spec, cfg)
+            assert torch.equal(got.qweight.q[8 * i : 8 * i + 8], alone.qweight.q)
+            assert torch.equal(got.qweight.scales[8 * i : 8 * i + 8], alone.qweight.scales)
+    if order == "group":
+        assert torch.equal(got.perm, torch.argsort(sum(torch.diagonal(h) for h in hs), descending=True, stable=True))
+    else:
+        assert got.perm is None
+    errs = [float(((got.dequantize()[8 * i : 8 * i + 8] - w[8 * i : 8 * i + 8]) @ h
+                   @ (got.dequantize()[8 * i : 8 * i + 8] - w[8 * i : 8 * i + 8]).t()).trace()) / 16 for i, h in enumerate(hs)]
+    assert got.err == pytest.approx(sum(errs) / 3, rel=1e-3)
+    assert got.err < got.err_rtn
+
+
+def test_heads_must_split_the_rows():
+    from lowbit.errors import QuantizationError
+    with pytest.raises(QuantizationError, match="do not split"):
+        gptq_quantize_heads(torch.randn(10, 16), [torch.eye(16)] * 3, QuantSpec(4, 16))
