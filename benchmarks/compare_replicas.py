@@ -39,7 +39,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
-from _common import free_port, stop_process_group, wait_http_ready  # noqa: E402
+from _common import exit_on_sigterm, free_port, stop_process_group, wait_http_ready  # noqa: E402
 
 WORDS = "the of and to in is was for on that with as by at from city river music film game team world".split()
 
@@ -152,6 +152,7 @@ def sessions(a: argparse.Namespace, common: list[str], tmp: Path) -> dict:
 
 
 def main() -> int:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model for every server (default: the built-in default)")
     ap.add_argument("--tokenizer", default=None, help="bench serve's --tokenizer (default: the model's)")

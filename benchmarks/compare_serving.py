@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
 sys.path.insert(0, str(PEERS))
-from _common import free_port, stop_process_group, wait_http_ready  # noqa: E402
+from _common import exit_on_sigterm, free_port, stop_process_group, wait_http_ready  # noqa: E402
 
 
 def bench(port: int, conc: int, n: int, a, tokenizer_dir: str, out: Path) -> dict:
@@ -40,6 +40,7 @@ def bench(port: int, conc: int, n: int, a, tokenizer_dir: str, out: Path) -> dic
 
 
 def main() -> int:
+    exit_on_sigterm()
     sys.path.insert(0, str(ROOT))
     from lowbit.models.default import default_gguf_path
     from lowbit.models.loader import resolve_model_dir

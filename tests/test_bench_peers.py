@@ -226,3 +226,35 @@ def test_child_peak_rss_is_not_the_parents():
     small = run_child([sys.executable, "-c", "print('small')"])
     assert small.returncode == 0 and small.peak_rss_bytes < 200 * 2**20, small.peak_rss_bytes
     del ballast
+
+
+def test_sigterm_stops_the_servers_a_benchmark_started(tmp_path):
+    """`timeout` sends SIGTERM: the benchmark's finally blocks must still stop the server group it
+    started (by default Python dies at once and the server lives on)."""
+    import subprocess
+    import time
+    script = tmp_path / "bench.py"
+    pidfile = tmp_path / "server.pid"
+    script.write_text(f"""
+import subprocess, sys, time
+sys.path.insert(0, {str(ROOT / 'benchmarks' / 'peers')!r})
+from _common import exit_on_sigterm, stop_process_group
+exit_on_sigterm()
+proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+open({str(pidfile)!r}, "w").write(str(proc.pid))
+try:
+    time.sleep(120)
+finally:
+    stop_process_group(proc, timeout=10)
+""")
+    bench = subprocess.Popen([sys.executable, str(script)])
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.1)
+    server = int(pidfile.read_text())
+    bench.terminate()
+    assert bench.wait(timeout=30) == 143
+    with pytest.raises(ProcessLookupError):
+        import os
+        os.kill(server, 0)

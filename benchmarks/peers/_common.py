@@ -171,6 +171,16 @@ def wait_http_ready(url: str, proc, timeout: float, poll_s: float = 0.5) -> None
     raise TimeoutError(f"server not ready after {timeout:.0f} s ({url})")
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a CI cancel) raises SystemExit like Ctrl-C raises KeyboardInterrupt, so
+    the `finally` blocks that stop this benchmark's servers run; by default SIGTERM ends Python
+    on the spot and leaves every server it started (and a Ray instance) running."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def stop_process_group(proc, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
     """Sends sig to the server's process group (started with start_new_session=True), waits up to
     timeout, then SIGKILLs it."""

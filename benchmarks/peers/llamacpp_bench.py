@@ -206,6 +206,7 @@ def _vocab_from_gguf(path: str) -> int:
 
 
 def main(argv=None):
+    C.exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--mode", choices=["decode", "throughput"], required=True)
