@@ -385,16 +385,14 @@ def test_cli_gptq_flags(tmp_path, capsys):
     calib.write_text("\n\n".join(f"document {i} " + "some calibration text " * 8 for i in range(12)))
     rc = main(["quantize", "--model", str(src), "--method", "gptq", "--w-bit", "4", "--group-size", "32",
                "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "32", "--format", "compressed-tensors",
-               "--act-order", "--damp", "0.05", "--true-sequential", "--out", str(tmp_path / "q"), "--quiet"])
+               "--act-order", "--damp", "0.05", "--out", str(tmp_path / "q"), "--quiet"])
     assert rc == 0
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
-    assert report["gptq"] == {"damp": 0.05, "block_size": 128, "act_order": "group", "max_damp_tries": 5,
-                              "true_sequential": True}
+    assert report["gptq"] == {"damp": 0.05, "block_size": 128, "act_order": "group", "max_damp_tries": 5}
     assert "GPTQ better than RTN" in capsys.readouterr().err
-    for flag in ("--act-order", "--true-sequential"):
-        rc = main(["quantize", "--model", str(src), "--method", "awq", flag, "--out", str(tmp_path / "r")])
-        assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
-        assert not (tmp_path / "r").exists()
+    rc = main(["quantize", "--model", str(src), "--method", "awq", "--act-order", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """GPTQ's Hessians of a decoder layer: v_proj's attention-weighted Hessian per kv head equals the
 brute-force sum of (A_j X)^T (A_j X) over its query heads (every query row, and the strided
 subset), on each attention variant (GQA, q/k norm, sliding window); per-head GPTQ rounds each
-head against its own Hessian; AWQ's input scaling transforms them all exactly."""
+head against its own Hessian; the staged pass takes each sub-block's Hessian from the already
+rounded layer and yields the rounded layer's outputs."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,10 +16,11 @@ from lowbit.models.loader import build_fp_model
 from lowbit.models.registry import resolve_config
 from lowbit.models.transformer import rotary_for
 from lowbit.models.weights import iter_tensors
-from lowbit.quant.activations import positions_for
-from lowbit.quant.gptq import GptqConfig, gptq_quantize, gptq_quantize_heads
-from lowbit.quant.gptq_hessian import V_PROJ, AttentionHessian, HessianCapture
-from lowbit.quant.rtn import QuantSpec
+from lowbit.quant.activations import ActivationStore, positions_for, run_layer
+from lowbit.quant.gptq import GptqConfig, HessianAccumulator, gptq_quantize, gptq_quantize_heads
+from lowbit.quant.gptq_hessian import AttentionHessian
+from lowbit.quant.gptq_sequential import gptq_sequential
+from lowbit.quant.rtn import QuantSpec, linear_names
 
 
 def tiny_layer(tmp_path, arch, **overrides):
@@ -62,7 +65,7 @@ def test_attention_hessian_is_the_attention_weighted_input_hessian(tmp_path, arc
     pos = positions_for(x)
     ah = AttentionHessian(layer.self_attn, query_stride=stride)
     with torch.no_grad():
-        ah.hook(layer.self_attn, (x, pos, rotary, None))
+        ah.add(x, pos, rotary)
         rows = list(range(36, -1, -stride))[::-1]
         ref = brute_force(layer.self_attn, x, pos, rotary, rows, layer.self_attn.window)
     got = ah.hessians()
@@ -80,31 +83,54 @@ def test_sliding_window_restricts_the_attention_hessian(tmp_path):
     pos = positions_for(x)
     ah = AttentionHessian(layer.self_attn, query_stride=2)
     with torch.no_grad():
-        ah.hook(layer.self_attn, (x, pos, rotary, None))
+        ah.add(x, pos, rotary)
         ref = brute_force(layer.self_attn, x, pos, rotary, list(range(22, -1, -2))[::-1], 5)
     for g, r in zip(ah.hessians(), ref):
         torch.testing.assert_close(g, r, rtol=2e-4, atol=2e-5)
 
 
-def test_capture_hooks_every_input_and_scaling_transforms_each(tmp_path):
+def _store(cfg, n_chunks=3, seqs=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    store = ActivationStore()
+    for _ in range(n_chunks):
+        store.append(torch.randn(seqs, t, cfg.hidden_size, generator=g))
+    return store
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_sequential_pass_rounds_each_sub_block_on_the_rounded_layers_inputs(tmp_path, cache):
+    """o_proj's Hessian is that of the attention output of the *rounded* q/k/v, down_proj's that of
+    the rounded gate/up; the pass's outputs are the rounded layer's forward (the next store)."""
     layer, cfg = tiny_layer(tmp_path, "llama")
+    fp = copy.deepcopy(layer)
     rotary = rotary_for(cfg)
-    x = torch.randn(2, 16, cfg.hidden_size)
-    with HessianCapture(layer) as hc, torch.no_grad():
-        layer(x, positions_for(x), rotary)
-    assert sorted(hc.acc) == ["mlp.down_proj", "mlp.gate_proj", "self_attn.o_proj", "self_attn.q_proj"]
-    hv, hq = hc.hessian(V_PROJ), hc.hessian("self_attn.k_proj")
-    assert isinstance(hv, list) and len(hv) == cfg.num_kv_heads
-    assert torch.equal(hq, hc.hessian("self_attn.q_proj"))  # k_proj shares q_proj's input
-    s = torch.rand(cfg.hidden_size) + 0.5
-    hc.scale_inputs(("self_attn.q_proj", "self_attn.k_proj", V_PROJ), s)
-    d = torch.diag(1 / s)
-    torch.testing.assert_close(hc.hessian("self_attn.k_proj"), d @ hq @ d)
-    for got, before in zip(hc.hessian(V_PROJ), hv):
-        torch.testing.assert_close(got, d @ before @ d)
-    with torch.no_grad():  # hooks are gone after the with-block
-        layer(x, positions_for(x), rotary)
-    assert hc.acc["self_attn.q_proj"].count == 32
+    store, spec, gcfg = _store(cfg), QuantSpec(3, 16), GptqConfig()
+    seq = gptq_sequential(layer, rotary, store, spec, gcfg, act_cache_bytes=1 << 30 if cache else 0)
+    assert sorted(seq.results) == sorted(linear_names(layer))
+    for name, r in seq.results.items():  # loaded into the layer
+        torch.testing.assert_close(layer.get_submodule(name).weight.data, r.dequantize())
+
+    def input_hessian(module, model):
+        acc = HessianAccumulator(module(model).in_features)
+        hd = module(model).register_forward_hook(lambda _m, args, _o: acc.add(args[0]))
+        with torch.no_grad():
+            for h in store:
+                run_layer(model, h, rotary)
+        hd.remove()
+        return acc.hessian()
+
+    o_rounded = input_hessian(lambda m: m.self_attn.o_proj, layer)
+    o_fp = input_hessian(lambda m: m.self_attn.o_proj, fp)
+    assert not torch.allclose(o_rounded, o_fp, rtol=1e-3, atol=0)
+    want = gptq_quantize(fp.self_attn.o_proj.weight.data, o_rounded, spec, gcfg)
+    assert torch.equal(seq.results["self_attn.o_proj"].qweight.q, want.qweight.q)
+    down = gptq_quantize(fp.mlp.down_proj.weight.data, input_hessian(lambda m: m.mlp.down_proj, layer), spec, gcfg)
+    same = (seq.results["mlp.down_proj"].qweight.q == down.qweight.q).float().mean()
+    assert same > 0.99  # the attention output is kept in float16 between stages
+    with torch.no_grad():
+        for got, h in zip(seq.next_store, store):
+            want_out = run_layer(layer, h, rotary)
+            assert float((got - want_out).norm() / want_out.norm()) < 2e-3
 
 
 @pytest.mark.parametrize("order", [None, "group", "weight"])

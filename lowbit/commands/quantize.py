@@ -61,9 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GPTQ: round columns in descending activation order; 'group' (the default when given) "
                         "also forms the groups in that order (stored with g_idx: compressed-tensors only), "
                         "'weight' keeps the original groups (any format)")
-    p.add_argument("--true-sequential", action="store_true",
-                   help="GPTQ: collect each later sub-block's Hessian (o, gate/up, down) again after the earlier "
-                        "ones are rounded (one more calibration pass each; default: one pass per layer)")
     p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default=None,
                    help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq; "
                         "smoothquant: compressed-tensors)")
@@ -80,11 +77,10 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
-    if args.method not in ("gptq", "awq-gptq") and (args.act_order or args.true_sequential
-                                                     or args.damp != GptqConfig().damp):
+    if args.method not in ("gptq", "awq-gptq") and (args.act_order or args.damp != GptqConfig().damp):
         from ..errors import QuantizationError
 
-        raise QuantizationError("--act-order, --true-sequential and --damp apply to --method gptq and awq-gptq only")
+        raise QuantizationError("--act-order and --damp apply to --method gptq and awq-gptq only")
     cfg = AwqConfig(
         duo_scaling=args.duo_scaling == "on",
         clip=not args.no_clip,
@@ -100,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(
         args.model, args.method, w_bit, args.group_size, sym, args.calib, args.calib_samples,
         args.calib_seqlen, fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
-        gptq_config=GptqConfig(damp=args.damp, act_order=args.act_order, true_sequential=args.true_sequential),
+        gptq_config=GptqConfig(damp=args.damp, act_order=args.act_order),
     )
     t = report.totals
     print(f"wrote {report.out_dir} ({report.method} W{report.bits} g{report.group_size}"

@@ -58,9 +58,6 @@ class GptqConfig:
     block_size: int = 128
     act_order: str | None = None  # None, "group" or "weight" (see the module docstring)
     max_damp_tries: int = 5  # each failed Cholesky multiplies the dampening by 10
-    # Re-collect each later sub-block's Hessian (o_proj, gate/up, down) after the earlier ones
-    # are rounded, so it sees the inputs the quantized layer will feed it (gptq_layer's docstring).
-    true_sequential: bool = False
 
     def validate(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1e3 and math.isfinite(self.damp)):

@@ -1,36 +1,26 @@
 """GPTQ and AWQ+GPTQ of one decoder layer, inside quantize()'s layer-by-layer pipeline.
 
 Calibration inputs: the layer gets the hidden states the previous layers produced *after* they
-were quantized (the pipeline's ActivationStore, carried by activations.propagate through the
-dequantized layer), as GPTQ does and as lowbit's AWQ does. Within a layer, "true sequential"
-(GptqConfig.true_sequential, the default, as AutoGPTQ): the linears are rounded sub-block by
-sub-block in data-flow order (q/k/v, o, gate/up, down) and each later sub-block's Hessian is
-collected again, by one more pass over the calibration tokens, with the earlier ones already
-rounded. Why: a Hessian taken from the fp layer describes inputs the quantized layer never
-produces, and GPTQ's corrections are fitted to exactly those inputs. Measured on the default
-model (W4 g64): with every Hessian from one fp pass, GPTQ's layer-output error was *above*
-RTN's on 8 of 30 layers (layer 18: 1.19 against 0.34) although every single linear beat RTN on
-its own Hessian. The extra passes are cheap next to GPTQ's column loop.
+were quantized (the pipeline's ActivationStore), as GPTQ does and as lowbit's AWQ does. Within
+the layer, gptq_sequential rounds sub-block after sub-block in one quantized pass, each Hessian
+taken from the already-rounded part of the layer; that pass also yields the next layer's inputs
+(GptqLayerOutput.next_store), so the pipeline does not propagate again.
 
-Hessians: gptq_hessian.HessianCapture's hooks, accumulated while the layer runs: one per
-distinct linear input, and for v_proj one attention-weighted Hessian per kv head.
-
-  gptq:      H from a plain fp pass; GPTQ on the source weights.
-  awq-gptq:  the hooks ride along AWQ's own capture pass (awq.capture). AWQ's scale search and
-             folding run as in awq_quantize_layer, then, optionally, its clip search; the
-             inputs of a scaled group are divided by s, so each Hessian becomes
-             diag(1/s) H diag(1/s) exactly, and GPTQ rounds the scaled (clamped) weights onto
-             grids that keep AWQ's clip thresholds (llm-compressor's AWQ + GPTQ recipe, plus
-             the clip llm-compressor's AWQ does not search).
+  gptq:      the staged pass on the source weights.
+  awq-gptq:  AWQ's capture pass, scale search and folding as in awq_quantize_layer, then,
+             optionally, its clip search; then the staged pass on the scaled weights, whose
+             Hessians are those of the scaled inputs, and GPTQ rounds the (clamped) weights onto
+             grids that keep AWQ's clip thresholds (llm-compressor's AWQ + GPTQ recipe, plus the
+             clip llm-compressor's AWQ does not search).
 
 The report: each layer's output error on the search sequences for RTN and the method run; an
-awq-gptq layer also reports AWQ (its scales and clips, RTN rounding) and GPTQ alone (the
-unscaled weights), so one run shows all four methods side by side.
+awq-gptq layer also reports AWQ (its scales and clips, RTN rounding) and, with compare, GPTQ
+alone (a staged pass on a copy of the unscaled layer), so one run shows all four methods.
 """
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,14 +29,13 @@ from ..errors import QuantizationError
 from ..layers.qweight import QuantizedWeight
 from ..layers.rotary import RotaryEmbedding
 from ..models.transformer import DecoderLayer
-from .activations import ActivationStore, chunk_sequences
+from .activations import ActivationStore, chunk_sequences, run_layer
 from .awq import capture, layer_output_error, rtn_layer_error
 from .awq_clip import clamp_groups, clip_layer
 from .awq_config import AwqConfig, ClipResult, GroupResult, LayerCapture, finite, scale_groups
 from .awq_scale import apply_scales, search_scales
-from .capture import ActivationCapture
-from .gptq import GptqConfig, GptqResult, gptq_quantize_heads, gptq_quantize_shared
-from .gptq_hessian import HessianCapture, hessian_source
+from .gptq import GptqConfig, GptqResult
+from .gptq_sequential import SequentialOutput, gptq_sequential
 from .method_report import errors_png
 from .rtn import QuantSpec, linear_names
 
@@ -89,16 +78,10 @@ class GptqLayerOutput:
     qweights: dict[str, QuantizedWeight]  # group-contiguous; columns in perms[name] order when present
     perms: dict[str, torch.Tensor]  # act order "group": linear -> input-channel permutation
     result: GptqLayerResult
+    next_store: ActivationStore  # the rounded layer's outputs on every calibration sequence
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def load_gptq_(layer: DecoderLayer, results: dict[str, GptqResult]) -> None:
-    """Each Linear's weight := its GPTQ result dequantized, in the original channel order."""
-    for name, r in results.items():
-        lin = layer.get_submodule(name)
-        lin.weight.data = r.dequantize().to(lin.weight.dtype)
 
 
 def _weights(layer: DecoderLayer) -> dict[str, torch.Tensor]:
@@ -110,61 +93,26 @@ def _restore(layer: DecoderLayer, weights: dict[str, torch.Tensor]) -> None:
         layer.get_submodule(n).weight.data = w.clone()
 
 
-def _gptq_all(layer: DecoderLayer, hc: HessianCapture, spec: QuantSpec, cfg: GptqConfig,
-              thresholds: dict[str, torch.Tensor] | None = None,
-              recapture: Callable[[str], torch.Tensor] | None = None) -> dict[str, GptqResult]:
-    """GPTQ of every linear, sub-block by sub-block in data-flow order, each result loaded into
-    the layer as soon as it is found. Linears that share an input (one Hessian) are rounded in
-    one stacked pass (gptq_quantize_shared), which gives each the result it would get alone.
-
-    recapture(source) -> the Hessian of that input, collected again from the layer as it is now
-    (true sequential); None: every Hessian comes from hc, the pass over the unrounded layer."""
-    thresholds = thresholds or {}
-    by_source: dict[str, list[str]] = {}
-    for n in linear_names(layer):
-        by_source.setdefault(hessian_source(n), []).append(n)
-    results: dict[str, GptqResult] = {}
-    for k, (src, names) in enumerate(by_source.items()):
-        h = recapture(src) if recapture is not None and k > 0 else hc.hessian(names[0])
-        if isinstance(h, list):  # v_proj: one Hessian per kv head
-            order = hc.act_order(names[0]) if cfg.act_order is not None else None
-            found = {names[0]: gptq_quantize_heads(layer.get_submodule(names[0]).weight.data, h, spec, cfg,
-                                                   thresholds.get(names[0]), order)}
-        else:
-            found = dict(zip(names, gptq_quantize_shared([layer.get_submodule(n).weight.data for n in names], h,
-                                                         spec, cfg, [thresholds.get(n) for n in names])))
-        load_gptq_(layer, found)
-        results.update(found)
-    return {n: results[n] for n in linear_names(layer)}
-
-
-def _recapture(layer: DecoderLayer, rotary: RotaryEmbedding, store: ActivationStore, cfg: GptqConfig):
-    """The true-sequential Hessian source for _gptq_all (None when the config turns it off)."""
-    if not cfg.true_sequential:
-        return None
-
-    def hessian(src: str) -> torch.Tensor:
-        with HessianCapture(layer, [src]) as hc:
-            ActivationCapture(layer, rotary, {}).run(store)
-        return hc.hessian(src)
-
-    return hessian
-
-
-def _output(results: dict[str, GptqResult], res: GptqLayerResult) -> GptqLayerOutput:
+def _output(seq: SequentialOutput, res: GptqLayerResult, names: list[str]) -> GptqLayerOutput:
+    results = {n: seq.results[n] for n in names}
     res.linears = [LinearStats(n, finite(r.err_rtn), finite(r.err), r.damp, r.damp_raised)  # JSON-safe
                    for n, r in results.items()]
     perms = {n: r.perm for n, r in results.items() if r.perm is not None}
-    return GptqLayerOutput({n: r.qweight for n, r in results.items()}, perms, res)
+    return GptqLayerOutput({n: r.qweight for n, r in results.items()}, perms, res, seq.next_store)
 
 
-def _search_capture(layer, rotary, store: ActivationStore, n_search: int) -> LayerCapture:
-    """One fp pass over every chunk (the Hessian hooks see all tokens); keeps the first n_search
-    sequences' inputs and outputs for the error report."""
-    searched = ActivationCapture(layer, rotary, {}).run(store, n_search)
-    if searched is None:
+def _search_capture(layer, rotary, store: ActivationStore, n_search: int, chunk_seq: int) -> LayerCapture:
+    """The fp layer's inputs and outputs on the first n_search sequences (the error report's)."""
+    if n_search < 1:
         raise QuantizationError("GPTQ reports its error on at least one whole calibration sequence (search_samples >= 1)")
-    h, y = searched
+    hs, seen = [], 0
+    for h in store:
+        hs.append(h[: n_search - seen])
+        seen += hs[-1].shape[0]
+        if seen >= n_search:
+            break
+    h = torch.cat(hs)
+    y = torch.cat([run_layer(layer, h[i : i + chunk_seq], rotary) for i in range(0, h.shape[0], chunk_seq)])
     return LayerCapture(h=h, y=y, inputs={}, targets={}, abs_mean={})
 
 
@@ -183,16 +131,15 @@ def gptq_quantize_layer(
     gcfg: GptqConfig, acfg: AwqConfig, index: int = 0,
 ) -> GptqLayerOutput:
     """GPTQ of every linear of the layer. On return the layer's weights hold their dequantized
-    values (original channel order), ready for awq.propagate."""
+    values (original channel order)."""
     t0 = time.perf_counter()
     chunk_seq, n_search = _setup(store, acfg)
-    with HessianCapture(layer) as hc:
-        cap = _search_capture(layer, rotary, store, n_search)
+    cap = _search_capture(layer, rotary, store, n_search, chunk_seq)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
-    results = _gptq_all(layer, hc, spec, gcfg, recapture=_recapture(layer, rotary, store, gcfg))
+    seq = gptq_sequential(layer, rotary, store, spec, gcfg)
     err = layer_output_error(layer, cap, rotary, chunk_seq)
     res = GptqLayerResult(index, "gptq", err_rtn, err_gptq=err, seconds=time.perf_counter() - t0)
-    return _output(results, res)
+    return _output(seq, res, linear_names(layer))
 
 
 @torch.no_grad()
@@ -201,25 +148,24 @@ def awq_gptq_quantize_layer(
     gcfg: GptqConfig, acfg: AwqConfig, index: int = 0, compare: bool = True,
 ) -> GptqLayerOutput:
     """AWQ's scale search and folding (and clip search when acfg.clip), then GPTQ on the scaled
-    weights with the correspondingly scaled Hessians. compare: also measure GPTQ alone and AWQ
-    alone on this layer for the report (one more GPTQ pass; the result is unchanged)."""
+    weights, the staged pass giving the scaled inputs' Hessians. compare: also measure GPTQ alone
+    (a staged pass on a copy of the unscaled layer) and AWQ alone on this layer for the report;
+    the result is unchanged."""
     t0 = time.perf_counter()
     chunk_seq, n_search = _setup(store, acfg)
     groups = scale_groups(layer)
-    with HessianCapture(layer) as hc:  # its hooks ride along AWQ's own capture pass
-        cap = capture(layer, rotary, store, n_search, acfg.search_tokens, acfg.heavy_tokens, acfg.relative_loss)
+    cap = capture(layer, rotary, store, n_search, acfg.search_tokens, acfg.heavy_tokens, acfg.relative_loss)
     err_rtn = rtn_layer_error(layer, cap, spec, rotary, chunk_seq)
     res = GptqLayerResult(index, "awq-gptq", err_rtn)
     if compare:
-        source = _weights(layer)
-        _gptq_all(layer, hc, spec, gcfg, recapture=_recapture(layer, rotary, store, gcfg))
-        res.err_gptq = layer_output_error(layer, cap, rotary, chunk_seq)
-        _restore(layer, source)
+        alone = copy.deepcopy(layer)
+        gptq_sequential(alone, rotary, store, spec, gcfg)
+        res.err_gptq = layer_output_error(alone, cap, rotary, chunk_seq)
+        del alone
 
     found = [search_scales(layer, g, cap, spec, acfg, rotary) for g in groups]
     for g, (scales, _) in zip(groups, found):
         apply_scales(layer, g, scales, cap)
-        hc.scale_inputs(g.linears, scales)
     res.groups = [r for _, r in found]
     thresholds, res.clips = clip_layer(layer, cap, spec, acfg) if acfg.clip else ({}, [])
     if compare:
@@ -230,10 +176,10 @@ def awq_gptq_quantize_layer(
         res.err_awq = layer_output_error(layer, cap, rotary, chunk_seq)
         _restore(layer, scaled)
 
-    results = _gptq_all(layer, hc, spec, gcfg, thresholds, _recapture(layer, rotary, store, gcfg))
+    seq = gptq_sequential(layer, rotary, store, spec, gcfg, thresholds)
     res.err_awq_gptq = layer_output_error(layer, cap, rotary, chunk_seq)
     res.seconds = time.perf_counter() - t0
-    return _output(results, res)
+    return _output(seq, res, linear_names(layer))
 
 
 def quantize_layer(method: str, *args, **kwargs) -> GptqLayerOutput:

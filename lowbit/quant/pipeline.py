@@ -413,17 +413,21 @@ def _quantize_layers(
         prefix = layer_prefix(i)
         if method in CALIBRATED:
             assert store is not None
+            next_store = None  # GPTQ's staged pass yields the next layer's inputs itself
             if method == "awq":
                 qweights, res = awq_quantize_layer(layer, rotary, store, spec, awq_cfg, index=i)
             elif method == SMOOTHQUANT:
                 qweights, res = smoothquant_layer(layer, rotary, store, awq_cfg, index=i, scale_dtype=spec.scale_dtype)
             else:
                 step = gptq_layer.quantize_layer(method, layer, rotary, store, spec, gptq_cfg or GptqConfig(), awq_cfg, index=i)
-                qweights, res = step.qweights, step.result
+                qweights, res, next_store = step.qweights, step.result, step.next_store
                 if perms is not None:
                     perms.update({prefix + n: p for n, p in step.perms.items()})
             results.append(res)
-            store = None if i + 1 == cfg.num_layers else propagate(layer, rotary, store)
+            if i + 1 == cfg.num_layers:
+                store = None
+            else:
+                store = next_store if next_store is not None else propagate(layer, rotary, store)
             if progress and method == SMOOTHQUANT:
                 bar.set_postfix({"alpha": res.alpha, "err": f"{res.err_best:.2e}", "err_none": f"{res.err_none:.2e}"})
             elif progress:  # AWQ: err_awq, GPTQ / AWQ-GPTQ: err (the method's own)
