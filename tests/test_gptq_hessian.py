@@ -162,3 +162,19 @@ def test_heads_must_split_the_rows():
     from lowbit.errors import QuantizationError
     with pytest.raises(QuantizationError, match="do not split"):
         gptq_quantize_heads(torch.randn(10, 16), [torch.eye(16)] * 3, QuantSpec(4, 16))
+
+
+@pytest.mark.parametrize("d", [64, 1030])
+def test_hessian_accumulator_blocked_sum_is_the_full_symmetric_product(d):
+    """Wide inputs sum only the upper trapezoid of each row block and mirror it once."""
+    g = torch.Generator().manual_seed(d)
+    xs = [torch.randn(3, 50, d, generator=g) * torch.rand(d, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(d)
+    for x in xs:
+        acc.add(x)
+    assert (len(acc._edges) - 1) == (4 if d >= 1024 else 1)
+    flat = torch.cat([x.reshape(-1, d) for x in xs]).double()
+    want = 2 * flat.t() @ flat / flat.shape[0]
+    got = acc.hessian()
+    assert torch.equal(got, got.t())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

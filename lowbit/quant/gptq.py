@@ -131,24 +131,39 @@ class HessianAccumulator:
     """H = 2 X X^T / n over every input row seen, summed chunk by chunk in float32.
 
     float32 like GPTQ's reference code: a float64 sum would cost 640 MB for one 8960-wide
-    down_proj of a 1.5B model, and the rounding of the sum is far below the 1% dampening."""
+    down_proj of a 1.5B model, and the rounding of the sum is far below the 1% dampening.
+
+    Wide inputs are summed by SYMMETRIC_BLOCKS row blocks, each only from its diagonal block to
+    the right (the lower triangle is mirrored once, in hessian()): 10/16 of the products. On
+    the 2-core dev machine a 2048 x 1536 chunk took 93 ms against 160 ms for the full product;
+    at 576 features the gain is lost in the smaller calls."""
+
+    SYMMETRIC_MIN = 1024
+    SYMMETRIC_BLOCKS = 4
 
     def __init__(self, n_features: int) -> None:
         self.n_features = n_features
         self.total = torch.zeros(n_features, n_features)
         self.count = 0
+        nb = self.SYMMETRIC_BLOCKS if n_features >= self.SYMMETRIC_MIN else 1
+        self._edges = [round(i * n_features / nb) for i in range(nb + 1)]
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         if flat.shape[1] != self.n_features:
             raise QuantizationError(f"Hessian of {self.n_features} features fed rows of {flat.shape[1]}")
-        self.total.addmm_(flat.t(), flat)
+        e = self._edges
+        for a, b in zip(e[:-1], e[1:]):  # row block [a, b), columns a.. (upper trapezoid)
+            self.total[a:b, a:].addmm_(flat[:, a:b].t(), flat[:, a:])
         self.count += flat.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
             raise QuantizationError("no calibration inputs reached this linear; its Hessian is empty")
-        return self.total * (2.0 / self.count)
+        h = self.total * (2.0 / self.count)
+        if len(self._edges) > 2:
+            h = torch.triu(h) + torch.triu(h, 1).t()
+        return h
 
 
 def output_error(d: torch.Tensor, h: torch.Tensor) -> float:
