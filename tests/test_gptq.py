@@ -450,3 +450,33 @@ def test_shared_input_weights_round_as_they_would_alone(order):
         assert torch.equal(alone.qweight.scales, got.qweight.scales) and torch.equal(alone.qweight.zeros, got.qweight.zeros)
         assert alone.err == got.err and alone.err_rtn == got.err_rtn
         assert (alone.perm is None) == (got.perm is None)
+
+
+def test_sigterm_during_quantize_leaves_no_spill_folder(tmp_path):
+    """`timeout` / a scheduler sends SIGTERM: lowbit quantize unwinds, removes its folder of
+    finished layers and writes no output (by default Python would die with both in place)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from test_awq import add_byte_tokenizer
+
+    src = tmp_path / "m"
+    make_tiny_model("llama", src, num_hidden_layers=40)
+    add_byte_tokenizer(src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"document {i} " + "some calibration text " * 40 for i in range(64)))
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "--model", str(src), "--method", "gptq",
+           "--group-size", "32", "--calib", str(calib), "--calib-samples", "32", "--calib-seqlen", "256",
+           "--out", str(tmp_path / "q"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    spill = []
+    while time.time() < deadline and proc.poll() is None and not spill:
+        spill = [p for p in tmp_path.glob(".q.layers-*") if any(p.iterdir())]
+        time.sleep(0.05)
+    assert spill, proc.communicate()[0].decode()[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert not list(tmp_path.glob(".q*")) and not (tmp_path / "q").exists()

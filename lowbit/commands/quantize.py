@@ -3,6 +3,7 @@ and activations), of a model into a standard checkpoint."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .engine_flags import add_model_arg
@@ -71,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _terminated(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..quant.awq_config import AwqConfig
     from ..quant.gptq import GptqConfig
@@ -93,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.fmt or ("compressed-tensors" if smooth else "awq")
     sym = args.sym or smooth  # W8A8 weights are symmetric by definition (check_request refuses the rest)
     pin_mmap_threshold()  # process-wide and permanent: this command owns the process (quant/heap.py)
+    # SIGTERM (`timeout`, a job scheduler) unwinds like Ctrl-C, so quantize()'s finally removes its
+    # spill folder of finished layers instead of leaving it beside the output (this command owns the process)
+    signal.signal(signal.SIGTERM, _terminated)
     report = quantize(
         args.model, args.method, w_bit, args.group_size, sym, args.calib, args.calib_samples,
         args.calib_seqlen, fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
