@@ -97,11 +97,11 @@ def _store(cfg, n_chunks=3, seqs=2, t=24, seed=0):
     return store
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_sequential_pass_rounds_each_sub_block_on_the_rounded_layers_inputs(tmp_path, cache):
+@pytest.mark.parametrize("arch,cache", [("llama", True), ("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_sequential_pass_rounds_each_sub_block_on_the_rounded_layers_inputs(tmp_path, arch, cache):
     """o_proj's Hessian is that of the attention output of the *rounded* q/k/v, down_proj's that of
     the rounded gate/up; the pass's outputs are the rounded layer's forward (the next store)."""
-    layer, cfg = tiny_layer(tmp_path, "llama")
+    layer, cfg = tiny_layer(tmp_path, arch)
     fp = copy.deepcopy(layer)
     rotary = rotary_for(cfg)
     store, spec, gcfg = _store(cfg), QuantSpec(3, 16), GptqConfig()
