@@ -84,6 +84,11 @@ class GptqResult:
         return unpermute_columns(self.qweight.dequantize(torch.float32), self.perm)
 
 
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """The act-order column order: descending diag(H), ties in channel order."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
 def unpermute_columns(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """Columns stored in perm order -> original order (out[:, perm[j]] = w[:, j])."""
     if perm is None:
@@ -110,7 +115,7 @@ def gptq_quantize_heads(
         raise QuantizationError(f"GPTQ by heads: {len(hs)} Hessians do not split W of shape {tuple(w.shape)}")
     rows = w.shape[0] // len(hs)
     if cfg.act_order is not None and order is None:
-        order = torch.argsort(sum(torch.diagonal(h.float()) for h in hs), descending=True, stable=True)
+        order = act_order(sum(h.float() for h in hs))
     parts = [gptq_quantize_shared([w[i * rows : (i + 1) * rows]], h, spec, cfg,
                                   [None if max_val is None else max_val[i * rows : (i + 1) * rows]], order)[0]
              for i, h in enumerate(hs)]
@@ -275,7 +280,7 @@ def gptq_quantize_shared(
 
     perm = None
     if cfg.act_order is not None:
-        perm = order if order is not None else torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = order if order is not None else act_order(h)
     static = None
     if cfg.act_order == "weight":  # grids of the original groups, fixed before any column moves
         static = quantize_weight(W, spec.bits, g, spec.sym, max_val=max_val, scale_dtype=spec.scale_dtype)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from ..models.transformer import Attention
 from .gptq import HessianAccumulator
 
-V_PROJ = "self_attn.v_proj"
 QUERY_STRIDE = 4
 
 
@@ -44,8 +43,8 @@ class AttentionHessian:
         """x: the attention's input [B, T, hidden]; positions [B, T]."""
         attn = self.attn
         lead = x.shape[:-1]
-        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(*lead, attn.num_heads, attn.head_dim)
-        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(*lead, attn.num_kv_heads, attn.head_dim)
+        q = attn.q_proj(x).view(*lead, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(x).view(*lead, attn.num_kv_heads, attn.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = rotary(positions, q, k)

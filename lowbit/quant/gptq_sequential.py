@@ -30,7 +30,7 @@ from torch import nn
 from ..layers.rotary import RotaryEmbedding
 from ..models.transformer import DecoderLayer
 from .activations import ActivationStore, positions_for
-from .gptq import GptqConfig, GptqResult, HessianAccumulator, gptq_quantize_heads, gptq_quantize_shared
+from .gptq import GptqConfig, GptqResult, HessianAccumulator, act_order, gptq_quantize_heads, gptq_quantize_shared
 from .gptq_hessian import AttentionHessian
 from .rtn import QuantSpec
 
@@ -103,8 +103,7 @@ def gptq_sequential(
     attn_h = AttentionHessian(attn)  # 2
     for h in store:
         attn_h.add(ln1(h), positions_for(h), rotary)
-    order = torch.argsort(torch.diagonal(hx1), descending=True, stable=True) if cfg.act_order is not None else None
-    rounder.heads("self_attn.v_proj", attn_h.hessians(), order)
+    rounder.heads("self_attn.v_proj", attn_h.hessians(), act_order(hx1) if cfg.act_order is not None else None)
     del hx1, attn_h
 
     h_a, mixed = HessianAccumulator(attn.o_proj.in_features), ActivationStore()  # 3
