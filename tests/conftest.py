@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype auto means bfloat16 matrix work on CPUs with native bf16 (lowbit/engine/args.py); the suite's
+# exactness checks compare against fp32 references, so auto means float32 here (subprocesses
+# included), and tests/test_bf16.py asks for bfloat16 explicitly.
+os.environ.setdefault("LOWBIT_DTYPE", "float32")
 torch.set_num_threads(2)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

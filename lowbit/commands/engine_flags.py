@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from ..engine.args import EngineArgs
+from ..engine.args import DTYPES, EngineArgs
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
@@ -56,6 +56,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-dtype", choices=["auto", "int8"], default=d.activation_dtype,
                    help="int8: 4-bit weight checkpoints run their matmuls on int8 per-token activations (W4A8); "
                         "auto (default): fp32 activations, int8 for W8A8 checkpoints")
+    g.add_argument("--dtype", choices=list(DTYPES), default=d.dtype,
+                   help="matrix multiplies in float32, or bfloat16 with fp32 accumulation (activations, attention "
+                        "and the KV cache stay fp32); auto (default): bfloat16 where the CPU has native bf16 "
+                        "(AVX512_BF16, AMX-BF16), else float32")
     g.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores); process-wide, so set by the command line (cli.py), "
                         "not by the engine")
@@ -73,6 +77,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         enable_prefix_caching=not args.no_prefix_caching,
         quantize_lm_head=args.quantize_lm_head,
         activation_dtype=getattr(args, "activation_dtype", "auto"),
+        dtype=getattr(args, "dtype", "auto"),
         **parallel_kwargs(args),
     )
 
@@ -84,4 +89,4 @@ def worker_engine_args(args: argparse.Namespace) -> EngineArgs:
         return engine_args_from(args)
     from ..eval.perplexity import ppl_engine_args
 
-    return ppl_engine_args(args.model, **parallel_kwargs(args))
+    return ppl_engine_args(args.model, dtype=getattr(args, "dtype", "float32"), **parallel_kwargs(args))

@@ -51,4 +51,25 @@ def report() -> str:
     width = max(len(name) for name in choices) if choices else 0
     for name, c in choices.items():
         lines.append(f"  {name:<{width}}  {c.impl:<11} {c.reason}")
+    lines.append(f"dtype auto: {_auto_dtype(cpu.flags)}")
     return "\n".join(lines)
+
+
+def _auto_dtype(flags: frozenset[str]) -> str:
+    """What the engine's --dtype auto runs here, and why."""
+    from .. import kernels
+    from ..engine.args import resolve_dtype
+    from ..errors import LowbitError
+
+    forced = os.environ.get("LOWBIT_DTYPE", "")
+    try:
+        chosen = resolve_dtype("auto")
+    except LowbitError as exc:
+        return f"error: {exc}"
+    if forced:
+        return f"{chosen} (LOWBIT_DTYPE={forced})"
+    native = [f for f in kernels.BF16_FLAGS if f in flags]
+    if chosen == "bfloat16":
+        return f"bfloat16 matrix work, fp32 accumulation (native bf16: {' '.join(native)})"
+    why = "no compiled kernels" if native else f"no native bf16 ({' or '.join(kernels.BF16_FLAGS)})"
+    return f"float32 ({why})"

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arg(ppl)
     _data_args(ppl)
     add_parallel_args(ppl)
+    ppl.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+                     help="matrix multiplies in float32 (default: the reference) or bfloat16 with fp32 accumulation; "
+                          "auto: bfloat16 where the CPU has native bf16")
     ppl.set_defaults(func=run_ppl)
 
     cmp = evsub.add_parser("compare", help="perplexity of several models on the same text, as one table")
@@ -51,7 +54,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     from ..eval.perplexity import evaluate_ppl
 
     r = evaluate_ppl(args.model, args.dataset, args.seqlen, args.max_windows, progress=not args.quiet,
-                     **parallel_kwargs(args))
+                     dtype=args.dtype, **parallel_kwargs(args))
     print(f"perplexity {r.ppl:.4f}  (nll {r.nll:.4f}, {r.n_windows} windows x {r.seqlen} tokens, "
           f"{r.n_tokens} predictions, {r.seconds:.1f} s; {r.model} on {r.dataset})")
     return 0

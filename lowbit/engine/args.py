@@ -1,9 +1,33 @@
 """EngineArgs: every knob of the engine, shared by LLM, AsyncEngine, the CLI and the server."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import LowbitError
+
+
+#: EngineArgs.dtype values (vLLM's --dtype names; "float"/"bf16" are not accepted aliases).
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """auto -> bfloat16 where bf16 matrix work is native and compiled kernels run, else float32.
+
+    LOWBIT_DTYPE=float32|bfloat16 overrides what auto means on this machine (as LOWBIT_ISA does for the
+    kernels), for every process it reaches: the test suite sets float32, because its exactness checks
+    compare against fp32 references, and asks for bfloat16 explicitly where it tests that path.
+    """
+    if dtype != "auto":
+        return dtype
+    forced = os.environ.get("LOWBIT_DTYPE", "").strip()
+    if forced:
+        if forced not in DTYPES[1:]:
+            raise LowbitError(f"LOWBIT_DTYPE={forced!r}: expected float32 or bfloat16")
+        return forced
+    from .. import kernels
+
+    return "bfloat16" if kernels.native_bf16() and kernels.available() else "float32"
 
 
 @dataclass
@@ -20,6 +44,10 @@ class EngineArgs:
     # auto: as the checkpoint says (fp32 activations; int8 for W8A8 checkpoints); int8: 4-bit weight
     # checkpoints (AWQ, RTN, GPTQ) run their matmuls on int8 per-token activations too (W4A8)
     activation_dtype: str = "auto"
+    # the matrix multiplies: float32, or bfloat16 with fp32 accumulation (activations between layers,
+    # attention and the KV cache stay fp32); auto: bfloat16 where the CPU has native bf16 dot products
+    # (AVX512_BF16 or AMX-BF16) and the compiled kernels are in use, else float32
+    dtype: str = "auto"
     session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
     max_sessions: int = 256
     seed: int = 0  # seeds the engine's own generator, which unseeded requests draw from
@@ -35,6 +63,8 @@ class EngineArgs:
             raise LowbitError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
         if self.activation_dtype not in ("auto", "int8"):
             raise LowbitError(f"activation_dtype must be auto or int8, got {self.activation_dtype!r}")
+        if self.dtype not in DTYPES:
+            raise LowbitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise LowbitError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import kernels
 from ..layers.linear import QuantLinear
+from ..layers.linear_bf16 import Bf16Linear
 from ..layers.linear_int8 import W4A8Linear, W8A8Linear
 from ..layers.permuted import InputPermuted
 from ..layers.tp_linear import RowParallel
@@ -71,7 +72,7 @@ def _direct(m: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | Non
     if kind is QuantLinear:
         handle = m._handle or m._bind()
         return handle.forward if handle is not False else None
-    if kind is W8A8Linear or kind is W4A8Linear:
+    if kind is W8A8Linear or kind is W4A8Linear or kind is Bf16Linear:
         return m.direct()
     # act-order GPTQ (the input gather) or tensor parallel (the all-reduce, the bias) around the
     # inner linear's own call

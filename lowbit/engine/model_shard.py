@@ -14,7 +14,7 @@ import torch
 from ..errors import LowbitError
 from ..models.loader import LoadedModel
 from ..models.tp import split_lm_head
-from .args import EngineArgs
+from .args import EngineArgs, resolve_dtype
 from .executor import execute
 from .kv_cache import KVCachePool, KVCacheSpec, normalize_kv_dtype, num_blocks_for_budget
 from .paged_attention import SeqSlice, build_paged_context
@@ -62,6 +62,9 @@ class ModelShard:
             self._quantize_lm_head()
         if args.activation_dtype == "int8":
             self._int8_activations()
+        self.dtype = resolve_dtype(args.dtype)
+        if self.dtype == "bfloat16":
+            self._bf16()
         heads = cfg.num_kv_heads if self.plan is None else self.plan.num_kv_heads
         self.spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, args.block_size,
                                 normalize_kv_dtype(args.kv_cache_dtype))
@@ -91,6 +94,15 @@ class ModelShard:
             raise LowbitError("activation_dtype int8 needs a 4-bit weight checkpoint (AWQ, RTN, GPTQ) or a W8A8 "
                               "(SmoothQuant) one; this model has neither")
         log.info("int8 activations: %d linears switched to W4A8", swapped)
+
+    def _bf16(self) -> None:
+        """bf16 matrix work, fp32 accumulation (layers/linear_bf16.py)."""
+        from .. import kernels
+        from ..layers.linear_bf16 import use_bf16
+
+        dense, quant = use_bf16(self.model)
+        log.info("dtype bfloat16: %d fp linears stored as bf16, %d quantized linears multiply in bf16%s", dense, quant,
+                 "" if kernels.native_bf16() else " (this CPU has no native bf16: expect it to be slower than float32)")
 
     def _quantize_lm_head(self) -> None:
         from ..layers.linear import quantize_embedding

@@ -178,10 +178,13 @@ def evaluate_ppl(
     max_windows: int | None = None,
     progress: bool = True,
     tensor_parallel_size: int = 1,
+    dtype: str = "float32",
     **parallel,
 ) -> PerplexityResult:
     """Load a model (fp or quantized checkpoint) and measure its perplexity on `dataset`.
-    tensor_parallel_size > 1 (with the engine's nnodes / master_* options): over that many ranks."""
+    tensor_parallel_size > 1 (with the engine's nnodes / master_* options): over that many ranks.
+    dtype: the matrix multiplies' (EngineArgs.dtype); float32 by default, the reference every
+    quantization figure is measured against."""
     from ..models.loader import resolve_model_dir
     from ..quant.loader import load_model
 
@@ -192,13 +195,21 @@ def evaluate_ppl(
         if tensor_parallel_size > 1:
             from ..engine.model_runner import ModelRunner
 
-            runner = ModelRunner(ppl_engine_args(model_dir, tensor_parallel_size=tensor_parallel_size, **parallel))
+            runner = ModelRunner(ppl_engine_args(model_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                                                 **parallel))
             stack.callback(runner.close)
             if runner.tokenizer is None:
                 raise EvalError(f"{model_dir} has no tokenizer files")
             model, tokenizer, path = _RankedModel(runner), runner.tokenizer, model_dir
         else:
+            from ..engine.args import EngineArgs, resolve_dtype
+
+            EngineArgs(dtype=dtype)  # validates the name
             lm = load_model(model_dir)
+            if resolve_dtype(dtype) == "bfloat16":
+                from ..layers.linear_bf16 import use_bf16
+
+                use_bf16(lm.model)
             model, tokenizer, path = lm.model, lm.tokenizer, lm.path
         ids = tokenize_stream(tokenizer, text)
         res = perplexity(model, ids, seqlen, max_windows, progress=progress, desc=Path(label).name or label)

@@ -30,6 +30,7 @@ BENCH = REGISTRY.family("bench")
 __all__ = [
     "KernelConfigError", "OP_SPECS", "Choice", "OpSet", "Registry", "VARIANTS", "Variant",
     "REGISTRY", "QGEMM", "OPS", "INT8", "BENCH", "get", "available", "reset", "choices", "usable_variants",
+    "BF16_FLAGS", "native_bf16",
 ]
 
 
@@ -41,6 +42,15 @@ def get() -> OpSet | None:
 def available() -> bool:
     """Whether the compiled quantized-linear kernels will be used."""
     return QGEMM.get() is not None
+
+
+#: CPU flags that make bf16 matrix work native (dot products in hardware, fp32 accumulation).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): EngineArgs.dtype=auto's test."""
+    return any(f in REGISTRY.cpu.flags for f in BF16_FLAGS)
 
 
 def reset() -> None:

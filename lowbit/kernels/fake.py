@@ -28,6 +28,10 @@ def register(namespace: str) -> None:
     def _dequantize(packed, scales, offset, bits, k8, group):
         return scales.new_empty((packed.shape[0], k8))
 
+    @fake("bf16_linear")
+    def _bf16_linear(x, w, bias):
+        return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype)
+
     @fake("quantize_per_token")
     def _quantize_per_token(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1])

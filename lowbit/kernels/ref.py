@@ -137,3 +137,12 @@ def w4a8_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ w^T (+ bias) for a bfloat16 w [N, K]: bf16 operands, fp32 result (the compiled
+    kernel's gemv keeps x in fp32 at small M, so the two agree to bf16 rounding of x, not exactly)."""
+    y = F.linear(x.to(torch.bfloat16), w).to(torch.float32)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)

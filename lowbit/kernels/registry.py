@@ -60,6 +60,7 @@ _ATTN = "gather + SDPA (lowbit/layers/paged_attention.py)"
 OPS: tuple[OpSpec, ...] = (
     OpSpec("QLinear", "qgemm", ref_elsewhere="QuantLinear's dequantize + matmul (lowbit/layers/linear.py)"),
     OpSpec("dequantize", "qgemm", ref_elsewhere="QuantLinear._dequant_rows (lowbit/layers/linear.py)"),
+    OpSpec("bf16_linear", "qgemm", "bf16_linear"),
     OpSpec("quantize_per_token", "int8", "quantize_per_token"),
     OpSpec("w8a8_linear", "int8", "w8a8_linear"),
     OpSpec("w4a8_linear", "int8", "w4a8_linear"),

@@ -120,6 +120,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias)
         self._handle: object | None = None
         self._order: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bf16_min_m = 0  # > 0: from this many rows on the matmul runs in bf16 (layers/linear_bf16.py)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -224,7 +225,14 @@ class QuantLinear(nn.Module):
             self.packed, self.scales, self.offset, self.bias,
             self.container_bits, self.in_features, self.k8, self.kernel_group, TILE_MIN_M,
         )
+        if self._handle is not False:
+            self._handle.bf16_min_m = self.bf16_min_m
         return self._handle
+
+    def set_bf16_min_m(self, m: int) -> None:
+        """From m rows on (0: never) multiply in bf16 with fp32 accumulation (EngineArgs.dtype)."""
+        self.bf16_min_m = int(m)
+        self._handle = None
 
     def _apply(self, fn, recurse=True):  # noqa: D401 - torch API
         """Module.to()/half()/bfloat16() move buffers but must not change their dtypes: the
@@ -274,9 +282,12 @@ class QuantLinear(nn.Module):
         else:
             rows = max(1, _FALLBACK_ROWS_BYTES // (4 * x2.shape[1]))
             out = x2.new_empty(x2.shape[0], self.out_features)
+            bf16 = 0 < self.bf16_min_m <= x2.shape[0]
+            xb = x2.to(torch.bfloat16) if bf16 else x2
             for r0 in range(0, self.out_features, rows):
                 r1 = min(self.out_features, r0 + rows)
-                out[:, r0:r1] = x2 @ self._dequant_rows(r0, r1).t()
+                w = self._dequant_rows(r0, r1)
+                out[:, r0:r1] = (xb @ w.to(torch.bfloat16).t()).float() if bf16 else xb @ w.t()
         if self.bias is not None:
             out += self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

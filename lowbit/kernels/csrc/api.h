@@ -14,9 +14,10 @@ namespace lowbit::LOWBIT_ISA {
 
 // ---- quantized linear (qgemm/linear.cpp)
 // y[..., N] = x[..., K] @ W^T (+ bias) for a packed weight; mode 0 picks the kernel by M
-// (1 gemv, 2 blocked GEMM, 3 tiled sgemm, 4 gemv with fp32 x).
+// (1 gemv, 2 blocked GEMM, 3 tiled sgemm, 4 gemv with fp32 x, 5 tiled bf16 GEMM); with bf16_min_m > 0,
+// mode 0 runs mode 5 from that many rows on.
 at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int64_t in_features, int64_t k8,
-                      int64_t tile_min_m, int64_t mode);
+                      int64_t tile_min_m, int64_t mode, int64_t bf16_min_m = 0);
 
 // run_linear with the layer given as tensors (the dispatcher op; the hot path binds a Handle once).
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offset,
@@ -33,12 +34,19 @@ struct Handle {
   at::Tensor w, scales, offset, bias;
   Layer L;
   int64_t bits, in_features, k8, tile_min_m;
+  int64_t bf16_min_m = 0;  // > 0: from this many rows on the matmul runs in bf16 (EngineArgs.dtype)
 
   Handle(at::Tensor w_, at::Tensor scales_, at::Tensor offset_, c10::optional<at::Tensor> bias_, int64_t bits_,
          int64_t in_features_, int64_t k8_, int64_t group, int64_t tile_min_m_);
   at::Tensor forward(const at::Tensor& x) const;
   at::Tensor forward_mode(const at::Tensor& x, int64_t mode) const;
 };
+
+// ---- bf16 matrix work (qgemm/bf16.cpp)
+// y [..., N] = x [..., K] @ W^T (+ bias) for an unquantized bf16 W [N, K]: fp32 x and y, fp32 accumulation.
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+// A contiguous float32 tensor rounded to bfloat16 (nearest even).
+at::Tensor to_bf16_tensor(const at::Tensor& x);
 
 // ---- int8 activations (qgemm/quant_act.cpp, gemm_w8a8.cpp, gemm_w4a8.cpp; layouts in qgemm/int8.h)
 // x [..., K] -> (q int8 [..., K], scale float [...]): per-token symmetric, scale = max|x| / 127.

@@ -28,7 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, int64_t, int64_t,
                           int64_t, int64_t, int64_t>())
       .def("forward", &ops::Handle::forward, kNoGil, "y = x @ W^T + b (fp32 compute)")
-      .def("forward_mode", &ops::Handle::forward_mode, kNoGil, "forward with a forced kernel (benchmarks/tests)");
+      .def("forward_mode", &ops::Handle::forward_mode, kNoGil, "forward with a forced kernel (benchmarks/tests)")
+      .def_readwrite("bf16_min_m", &ops::Handle::bf16_min_m, "from this many rows on the matmul runs in bf16 (0: never)");
+  m.def("bf16_linear", &ops::bf16_linear, kNoGil, "y = x @ W^T + b for a bf16 W: fp32 x/y, fp32 accumulation");
   m.def("dequantize", &ops::dequantize, kNoGil, "dequantize packed rows to fp32");
 
   m.def("quantize_per_token", &ops::quantize_per_token, kNoGil,

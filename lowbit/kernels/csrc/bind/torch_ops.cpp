@@ -19,6 +19,7 @@ LOWBIT_LIBRARY(LOWBIT_TORCH_NS, m) {
   m.def("qlinear(Tensor x, Tensor packed, Tensor scales, Tensor offset, Tensor? bias, int bits, int in_features, "
         "int k8, int group, int tile_min_m, int mode) -> Tensor");
   m.def("dequantize(Tensor packed, Tensor scales, Tensor offset, int bits, int k8, int group) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("w8a8_linear(Tensor x, Tensor packed, Tensor w_scale, Tensor rowsum, Tensor? bias, int out_features) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor packed, Tensor scales, Tensor zero_scales, Tensor? bias, int out_features, "
@@ -43,6 +44,7 @@ LOWBIT_LIBRARY(LOWBIT_TORCH_NS, m) {
 LOWBIT_LIBRARY_IMPL(LOWBIT_TORCH_NS, CPU, m) {
   m.impl("qlinear", &ops::qlinear);
   m.impl("dequantize", &ops::dequantize);
+  m.impl("bf16_linear", &ops::bf16_linear);
   m.impl("quantize_per_token", &ops::quantize_per_token);
   m.impl("w8a8_linear", &ops::w8a8_linear);
   m.impl("w4a8_linear", &ops::w4a8_linear);

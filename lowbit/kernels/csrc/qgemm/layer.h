@@ -121,6 +121,10 @@ void gemm_blocked(const Layer& L, const float* x, int64_t M, int64_t ldx, float*
 // gemm.cpp: y = x W^T (+ bias) through the BLAS sgemm on dequantized tiles (large M).
 template <int BITS>
 void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y);
+// bf16.cpp: the same product in bf16 (fp32 accumulation): W dequantized tile by tile into bf16,
+// x rounded to bf16, torch's bf16 matmul (oneDNN; AMX or AVX512_BF16 where the CPU has them).
+template <int BITS>
+void gemm_tiled_bf16(const Layer& L, const at::Tensor& x, at::Tensor& y);
 
 // linear.cpp: the Layer view of a packed weight (checks shapes and dtypes).
 Layer make_layer(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offset,

@@ -49,9 +49,10 @@ Layer make_layer(const at::Tensor& w, const at::Tensor& scales, const at::Tensor
 // Reshaping, dtype conversion and padding to K8 happen here rather than in Python because at
 // decode every microsecond of per-call overhead is paid by ~200 linears per token.
 // mode: 0 auto, 1 gemv (int16 x where gemv16_fits, else fp32 x row by row), 2 blocked dequant + register-tiled GEMM,
-// 3 tiled sgemm, 4 gemv with fp32 x throughout.
+// 3 tiled sgemm, 4 gemv with fp32 x throughout, 5 tiled bf16 GEMM (bf16.cpp; mode 0 picks it from
+// bf16_min_m rows on when that is > 0).
 at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int64_t in_features,
-                      int64_t k8, int64_t tile_min_m, int64_t mode) {
+                      int64_t k8, int64_t tile_min_m, int64_t mode, int64_t bf16_min_m) {
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == in_features, "expected input with ", in_features,
               " features, got ", x_in.sizes());
   at::Tensor x = x_in.reshape({-1, in_features});
@@ -63,6 +64,7 @@ at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int6
   out_shape.back() = L.n;
   auto y = at::empty({M, L.n}, x.options());
   if (M > 0) {
+    if (mode == 0 && bf16_min_m > 0 && M >= bf16_min_m) mode = 5;
     if (mode == 0) mode = (M == 1 || (M <= kGemvMaxM && gemv16_fits(L))) ? 1 : (M >= tile_min_m ? 3 : 2);
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
@@ -77,6 +79,9 @@ at::Tensor run_linear(const Layer& L, const at::Tensor& x_in, int64_t bits, int6
     } else if (mode == 2) {
       if (bits == 4) gemm_blocked<4>(L, xp, M, x.stride(0), yp);
       else gemm_blocked<8>(L, xp, M, x.stride(0), yp);
+    } else if (mode == 5) {
+      if (bits == 4) gemm_tiled_bf16<4>(L, x, y);
+      else gemm_tiled_bf16<8>(L, x, y);
     } else {
       if (bits == 4) gemm_tiled<4>(L, x, y);
       else gemm_tiled<8>(L, x, y);
@@ -95,7 +100,9 @@ Handle::Handle(at::Tensor w_, at::Tensor scales_, at::Tensor offset_, c10::optio
                  bits, k8, group);
 }
 
-at::Tensor Handle::forward(const at::Tensor& x) const { return run_linear(L, x, bits, in_features, k8, tile_min_m, 0); }
+at::Tensor Handle::forward(const at::Tensor& x) const {
+  return run_linear(L, x, bits, in_features, k8, tile_min_m, 0, bf16_min_m);
+}
 
 at::Tensor Handle::forward_mode(const at::Tensor& x, int64_t mode) const {
   return run_linear(L, x, bits, in_features, k8, tile_min_m, mode);

