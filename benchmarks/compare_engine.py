@@ -27,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,36 +63,76 @@ def peer(cfg: PeerConfig, *args: str) -> dict:
         return {"error": f"no JSON result on stdout ({error_line(r.stderr, r.returncode)})"}
 
 
-def lowbit_runs(model: str | None, label: str, args, vocab: int, kv_cache_dtype: str = "fp32",
-                throughput_only: bool = False) -> dict:
+@dataclass(frozen=True)
+class LowbitConfig:
+    """One lowbit engine configuration of the comparison."""
+
+    key: str  # the JSON key
+    label: str  # the table's row label
+    quantized: bool  # the W4 checkpoint (else the FP model)
+    dtype: str = "float32"  # EngineArgs.dtype
+    kv_cache_dtype: str = "fp32"
+    activation_dtype: str = "auto"
+    isa: str | None = None  # LOWBIT_ISA for this configuration (None: the best this CPU runs)
+    throughput_only: bool = False
+    session: bool = False
+
+
+def lowbit_configs(native_bf16: bool, isas: list[str]) -> list[LowbitConfig]:
+    """Every lowbit row: fp32 and (where native) bf16 matrix work, on the FP and the W4 checkpoint; the
+    int8 KV cache; W4A8 (int8 activations); and the W4A16 figures on the AVX2 kernels when the machine
+    also runs AVX-512, so the two kernel sets are compared in the same run."""
+    cfgs = [LowbitConfig("lowbit-fp32", "lowbit fp32", False)]
+    if native_bf16:
+        cfgs.append(LowbitConfig("lowbit-bf16", "lowbit bf16", False, "bfloat16"))
+    cfgs.append(LowbitConfig("lowbit-w4a16", "lowbit W4A16 (fp32 act.)", True, session=True))
+    if native_bf16:
+        cfgs.append(LowbitConfig("lowbit-w4a16-bf16", "lowbit W4A16 (bf16 act.)", True, "bfloat16"))
+    best = "bfloat16" if native_bf16 else "float32"
+    cfgs.append(LowbitConfig("lowbit-w4a16-kv8", "lowbit W4A16 kv int8", True, best, "int8", throughput_only=True))
+    cfgs.append(LowbitConfig("lowbit-w4a8", "lowbit W4A8", True, best, activation_dtype="int8"))
+    if len(isas) > 1 and isas[0] != "avx2" and "avx2" in isas:
+        cfgs.append(LowbitConfig("lowbit-w4a16-avx2", "lowbit W4A16 (fp32 act.) avx2", True, isa="avx2"))
+    return cfgs
+
+
+def lowbit_runs(cfg: LowbitConfig, fp: str, w4: str, args, vocab: int) -> dict:
     import torch
 
+    from lowbit import kernels
     from lowbit.bench.offline import engine_summary, run_latency, run_session_ttft, run_throughput
     from lowbit.engine.args import EngineArgs
     from lowbit.engine.llm_engine import LLMEngine
 
     torch.set_num_threads(args.threads)
-    res: dict = {}
-    common = dict(model=model, quantize_lm_head=args.quantize_lm_head and label != "lowbit-fp32",
+    if cfg.isa is None:
+        os.environ.pop("LOWBIT_ISA", None)
+    else:
+        os.environ["LOWBIT_ISA"] = cfg.isa
+    kernels.reset()  # every configuration resolves its kernels again (LOWBIT_ISA)
+    res: dict = {"isa": cfg.isa or "best", "dtype": cfg.dtype}
+    common = dict(model=w4 if cfg.quantized else fp, quantize_lm_head=args.quantize_lm_head and cfg.quantized,
                   kv_cache_memory=1 << 30, max_num_seqs=64, max_num_batched_tokens=args.batched_tokens,
-                  kv_cache_dtype=kv_cache_dtype)
+                  kv_cache_dtype=cfg.kv_cache_dtype, dtype=cfg.dtype, activation_dtype=cfg.activation_dtype)
     engine = LLMEngine(EngineArgs(**common))
     res["summary"] = engine_summary(engine)
     from benchmarks.bench_decode import weight_bytes_per_token
 
     res["weight_bytes_per_token"] = weight_bytes_per_token(engine.runner.model)  # layers + final norm + LM head
-    if not throughput_only:
-        print(f"  {label}: decode", file=sys.stderr)
+    if not cfg.throughput_only:
+        print(f"  {cfg.label}: decode", file=sys.stderr)
         res["decode"] = asdict(run_latency(engine, output_len=128, repeats=args.runs, prompt=decode_prompt(vocab)))
     if "throughput" not in args.skip:
-        print(f"  {label}: throughput", file=sys.stderr)
+        print(f"  {cfg.label}: throughput", file=sys.stderr)
         sets = [run_prompts(args.num_prompts, 128, vocab, r) for r in range(args.runs)]
         res["throughput"] = asdict(run_throughput(engine, prompt_sets=sets, output_len=128, repeats=args.runs))
     del engine
-    if label != "lowbit-fp32" and "session" not in args.skip and not throughput_only:
-        print(f"  {label}: session", file=sys.stderr)
+    if cfg.session and "session" not in args.skip:
+        print(f"  {cfg.label}: session", file=sys.stderr)
         engine = LLMEngine(EngineArgs(**{**common, "enable_prefix_caching": False}))
         res["session"] = asdict(run_session_ttft(engine, 1500, 20, args.runs))
+    os.environ.pop("LOWBIT_ISA", None)
+    kernels.reset()
     return res
 
 
@@ -108,7 +148,7 @@ def main() -> int:
     ap.add_argument("--batched-tokens", type=int, default=1024)
     ap.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "vllm", "throughput",
-                                                              "session", "kv8"])
+                                                              "session", "kv8", "w4a8"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -126,12 +166,18 @@ def main() -> int:
                  "prompt_vocab": vocab}
     print("ceilings", file=sys.stderr)
     out["ceilings"] = {"matmul_flops": matmul_flops(), "read_bytes_per_s": read_bandwidth()}
-    out["lowbit-fp32"] = lowbit_runs(fp, "lowbit-fp32", args, vocab)
-    out["lowbit-w4a16"] = lowbit_runs(w4, "lowbit-w4a16", args, vocab)
-    if "throughput" not in args.skip and "kv8" not in args.skip:
-        # the same W4A16 engine with the int8 KV cache (kv_cache.py; +0.04% perplexity): decode
-        # attention at batch 64 reads the whole cache every step, a quarter of the bytes in int8
-        out["lowbit-w4a16-kv8"] = lowbit_runs(w4, "lowbit-w4a16-kv8", args, vocab, "int8", throughput_only=True)
+    from lowbit import kernels
+
+    cfgs = lowbit_configs(kernels.native_bf16(), kernels.usable_variants())
+    out["lowbit_rows"] = [[c.key, c.label] for c in cfgs]
+    for cfg in cfgs:
+        # the int8 KV cache (kv_cache.py; +0.04% perplexity): decode attention at batch 64 reads the
+        # whole cache every step, a quarter of the bytes in int8
+        if cfg.kv_cache_dtype == "int8" and ("throughput" in args.skip or "kv8" in args.skip):
+            continue
+        if cfg.activation_dtype == "int8" and "w4a8" in args.skip:
+            continue
+        out[cfg.key] = lowbit_runs(cfg, fp, w4, args, vocab)
     n, v = str(args.num_prompts), str(vocab)
     throughput_args = ("--mode", "throughput", "--num-prompts", n, "--input-len", "128", "--output-len", "128",
                        "--vocab-size", v)
@@ -214,41 +260,49 @@ def report(o: dict) -> None:
     print(f"\nmodel {o.get('model')}; machine: {o['machine'].get('cpu_model', '?')}, ceilings: matmul "
           f"{flops / 1e9:.1f} GFLOP/s, read {bw / 1e9:.2f} GB/s; load {o['load_before'][0]:.2f} -> {o['load_after'][0]:.2f}")
     runs = o.get("peers", [])
-    dec = [Row("lowbit fp32", "lowbit", _get(o, "lowbit-fp32", "decode", "decode_tokens_per_s")),
-           Row("lowbit W4A16", "lowbit", _get(o, "lowbit-w4a16", "decode", "decode_tokens_per_s"))]
+    ours = o.get("lowbit_rows") or [["lowbit-fp32", "lowbit fp32"], ["lowbit-w4a16", "lowbit W4A16"],
+                                      ["lowbit-w4a16-kv8", "lowbit W4A16 kv int8"]]
+    dec = [Row(label, "lowbit", _get(o, key, "decode", "decode_tokens_per_s")) for key, label in ours
+           if _get(o, key, "decode")]
     dec = mark_best(dec + peer_rows(runs, "decode", "decode_tokens_per_s"))
     print("\nbatch-1 decode, 128 new tokens (tokens/s, median):")
     for r in dec:
         print(format_row(r))
-    w4 = dec[1].value
+    w4 = _get(o, "lowbit-w4a16", "decode", "decode_tokens_per_s")
     wbytes = _get(o, "lowbit-w4a16", "weight_bytes_per_token")
     if w4 and wbytes:
         use = w4 * wbytes / bw
         print(f"  W4A16 bandwidth use: {use:.0%} of read ceiling ({wbytes / 2**20:.1f} MiB of weights per token: "
-              f"decoder layers, final norm, LM head; goal >= 80%): {'PASS' if use >= 0.8 else 'FAIL'}")
-    for peer_name in ("llama.cpp", "transformers", "vLLM-CPU"):
-        best = best_of(dec, peer_name)
-        if w4 and best:
-            goal = "  (goal >= 1.2x)" if peer_name == "llama.cpp" else ""
-            print(f"  W4A16 / best {peer_name} ({best.label}): {w4 / best.value:.2f}x{goal}")
-    thr = [Row("lowbit fp32", "lowbit", _get(o, "lowbit-fp32", "throughput", "total_tokens_per_s")),
-           Row("lowbit W4A16", "lowbit", _get(o, "lowbit-w4a16", "throughput", "total_tokens_per_s")),
-           Row("lowbit W4A16 kv int8", "lowbit", _get(o, "lowbit-w4a16-kv8", "throughput", "total_tokens_per_s"))]
+              f"decoder layers, final norm, LM head; goal >= 85%): {'PASS' if use >= 0.85 else 'FAIL'}")
+    for key, goal_peer, goal in (("lowbit-w4a16", "llama.cpp", 1.5), ("lowbit-fp32", "vLLM-CPU", 1.0),
+                                 ("lowbit-bf16", "vLLM-CPU", 1.0)):
+        mine = _get(o, key, "decode", "decode_tokens_per_s")
+        for peer_name in ("llama.cpp", "transformers", "vLLM-CPU"):
+            best = best_of(dec, peer_name)
+            if mine and best:
+                g = f"  (goal >= {goal}x)" if peer_name == goal_peer else ""
+                print(f"  {key} / best {peer_name} ({best.label}): {mine / best.value:.2f}x{g}")
+    thr = [Row(label, "lowbit", _get(o, key, "throughput", "total_tokens_per_s")) for key, label in ours
+           if _get(o, key, "throughput")]
     thr = mark_best(thr + peer_rows(runs, "throughput", "total_tokens_per_s"))
     if any(r.value for r in thr) or any(r.error for r in thr):
         print("\nthroughput, 64 x (128 in, 128 out), total tokens/s (median):")
         for r in thr:
             print(format_row(r))
         params = _get(o, "lowbit-fp32", "summary", "model_bytes")
-        for ours in thr[1:3]:
-            if ours.value and params:
-                print(f"  {ours.label} compute use: {2 * (params / 4) * ours.value / flops:.0%} of matmul ceiling "
+        goals = {"lowbit-w4a16": 1.0, "lowbit-w4a16-bf16": 1.0, "lowbit-w4a8": 1.6}
+        for key, label in ours:
+            value = _get(o, key, "throughput", "total_tokens_per_s")
+            if not value:
+                continue
+            if params:
+                print(f"  {label} compute use: {2 * (params / 4) * value / flops:.0%} of matmul ceiling "
                       f"(2 x {params / 4 / 1e6:.0f}M params x tokens/s)")
             for peer_name in ("vLLM-CPU", "transformers"):
                 best = best_of(thr, peer_name)
-                if ours.value and best:
-                    goal = "  (goal >= 1.2x)" if peer_name == "vLLM-CPU" else ""
-                    print(f"  {ours.label} / best {peer_name} ({best.label}): {ours.value / best.value:.2f}x{goal}")
+                if best:
+                    goal = f"  (goal >= {goals[key]}x)" if peer_name == "vLLM-CPU" and key in goals else ""
+                    print(f"  {label} / best {peer_name} ({best.label}): {value / best.value:.2f}x{goal}")
     ses = _get(o, "lowbit-w4a16", "session")
     if ses:
         print(f"\nstateful turn (20 new tokens after 1500): TTFT {ses['ttft_session_ms']:.0f} ms with session vs "

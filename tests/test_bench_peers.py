@@ -258,3 +258,17 @@ finally:
     with pytest.raises(ProcessLookupError):
         import os
         os.kill(server, 0)
+
+
+def test_compare_engine_lowbit_configs():
+    from benchmarks import compare_engine as CE
+
+    avx512 = CE.lowbit_configs(True, ["avx512", "avx2"])
+    keys = [c.key for c in avx512]
+    assert keys == ["lowbit-fp32", "lowbit-bf16", "lowbit-w4a16", "lowbit-w4a16-bf16", "lowbit-w4a16-kv8",
+                    "lowbit-w4a8", "lowbit-w4a16-avx2"]
+    assert {c.key: c.dtype for c in avx512}["lowbit-w4a8"] == "bfloat16"
+    assert [c for c in avx512 if c.isa] == [avx512[-1]] and avx512[-1].isa == "avx2"
+    avx2 = CE.lowbit_configs(False, ["avx2"])
+    assert [c.key for c in avx2] == ["lowbit-fp32", "lowbit-w4a16", "lowbit-w4a16-kv8", "lowbit-w4a8"]
+    assert all(c.dtype == "float32" for c in avx2) and sum(c.session for c in avx2) == 1

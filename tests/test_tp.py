@@ -282,3 +282,31 @@ def test_sharded_model_keeps_the_lean_decode_loop(tiny_dirs, kind):
     assert layer.mlp.down_proj.in_features == 128
     plan = lean_plan(model)
     assert plan is not None and plan[0].num_heads == 2 and plan[0].num_kv_heads == 1
+
+
+@pytest.mark.parametrize("kind", ["fp", "w4"])
+def test_tp2_in_bf16(tiny_dirs, kind):
+    """dtype bfloat16 under TP: every rank multiplies its slices in bf16 (the vocabulary-parallel head's
+    slice too); the logits stay within bf16 rounding of TP=1 bf16 (the row-parallel partial sums round
+    separately, so not bit-identical)."""
+    from lowbit.layers.linear_bf16 import Bf16Linear
+
+    path = tiny_dirs[("llama", kind)]
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    rows = {}
+    for tp in (1, 2):
+        engine, rec = _engine(path, tp, dtype="bfloat16", max_num_batched_tokens=64)
+        try:
+            assert engine.runner.shard.dtype == "bfloat16"
+            head = engine.runner.model.lm_head
+            assert any(isinstance(m, Bf16Linear) for m in head.modules()) or kind == "w4"
+            _run(engine, PROMPTS, greedy)
+            _assert_free(engine)
+        finally:
+            engine.runner.close()
+        rows[tp] = rec.rows
+    common = rows[1].keys() & rows[2].keys()
+    assert len(common) >= 10
+    for ctx in common:
+        a, b = rows[1][ctx], rows[2][ctx]
+        assert (a - b).abs().max() <= 3e-2 * a.abs().max(), ctx

@@ -62,9 +62,6 @@ class ModelShard:
             self._quantize_lm_head()
         if args.activation_dtype == "int8":
             self._int8_activations()
-        self.dtype = resolve_dtype(args.dtype)
-        if self.dtype == "bfloat16":
-            self._bf16()
         heads = cfg.num_kv_heads if self.plan is None else self.plan.num_kv_heads
         self.spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, args.block_size,
                                 normalize_kv_dtype(args.kv_cache_dtype))
@@ -77,6 +74,10 @@ class ModelShard:
         self.head_parallel = self.plan is not None and args.vocab_parallel_head
         if self.head_parallel:
             split_lm_head(self.model)
+        # last: the fp linears it swaps are the sharded ones, the vocabulary-parallel head's slice included
+        self.dtype = resolve_dtype(args.dtype)
+        if self.dtype == "bfloat16":
+            self._bf16()
         where = "" if self.plan is None else f"rank {self.plan.rank}/{self.plan.world}: "
         log.info(
             "%sKV cache %s: %d blocks x %d tokens = %d tokens, %d KV heads, pool %.1f MiB (%d B/token); model %.1f MiB",
