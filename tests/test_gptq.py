@@ -392,7 +392,17 @@ def test_cli_gptq_flags(tmp_path, capsys):
     assert "GPTQ better than RTN" in capsys.readouterr().err
     rc = main(["quantize", "--model", str(src), "--method", "awq", "--act-order", "--out", str(tmp_path / "r")])
     assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
+    rc = main(["quantize", "--model", str(src), "--method", "rtn", "--act-order", "none", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_quantize_cli_act_order_default_is_weight():
+    """No --act-order: GPTQ's default (weight); 'none' turns it off; a bare flag means group."""
+    from lowbit.commands.quantize import _act_order
+
+    assert GptqConfig().act_order == "weight"
+    assert _act_order(None) == "weight" and _act_order("none") is None and _act_order("group") == "group"
 
 
 @pytest.mark.slow

@@ -58,10 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "to each token's residual-stream size, which measured better)")
     p.add_argument("--damp", type=float, default=g.damp,
                    help="GPTQ dampening, a fraction of the Hessian's mean diagonal (default %(default)s)")
-    p.add_argument("--act-order", nargs="?", const="group", choices=list(ACT_ORDERS), default=None,
-                   help="GPTQ: round columns in descending activation order; 'group' (the default when given) "
-                        "also forms the groups in that order (stored with g_idx: compressed-tensors only), "
-                        "'weight' keeps the original groups (any format)")
+    p.add_argument("--act-order", nargs="?", const="group", choices=[*ACT_ORDERS, "none"], default=None,
+                   help="GPTQ: round columns in descending activation order. 'weight' (the default for gptq and "
+                        "awq-gptq) keeps the original groups (any format); 'group' (the value of a bare "
+                        "--act-order) also forms the groups in that order (stored with g_idx: compressed-tensors "
+                        "only); 'none': the original column order")
     p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default=None,
                    help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq; "
                         "smoothquant: compressed-tensors)")
@@ -70,6 +71,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration document order")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _act_order(flag: str | None) -> str | None:
+    """The GptqConfig value of --act-order: not given -> GPTQ's default; "none" -> off."""
+    from ..quant.gptq import GptqConfig
+
+    if flag is None:
+        return GptqConfig().act_order
+    return None if flag == "none" else flag
 
 
 def _terminated(signum, _frame):
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
-    if args.method not in ("gptq", "awq-gptq") and (args.act_order or args.damp != GptqConfig().damp):
+    if args.method not in ("gptq", "awq-gptq") and (args.act_order is not None or args.damp != GptqConfig().damp):
         from ..errors import QuantizationError
 
         raise QuantizationError("--act-order and --damp apply to --method gptq and awq-gptq only")
@@ -104,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(
         args.model, args.method, w_bit, args.group_size, sym, args.calib, args.calib_samples,
         args.calib_seqlen, fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
-        gptq_config=GptqConfig(damp=args.damp, act_order=args.act_order),
+        gptq_config=GptqConfig(damp=args.damp, act_order=_act_order(args.act_order)),
     )
     t = report.totals
     print(f"wrote {report.out_dir} ({report.method} W{report.bits} g{report.group_size}"
