@@ -74,6 +74,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("rotary_and_cache_qkv", "ops", ref_elsewhere=_LEAN),
     OpSpec("quantize_to_pool", "ops", ref_elsewhere="kv_cache.quantize + index copies (lowbit/engine/kv_cache.py)"),
     OpSpec("paged_decode_attention", "ops", ref_elsewhere=_ATTN),
+    OpSpec("shm_all_reduce", "ops", ref_elsewhere="the Python spin + torch.add path (lowbit/distributed/shm_allreduce.py)"),
     OpSpec("paged_decode_attention_qkv", "ops", ref_elsewhere=_ATTN),
 )
 FAMILIES = tuple(dict.fromkeys(op.family for op in OPS))

@@ -82,6 +82,14 @@ void rotary_and_cache_qkv(const at::Tensor& qkv, int64_t Hq, int64_t Hkv, const 
 void quantize_to_pool(const at::Tensor& x, const at::Tensor& slots, at::Tensor pool, at::Tensor scale_zero,
                       int64_t bits);
 
+// ---- shared-memory all-reduce (ops/shm.cpp; the segment is lowbit/distributed/shm_allreduce.py's)
+// Copies t into this rank's slot of the bank at bank_addr and publishes seq (when publish), spins up to
+// max_spins for every rank's flag to reach seq, then writes the rank-ordered sum of the slots into t.
+// False (t untouched) when the peers were not all there in time: the caller waits, then calls again
+// with publish = false.
+bool shm_all_reduce(const at::Tensor& t, int64_t flags_addr, int64_t bank_addr, int64_t slot_floats, int64_t world,
+                    int64_t rank, int64_t seq, int64_t max_spins, bool publish);
+
 // ---- paged decode attention (attention/paged_attention.cpp)
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const c10::optional<at::Tensor>& k_sz, const c10::optional<at::Tensor>& v_sz,

@@ -47,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rotary on q, k in place; store k, v at slots of fp32 pools");
   m.def("quantize_to_pool", &ops::quantize_to_pool, kNoGil,
         "per-token, per-head asymmetric int8/int4 codes of x [N, H, D] stored at slots of a uint8 pool");
+  m.def("shm_all_reduce", &ops::shm_all_reduce, kNoGil,
+        "publish t into a shared-memory slot, wait for every rank, sum the slots in rank order into t");
   m.def("paged_decode_attention", &ops::paged_decode_attention, kNoGil, "one-token attention over paged K/V blocks");
   m.def("rotary_qkv_", &ops::rotary_qkv_, kNoGil, "rotary_ on the q and k parts of a fused [N, (Hq + 2 Hkv) D] qkv");
   m.def("rotary_and_cache_qkv", &ops::rotary_and_cache_qkv, kNoGil, "rotary_and_cache on a fused qkv");
