@@ -212,3 +212,20 @@ def test_reference_path_without_the_extension(monkeypatch):
     finally:
         monkeypatch.undo()
         kernels.reset()
+
+
+@pytest.mark.parametrize("m", [32, 64, 300])
+def test_w8a8_through_onednn_is_bit_identical_to_the_panel_kernel(ext, m):
+    """On AMX-INT8 CPUs large M goes through torch._int_mm (oneDNN) instead of the VNNI panel kernel:
+    the same integer sums and the same epilogue order, so the same bits (lean-loop route included)."""
+    if "amx_int8" not in kernels.REGISTRY.cpu.flags:
+        pytest.skip("torch._int_mm is used only on CPUs with AMX-INT8")
+    g = torch.Generator().manual_seed(m)
+    lin = W8A8Linear.from_int8(int8_weight(72, 200), torch.rand(72, generator=g) * 0.01, torch.randn(72, generator=g))
+    x = activations(m, 200)
+    panel = ext.w8a8_linear(x, *lin._args())
+    assert torch.equal(lin(x), panel)
+    assert torch.equal(lin.direct()(x), panel)
+    assert "_plain_w" in lin.__dict__  # the plain copy was made for the large call
+    small = activations(3, 200)
+    assert torch.equal(lin.direct()(small), ext.w8a8_linear(small, *lin._args()))

@@ -154,6 +154,53 @@ class W8A8Linear(_Int8ActLinear):
     def _args(self) -> tuple:
         return self.packed, self.w_scale, self.rowsum, self.bias, self.out_features
 
+    # ------------------------------------------------------------ large M through oneDNN (AMX-INT8)
+    # Where the CPU has AMX-INT8, oneDNN's int8 GEMM (torch._int_mm) outruns the VNNI panel kernel from a
+    # few dozen rows on (the default model's four linear shapes, 2 threads, Xeon with AMX: 705 vs 440
+    # GFLOP/s at M = 64, 1,664 vs 464 at M = 256, 1,754 vs 342 at M = 1,024), while at decode widths
+    # (M <= 16) torch._int_mm takes a slow path and the panel kernel is the one to run. The plain
+    # [N, K] int8 copy it needs is unpacked from the panels at the first large call and kept: one more
+    # byte per weight, on those machines only. The integer sums are exact either way and the epilogue
+    # runs in the kernel's order, so both routes give bit-identical outputs.
+    def _plain(self) -> torch.Tensor:
+        w = self.__dict__.get("_plain_w")
+        if w is None:
+            w = self.__dict__["_plain_w"] = self.int8_weight()
+        return w
+
+    def _int_mm(self, x: torch.Tensor, quantize) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        q, xs = quantize(x2)
+        t = torch._int_mm(q, self._plain().t()).to(torch.float32).mul_(xs.unsqueeze(1))
+        ws = self.w_scale[: self.out_features]
+        # the kernel's epilogue: fma(t, ws, bias), one rounding (torch.addcmul's vector loop is an FMA)
+        y = t.mul_(ws) if self.bias is None else torch.addcmul(self.bias, t, ws)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _int_mm_min_m(self) -> int:
+        return INT_MM_MIN_M if "amx_int8" in kernels.REGISTRY.cpu.flags else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = kernels.INT8.get()
+        big = self._int_mm_min_m()
+        if ext is not None and x.device.type == "cpu" and big and x.numel() >= big * self.in_features:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"expected input with {self.in_features} features, got {tuple(x.shape)}")
+            return self._int_mm(x, ext.quantize_per_token)
+        return super().forward(x)
+
+    def direct(self):
+        small = super().direct()
+        big, ext = self._int_mm_min_m(), kernels.INT8.get()
+        if not big or ext is None:
+            return small
+        k, quantize = self.in_features, ext.quantize_per_token
+        return lambda x: self._int_mm(x, quantize) if x.numel() >= big * k else small(x)
+
+
+#: From this many rows on, W8A8 multiplies through torch._int_mm on CPUs with AMX-INT8 (see above).
+INT_MM_MIN_M = 32
+
 
 # ----------------------------------------------------------------------------- W4A8
 

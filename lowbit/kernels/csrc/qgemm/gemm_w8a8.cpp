@@ -26,11 +26,12 @@ struct W8Args {
   float* y;              // [M, N]
 };
 
-// out = ((float(acc) * xs) * ws) + bias for 8 channels: the reference's order, so results match exactly.
+// out = fma(float(acc) * xs, ws, bias) for 8 channels: the product by ws and the bias add rounded once,
+// written as an FMA so no compiler choice (-ffp-contract) changes the bits; layers/linear_int8.py's
+// oneDNN route computes the same (torch.addcmul).
 inline __m256 epilogue8(__m256i acc, float xs, const float* ws, const float* b) {
-  __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xs));
-  t = _mm256_mul_ps(t, _mm256_loadu_ps(ws));
-  return _mm256_add_ps(t, _mm256_loadu_ps(b));
+  const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xs));
+  return _mm256_fmadd_ps(t, _mm256_loadu_ps(ws), _mm256_loadu_ps(b));
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
