@@ -16,6 +16,8 @@ dependency) unless --preload none/gomp.
 throughput: all N prompts in one LLM.generate call (vLLM batches them continuously), a new prompt set per
             run (prompts.run_prompts) so its prefix cache gains nothing from earlier runs; median wall time
             of --runs runs after a warm-up; total (in+out) tokens/s and output tokens/s.
+greedy:     the greedy continuation (up to --output-len tokens, stopping at EOS) of each prompt of
+            --prompts-json, for output comparisons (benchmarks/w8a8_vllm_match.py).
 decode:     batch 1, prompts.decode_prompt() (32 tokens), 128 new tokens. vLLM's offline API gives no
             per-token times, so TTFT = median wall time of a max_tokens=1 request and decode tokens/s =
             (n-1) / (median time of the n-token request - TTFT).
@@ -83,7 +85,9 @@ def _cpu_flags() -> set[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", required=True)
-    ap.add_argument("--mode", choices=["decode", "throughput"], required=True)
+    ap.add_argument("--mode", choices=["decode", "throughput", "greedy"], required=True)
+    ap.add_argument("--prompts-json", default=None,
+                    help="greedy mode: a JSON list of token-id prompts; prints each one's greedy continuation")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=None,
                     help=f"default {P.DECODE_INPUT_LEN} (decode) / 128 (throughput)")
@@ -154,7 +158,13 @@ def main(argv=None):
             raise RuntimeError(f"vLLM produced {got} tokens, wanted {n}")
         return outs
 
-    if args.mode == "decode":
+    if args.mode == "greedy":
+        prompts = _json.loads(Path(args.prompts_json).read_text())
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=args.output_len, detokenize=False),
+                            use_tqdm=False)
+        res["greedy"] = [list(o.outputs[0].token_ids) for o in outs]
+    elif args.mode == "decode":
         prompt = P.decode_prompt(vocab, input_len=args.input_len)
         res["workload"] = {"batch": 1, "input_len": len(prompt), "output_len": args.output_len,
                            "vocab_size": vocab, "prompt_fingerprint": P.fingerprint(prompt)}

@@ -112,6 +112,7 @@ def engine_summary(engine: LLMEngine) -> dict:
         "model": str(runner.loaded.path) if getattr(runner, "loaded", None) else engine.args.model,
         "engine_args": asdict(engine.args),
         "kv_cache_dtype": s.kv_cache_dtype,
+        "dtype": getattr(getattr(runner, "shard", None), "dtype", None),  # what dtype auto resolved to
         "kv_capacity_tokens": s.kv_capacity_tokens,
         "model_bytes": model_nbytes(runner.model),
     }
