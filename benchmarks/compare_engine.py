@@ -278,11 +278,13 @@ def report(o: dict) -> None:
         use = w4 * wbytes / bw
         print(f"  W4A16 bandwidth use: {use:.0%} of read ceiling ({wbytes / 2**20:.1f} MiB of weights per token: "
               f"decoder layers, final norm, LM head; goal >= 85%): {'PASS' if use >= 0.85 else 'FAIL'}")
+    # the unquantized checkpoint is judged against vLLM on the same (FP) checkpoint at its best dtype
+    fp_rows = [r for r in dec if "on lowbit" not in r.label]
     for key, goal_peer, goal in (("lowbit-w4a16", "llama.cpp", 1.5), ("lowbit-fp32", "vLLM-CPU", 1.0),
                                  ("lowbit-bf16", "vLLM-CPU", 1.0)):
         mine = _get(o, key, "decode", "decode_tokens_per_s")
         for peer_name in ("llama.cpp", "transformers", "vLLM-CPU"):
-            best = best_of(dec, peer_name)
+            best = best_of(dec if key == "lowbit-w4a16" else fp_rows, peer_name)
             if mine and best:
                 g = f"  (goal >= {goal}x)" if peer_name == goal_peer else ""
                 print(f"  {key} / best {peer_name} ({best.label}): {mine / best.value:.2f}x{g}")

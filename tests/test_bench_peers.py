@@ -117,6 +117,7 @@ def test_error_line_picks_the_reason():
     assert C.error_line(err) == "ValueError: torch.float32 is not supported"
     assert C.error_line("just a line\n") == "just a line"
     assert C.error_line("", 3) == "exit status 3"
+    assert C.error_line("[bench] warm-up\n", -11) == "killed by SIGSEGV after: [bench] warm-up"
 
 
 def test_compare_engine_peer_rows_show_errors(monkeypatch):

@@ -16,6 +16,7 @@ Why these choices: a peer is compared at its best setting on the machine that ru
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +144,15 @@ def format_row(r: Row, width: int = 36) -> str:
 
 
 def error_line(stderr: str, returncode: int | None = None) -> str:
-    """The line of a failed run that says why: the last line naming an error, else the last line."""
+    """The line of a failed run that says why: the last line naming an error, else the last line; a run
+    killed by a signal (a crash inside a native library prints nothing) says which, before that line."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}" + (f" after: {lines[-1][:250]}" if lines else "")
     for ln in reversed(lines):
         if re.search(r"(Error|Exception|error:|FAILED|No such file|not found|Killed)", ln):
             return ln[:300]

@@ -13,7 +13,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <c10/core/InferenceMode.h>
 
 #include <cstring>
 #include <vector>
@@ -130,21 +129,11 @@ void gemm_tiled_bf16(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   } else {
     // each thread dequantizes its own L2-sized tiles and multiplies them at once (single-threaded,
     // nested), so the weights never travel to memory and back; equal 32-row-aligned tiles
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t max_rows = std::clamp<int64_t>((512 << 10) / 2 / k8 / 32 * 32, 32, L.n);
-    const int64_t needed = (L.n + max_rows - 1) / max_rows;
-    const int64_t want = (needed + threads - 1) / threads * threads;
-    const int64_t rows = std::min<int64_t>(L.n, ((L.n + want - 1) / want + 31) / 32 * 32);
-    const int64_t tiles = (L.n + rows - 1) / rows;
-    const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      c10::InferenceMode guard(inference);
-      uint16_t* t = bf16_tile(rows * k8);
-      for (int64_t ti = t0; ti < t1; ++ti) {
-        const int64_t n0 = ti * rows, nr = std::min(rows, L.n - n0);
-        dequant_rows_bf16<BITS>(L, n0, n0 + nr, t, k8);
-        multiply(t, n0, nr);
-      }
+    parallel_tiles(L.n, equal_tile_rows(L.n, max_rows, 32), [&](int64_t n0, int64_t nr) {
+      uint16_t* t = bf16_tile(nr * k8);
+      dequant_rows_bf16<BITS>(L, n0, n0 + nr, t, k8);
+      multiply(t, n0, nr);
     });
   }
   if (L.bias) y.add_(at::from_blob((void*)L.bias, {L.n}, x.options()));

@@ -1,7 +1,6 @@
 // Larger M: the blocked register-tiled GEMM over dequantized row blocks, and the tiled sgemm.
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <c10/core/InferenceMode.h>
 
 #include <cstdlib>
 #include <memory>
@@ -132,24 +131,12 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
       multiply(t, n0, nr);
     }
   } else {
-    // As many tiles as the L2 budget needs, rounded up to a multiple of the thread count and
-    // then cut equal: at decode widths every thread must get the same rows (2 threads over 960
-    // rows in 448-row tiles gave one thread 896 rows and the other 64).
+    // tiles sized to the L2 budget, equal over the threads (equal_tile_rows), 16-row aligned
     const int64_t max_rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t needed = (L.n + max_rows - 1) / max_rows;               // tiles the L2 budget asks for
-    const int64_t want = (needed + threads - 1) / threads * threads;      // ... a multiple of the threads
-    const int64_t rows = std::min<int64_t>(L.n, ((L.n + want - 1) / want + 15) / 16 * 16);  // equal, 16-row aligned
-    const int64_t tiles = (L.n + rows - 1) / rows;
-    const bool inference = c10::InferenceMode::is_enabled();  // worker threads do not inherit it
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      c10::InferenceMode guard(inference);
-      float* t = tile_scratch(rows * k8);
-      for (int64_t ti = t0; ti < t1; ++ti) {
-        const int64_t n0 = ti * rows, nr = std::min(rows, L.n - n0);
-        dequant_rows<BITS>(L, n0, n0 + nr, t, k8);
-        multiply(t, n0, nr);
-      }
+    parallel_tiles(L.n, equal_tile_rows(L.n, max_rows, 16), [&](int64_t n0, int64_t nr) {
+      float* t = tile_scratch(nr * k8);
+      dequant_rows<BITS>(L, n0, n0 + nr, t, k8);
+      multiply(t, n0, nr);
     });
   }
   if (L.bias) y.add_(at::from_blob((void*)L.bias, {L.n}, x.options()));

@@ -34,6 +34,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -94,6 +95,29 @@ void over_row_blocks(const Layer& L, F&& kernel) {
   const int64_t grain = std::max<int64_t>(1, 32768 / (R * 8 * L.np));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) kernel(b * R, std::min<int64_t>(R, L.n - b * R));
+  });
+}
+
+// Rows per tile for the per-thread tile loops (gemm_tiled, gemm_tiled_bf16): as many tiles as a budget
+// of max_rows asks for, rounded up to a multiple of the thread count, then cut equal and `align`-row
+// aligned: at decode widths every thread must get the same rows (2 threads over 960 rows in 448-row
+// tiles gave one thread 896 rows and the other 64).
+inline int64_t equal_tile_rows(int64_t n, int64_t max_rows, int64_t align) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t needed = (n + max_rows - 1) / max_rows;
+  const int64_t want = (needed + threads - 1) / threads * threads;
+  return std::min<int64_t>(n, ((n + want - 1) / want + align - 1) / align * align);
+}
+
+// f(n0, rows) for consecutive tiles of `rows` rows over [0, n), spread over the threads; the caller's
+// InferenceMode is carried into the workers (they do not inherit it).
+template <typename F>
+void parallel_tiles(int64_t n, int64_t rows, F&& f) {
+  const int64_t tiles = (n + rows - 1) / rows;
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference);
+    for (int64_t ti = t0; ti < t1; ++ti) f(ti * rows, std::min(rows, n - ti * rows));
   });
 }
 
