@@ -72,6 +72,10 @@ def test_llamacpp_native_row_always_portable_when_installed(tmp_path):
     ]
     assert all(c.args == ("--gguf", "/m.gguf") for c in cfgs)
     assert all(c.missing.startswith("no GGUF") for c in C.llamacpp_configs(tmp_path, None, "GGUF"))
+    (tmp_path / "llamacpp" / "bin" / "llama-bench").write_text("")  # the build's own binary: one more row
+    cfgs = C.llamacpp_configs(tmp_path, "/m.gguf", "Q4_K_M")
+    assert [(c.label, c.args) for c in cfgs][1] == (
+        "llama.cpp Q4_K_M (native build, llama-bench)", ("--gguf", "/m.gguf", "--engine", "bench"))
 
 
 @pytest.mark.parametrize("name,label", [

@@ -92,6 +92,10 @@ def llamacpp_configs(venvs: Path, gguf: str | None, quant: str) -> list[PeerConf
             missing = "no GGUF for this model (pass --gguf)"
         out.append(PeerConfig("llama.cpp", f"llama.cpp {quant} ({build})", venv, "llamacpp_bench.py",
                               ("--gguf", gguf or ""), missing))
+        if installed and gguf is not None and (venvs / venv / "bin" / "llama-bench").exists():
+            # the same build's own binary: a figure even where the Python bindings crash
+            out.append(PeerConfig("llama.cpp", f"llama.cpp {quant} ({build}, llama-bench)", venv, "llamacpp_bench.py",
+                                  ("--gguf", gguf, "--engine", "bench")))
     return out
 
 

@@ -205,13 +205,37 @@ def _vocab_from_gguf(path: str) -> int:
     return llm.n_vocab()
 
 
+def run_decode_llama_bench(args, res: dict) -> None:
+    """Batch-1 decode with llama.cpp's own `llama-bench` (same build as the bindings): `-p 0 -n OUT`, i.e.
+    OUT tokens generated from an empty context, --runs repetitions; its per-run tokens/s (samples_ts).
+    Why beside the bindings: on some CPUs the bindings' build crashes (SIGSEGV in libggml-cpu, seen on an
+    Intel Xeon with AMX) while the binary runs. No prompt is given, so the 32-token prompt's KV is absent:
+    a slightly easier workload than the other decode rows (noted in the result)."""
+    binary = Path(sys.prefix) / "bin" / "llama-bench"
+    if not binary.exists():
+        raise SystemExit(f"no {binary}: run benchmarks/peers/setup_peers.sh llamacpp")
+    cmd = [str(binary), "-m", args.gguf, "-p", "0", "-n", str(args.output_len), "-t", str(args.threads),
+           "-r", str(args.runs), "-o", "json"]
+    C.log(" ".join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr[-2000:])
+        raise SystemExit(f"llama-bench failed with exit status {r.returncode}")
+    row = json.loads(r.stdout)[0]
+    tps = [float(t) for t in row["samples_ts"]]
+    res.update(C.decode_summary([], tps, [], args.output_len))
+    res["engine"] = {"name": "llama-bench", "build": row.get("build_commit"), "cpu_info": row.get("cpu_info")}
+    res["method"] = f"llama-bench -p 0 -n {args.output_len}: generation from an empty context (no prompt)"
+
+
 def main(argv=None):
     C.exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--mode", choices=["decode", "throughput"], required=True)
-    ap.add_argument("--engine", choices=["auto", "server", "python"], default="auto",
-                    help="throughput only: auto = server when llama-server is installed, else python")
+    ap.add_argument("--engine", choices=["auto", "server", "python", "bench"], default="auto",
+                    help="throughput: auto = server when llama-server is installed, else python; decode: python "
+                         "(default) or bench (llama.cpp's own llama-bench binary, tg of --output-len tokens)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=None,
                     help=f"default {P.DECODE_INPUT_LEN} (decode) / 128 (throughput)")
@@ -236,7 +260,9 @@ def main(argv=None):
     res = C.base_result("llama.cpp", args.mode, args)
     res["threads"] = {"n_threads": args.threads, "n_threads_batch": args.threads}
     res["model"] = {"gguf": os.path.abspath(args.gguf)}
-    if args.mode == "decode":
+    if args.mode == "decode" and engine == "bench":
+        run_decode_llama_bench(args, res)
+    elif args.mode == "decode":
         run_decode(args, res)
     elif engine == "server":
         run_throughput_server(args, res)
