@@ -155,7 +155,7 @@ def test_use_bf16_swaps_linears_and_shares_a_tied_table(tmp_path):
 
 
 def test_bf16_model_stays_close_to_fp32(tmp_path):
-    """A whole forward in bf16: logits within a few bf16 roundings of fp32's, same top-1 mostly."""
+    """A whole forward in bf16: logits within a few bf16 roundings of fp32's, the same top-1 at >= 80% of positions."""
     from lowbit.quant.loader import load_model
 
     make_tiny_model("qwen2", tmp_path)
@@ -167,7 +167,7 @@ def test_bf16_model_stays_close_to_fp32(tmp_path):
         a = fp.compute_logits(fp(ids)).double()
         b = bf.compute_logits(bf(ids)).double()
     assert float((a - b).abs().max() / a.abs().max()) < 0.05
-    assert float((a.argmax(-1) == b.argmax(-1)).double().mean()) >= 0.9
+    assert float((a.argmax(-1) == b.argmax(-1)).double().mean()) >= 0.8  # random: ~1/256
 
 
 # ----------------------------------------------------------------------------- engine and args

@@ -118,14 +118,9 @@ void gemm_tiled_bf16(const Layer& L, const at::Tensor& x, at::Tensor& y) {
     // compute-bound: one large multi-threaded matmul per 4 MiB bf16 tile of W
     const int64_t rows = std::clamp<int64_t>((4 << 20) / 2 / k8, 64, L.n);
     thread_local std::vector<uint16_t> whole;
-    uint16_t* t = scratch(whole, rows * k8);
-    for (int64_t n0 = 0; n0 < L.n; n0 += rows) {
-      const int64_t nr = std::min(rows, L.n - n0);
-      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-        dequant_rows_bf16<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
-      });
-      multiply(t, n0, nr);
-    }
+    shared_tiles(L.n, rows, k8, scratch(whole, rows * k8),
+                 [&](int64_t r0, int64_t r1, uint16_t* out) { dequant_rows_bf16<BITS>(L, r0, r1, out, k8); },
+                 multiply);
   } else {
     // each thread dequantizes its own L2-sized tiles and multiplies them at once (single-threaded,
     // nested), so the weights never travel to memory and back; equal 32-row-aligned tiles

@@ -122,14 +122,8 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   };
   if (x.size(0) >= kWholeM) {
     const int64_t rows = std::clamp<int64_t>((8 << 20) / 4 / k8, 64, L.n);
-    float* t = tile_scratch(rows * k8);
-    for (int64_t n0 = 0; n0 < L.n; n0 += rows) {
-      const int64_t nr = std::min(rows, L.n - n0);
-      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-        dequant_rows<BITS>(L, n0 + r0, n0 + r1, t + r0 * k8, k8);
-      });
-      multiply(t, n0, nr);
-    }
+    shared_tiles(L.n, rows, k8, tile_scratch(rows * k8),
+                 [&](int64_t r0, int64_t r1, float* out) { dequant_rows<BITS>(L, r0, r1, out, k8); }, multiply);
   } else {
     // tiles sized to the L2 budget, equal over the threads (equal_tile_rows), 16-row aligned
     const int64_t max_rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);

@@ -121,6 +121,18 @@ void parallel_tiles(int64_t n, int64_t rows, F&& f) {
   });
 }
 
+// Large M: W dequantized `rows` rows at a time into one shared scratch t (every thread dequantizes part
+// of each tile: dequant(r0, r1, out)), then multiply(t, n0, nr) runs once per tile (a multi-threaded
+// BLAS call); gemm_tiled and gemm_tiled_bf16 differ only in the element type and the multiply.
+template <typename T, typename Dequant, typename Multiply>
+void shared_tiles(int64_t n, int64_t rows, int64_t k8, T* t, Dequant&& dequant, Multiply&& multiply) {
+  for (int64_t n0 = 0; n0 < n; n0 += rows) {
+    const int64_t nr = std::min(rows, n - n0);
+    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) { dequant(n0 + r0, n0 + r1, t + r0 * k8); });
+    multiply(t, n0, nr);
+  }
+}
+
 // Whether gemv16 applies: its x steps are per 64-weight chunk, so groups must be whole chunks.
 inline bool gemv16_fits(const Layer& L) { return L.ng == 1 || L.gp % 8 == 0; }
 
