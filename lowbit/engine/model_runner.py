@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,7 @@ from ..errors import LowbitError
 from ..logprobs import Logprob
 from ..models.loader import LoadedModel, load_tokenizer
 from ..quant.loader import load_model
-from .args import EngineArgs
+from .args import EngineArgs, resolve_dtype
 from .model_shard import ModelShard, StepInputs, model_nbytes  # noqa: F401 (model_nbytes: re-exported)
 from .paged_attention import SeqSlice
 from .scheduler import SchedulerOutput
@@ -73,6 +73,8 @@ class ModelRunner:
                  generator: torch.Generator | None = None) -> None:
         """generator: what the default sampler draws unseeded requests from (the engine's own)."""
         self.tp = None
+        # dtype auto resolved once, here: the ranks this process starts get the driver's choice
+        args = replace(args, dtype=resolve_dtype(args.dtype))
         if args.tensor_parallel_size > 1:
             from .tp.launch import start_tensor_parallel
 
