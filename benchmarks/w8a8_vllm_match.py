@@ -37,19 +37,11 @@ PROMPTS = [
 def lowbit_greedy(model: str, prompts: list[list[int]], max_tokens: int, threads: int) -> list[list[int]]:
     import torch
 
-    from lowbit.engine.args import EngineArgs
-    from lowbit.engine.llm_engine import LLMEngine
-    from lowbit.engine.sampling_params import SamplingParams
+    from lowbit import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    engine = LLMEngine(EngineArgs(model=model, dtype="float32"))
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, sp)
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    return [list(done[str(i)].outputs[0].token_ids) for i in range(len(prompts))]
+    outs = LLM(model, dtype="float32").generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def main() -> int:

@@ -199,6 +199,7 @@ def test_engine_bf16_greedy_matches_its_module_path(tmp_path, isa, arch):
     """The engine in bf16 (paged KV, batched prefill, the lean decode loop) gives the greedy tokens of
     the same bf16 model recomputed in full for every token through the module path. Every step here
     has fewer than 16 rows, so both run the same bf16 gemv and differ only in attention's fp32 order."""
+    from lowbit.engine.llm import LLM
     from lowbit.engine.llm_engine import LLMEngine
     from lowbit.engine.sampling_params import SamplingParams
 
@@ -209,14 +210,8 @@ def test_engine_bf16_greedy_matches_its_module_path(tmp_path, isa, arch):
     assert any(isinstance(m, Bf16Linear) for m in model.modules())
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 7)]
-    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, sp)
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    for i, p in enumerate(prompts):
-        o = done[f"r{i}"]
+    outs = LLM.from_engine(engine).generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
         ids = list(p)
         with torch.inference_mode():
             for _ in range(5):

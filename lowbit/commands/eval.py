@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..engine.args import DTYPES
 from .engine_flags import add_model_arg, add_parallel_args, parallel_kwargs
 
 
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arg(ppl)
     _data_args(ppl)
     add_parallel_args(ppl)
-    ppl.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
+    ppl.add_argument("--dtype", choices=list(DTYPES), default="float32",
                      help="matrix multiplies in float32 (default: the reference) or bfloat16 with fp32 accumulation; "
                           "auto: bfloat16 where the CPU has native bf16")
     ppl.set_defaults(func=run_ppl)

@@ -76,6 +76,9 @@ class ShmAllReduce:
         self.banks = [torch.frombuffer(self._mm, dtype=torch.float32, count=world * floats,
                                        offset=data_off + b * world * SLOT_BYTES).view(world, floats) for b in range(2)]
         self._bytes_off = [data_off + b * world * SLOT_BYTES for b in range(2)]  # rank 0's slot, as bytes
+        # raw addresses for the compiled all-reduce, taken once (numpy's .ctypes builds an object per read)
+        self._flags_addr = self.flags.ctypes.data
+        self._bank_addrs = [bank.data_ptr() for bank in self.banks]
         self.seq = 0
         self._view_cache: dict[int, list] = {}
         self._peer = 1 - rank if world == 2 else None
@@ -118,7 +121,7 @@ class ShmAllReduce:
     def close(self) -> None:
         if self.rank == 0:
             self.unlink()
-        self.banks = []
+        self.banks = self._bank_addrs = []  # a call after close fails in Python, not on unmapped memory
         self._view_cache.clear()
         self.flags = self.pids = None
         try:
@@ -133,7 +136,7 @@ class ShmAllReduce:
         floats = SLOT_BYTES // 4
         total = flat.numel()
         ext = kernels.OPS.get()
-        if ext is not None and total <= floats and flat.data_ptr() == t.data_ptr() and flat.dtype == t.dtype:
+        if ext is not None and total <= floats and t.is_contiguous() and t.dtype == torch.float32:
             self._all_reduce_ext(ext, flat, floats)
             return t
         for a in range(0, total, floats):
@@ -156,8 +159,7 @@ class ShmAllReduce:
         the GIL; only a wait longer than _EXT_SPINS comes back here for the deadline and liveness checks."""
         self.seq += 1
         seq = self.seq
-        bank = self.banks[seq % 2].data_ptr()
-        flags = self.flags.ctypes.data
+        flags, bank = self._flags_addr, self._bank_addrs[seq % 2]
         if not ext.shm_all_reduce(flat, flags, bank, floats, self.world, self.rank, seq, _EXT_SPINS, True):
             self._wait(seq, self.timeout)
             ext.shm_all_reduce(flat, flags, bank, floats, self.world, self.rank, seq, 0, False)

@@ -11,6 +11,11 @@ from ..errors import LowbitError
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise LowbitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 def resolve_dtype(dtype: str) -> str:
     """auto -> bfloat16 where bf16 matrix work is native and compiled kernels run, else float32.
 
@@ -18,6 +23,7 @@ def resolve_dtype(dtype: str) -> str:
     kernels), for every process it reaches: the test suite sets float32, because its exactness checks
     compare against fp32 references, and asks for bfloat16 explicitly where it tests that path.
     """
+    _check_dtype(dtype)
     if dtype != "auto":
         return dtype
     forced = os.environ.get("LOWBIT_DTYPE", "").strip()
@@ -63,8 +69,7 @@ class EngineArgs:
             raise LowbitError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
         if self.activation_dtype not in ("auto", "int8"):
             raise LowbitError(f"activation_dtype must be auto or int8, got {self.activation_dtype!r}")
-        if self.dtype not in DTYPES:
-            raise LowbitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check_dtype(self.dtype)
         if self.block_size not in (8, 16, 32, 64, 128):
             raise LowbitError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.block_size:

@@ -202,11 +202,11 @@ def evaluate_ppl(
                 raise EvalError(f"{model_dir} has no tokenizer files")
             model, tokenizer, path = _RankedModel(runner), runner.tokenizer, model_dir
         else:
-            from ..engine.args import EngineArgs, resolve_dtype
+            from ..engine.args import resolve_dtype
 
-            EngineArgs(dtype=dtype)  # validates the name
+            bf16 = resolve_dtype(dtype) == "bfloat16"  # a bad name fails here, before the model loads
             lm = load_model(model_dir)
-            if resolve_dtype(dtype) == "bfloat16":
+            if bf16:
                 from ..layers.linear_bf16 import use_bf16
 
                 use_bf16(lm.model)

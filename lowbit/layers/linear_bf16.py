@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import ref
+from .kernel_linear import KernelLinear
 from .linear import QuantLinear
 
 #: From this many activation rows on a QuantLinear multiplies in bf16 (EngineArgs.dtype = bfloat16).
@@ -31,8 +31,11 @@ from .linear import QuantLinear
 BF16_MIN_M = 24
 
 
-class Bf16Linear(nn.Module):
+class Bf16Linear(KernelLinear):
     """y = x @ W^T + b with W stored as bfloat16 [out, in] and the bias in fp32; x and y are fp32."""
+
+    _op = "bf16_linear"
+    _family = kernels.QGEMM
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -43,30 +46,14 @@ class Bf16Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, weight: torch.Tensor | None = None) -> "Bf16Linear":
-        """From an fp nn.Linear; `weight` passes an existing bf16 table to share (a tied embedding)."""
-        return cls(lin.weight if weight is None else weight, lin.bias)
+    def from_linear(cls, lin: nn.Linear) -> "Bf16Linear":
+        return cls(lin.weight, lin.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
-
-    def direct(self):
-        """The call forward ends in, for the engine's lean decode loop."""
-        ext = kernels.get()
-        w, b = self.weight, self.bias
-        if ext is None or w.device.type != "cpu":
-            return lambda x: ref.bf16_linear(x, w, b)
-        fn = ext.bf16_linear
-        return lambda x: fn(x, w, b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = kernels.get()
-        if ext is None or x.device.type != "cpu":
-            return ref.bf16_linear(x, self.weight, self.bias)
-        return ext.bf16_linear(x, self.weight, self.bias)
+    def _args(self) -> tuple:
+        return self.weight, self.bias
 
 
 class Bf16Embedding(nn.Module):

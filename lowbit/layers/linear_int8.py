@@ -19,6 +19,7 @@ from torch import nn
 from lowbit import kernels
 from lowbit.errors import QuantizationError
 from lowbit.kernels import ref
+from lowbit.layers.kernel_linear import KernelLinear
 from lowbit.layers.linear import QuantLinear, _round_up
 from lowbit.layers.qweight import QuantizedWeight
 
@@ -62,31 +63,10 @@ def _fp32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().to(torch.float32).contiguous().clone()
 
 
-class _Int8ActLinear(nn.Module):
-    """What W8A8Linear and W4A8Linear share: one kernel of kernels.INT8 (`_op`, its torch reference
-    in kernels.ref under the same name) called on x and the layer's packed buffers (`_args`)."""
+class _Int8ActLinear(KernelLinear):
+    """What W8A8Linear and W4A8Linear share: their kernels are in the int8 family."""
 
-    _op: str
-
-    def _args(self) -> tuple:
-        raise NotImplementedError
-
-    def _fn(self, cpu: bool = True):
-        ext = kernels.INT8.get()
-        return getattr(ref if ext is None or not cpu else ext, self._op)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with {self.in_features} features, got {tuple(x.shape)}")
-        return self._fn(x.device.type == "cpu")(x, *self._args())
-
-    def direct(self):
-        """forward as one kernel call with the buffers bound (the engine's lean decode loop; CPU fp32 x)."""
-        fn, args = self._fn(), self._args()
-        return lambda x: fn(x, *args)
-
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+    _family = kernels.INT8
 
 
 # ----------------------------------------------------------------------------- W8A8

@@ -56,29 +56,12 @@ void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = bf16_round1(src[i]);
 }
 
-// Per-thread scratch, reused across calls (as gemm.cpp's tile_scratch).
-template <typename T>
-T* scratch(std::vector<T>& buf, int64_t n) {
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-uint16_t* bf16_tile(int64_t n) {
-  thread_local std::vector<uint16_t> buf;
-  return scratch(buf, n);
-}
-
-float* row_scratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  return scratch(buf, n);
-}
-
 // Rows [n0, n1) of W in bf16 at out[(n - n0) * k8 + k]: dequantized 16 rows at a time into an
 // L1-sized fp32 buffer, then rounded.
 template <int BITS>
 void dequant_rows_bf16(const Layer& L, int64_t n0, int64_t n1, uint16_t* out, int64_t k8) {
   constexpr int64_t kRows = 16;
-  float* f = row_scratch(kRows * k8);
+  float* f = thread_scratch<float, 1>(kRows * k8);  // tag 1: not the fp32 GEMM's tiles
   for (int64_t r = n0; r < n1; r += kRows) {
     const int64_t nr = std::min(kRows, n1 - r);
     dequant_rows<BITS>(L, r, r + nr, f, k8);
@@ -117,8 +100,7 @@ void gemm_tiled_bf16(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   if (x.size(0) >= 256) {
     // compute-bound: one large multi-threaded matmul per 4 MiB bf16 tile of W
     const int64_t rows = std::clamp<int64_t>((4 << 20) / 2 / k8, 64, L.n);
-    thread_local std::vector<uint16_t> whole;
-    shared_tiles(L.n, rows, k8, scratch(whole, rows * k8),
+    shared_tiles(L.n, rows, k8, thread_scratch<uint16_t>(rows * k8),
                  [&](int64_t r0, int64_t r1, uint16_t* out) { dequant_rows_bf16<BITS>(L, r0, r1, out, k8); },
                  multiply);
   } else {
@@ -126,7 +108,7 @@ void gemm_tiled_bf16(const Layer& L, const at::Tensor& x, at::Tensor& y) {
     // nested), so the weights never travel to memory and back; equal 32-row-aligned tiles
     const int64_t max_rows = std::clamp<int64_t>((512 << 10) / 2 / k8 / 32 * 32, 32, L.n);
     parallel_tiles(L.n, equal_tile_rows(L.n, max_rows, 32), [&](int64_t n0, int64_t nr) {
-      uint16_t* t = bf16_tile(nr * k8);
+      uint16_t* t = thread_scratch<uint16_t>(nr * k8);
       dequant_rows_bf16<BITS>(L, n0, n0 + nr, t, k8);
       multiply(t, n0, nr);
     });
@@ -176,23 +158,17 @@ inline void dot_rows(const float* x, int64_t ldx, const uint16_t* w, int64_t K, 
 }
 
 void gemv_bf16(const float* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, float* y) {
-  constexpr int64_t MB = 4;  // rows of x per pass over W
+  constexpr int MB = 4;  // rows of x per pass over W
   // ~32k weights per task, as the quantized gemv
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      const int64_t mb = std::min(MB, M - m0);
+      const int64_t mb = std::min<int64_t>(MB, M - m0);
       const float* xm = x + m0 * ldx;
       float* ym = y + m0 * N;
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint16_t* wn = w + n * K;
-        switch (mb) {
-          case 4: dot_rows<4>(xm, ldx, wn, K, ym + n, N); break;
-          case 3: dot_rows<3>(xm, ldx, wn, K, ym + n, N); break;
-          case 2: dot_rows<2>(xm, ldx, wn, K, ym + n, N); break;
-          default: dot_rows<1>(xm, ldx, wn, K, ym + n, N); break;
-        }
-      }
+      with_rows<MB>(mb, [&](auto r) {
+        for (int64_t n = n0; n < n1; ++n) dot_rows<decltype(r)::value>(xm, ldx, w + n * K, K, ym + n, N);
+      });
     }
   });
 }

@@ -84,14 +84,6 @@ void gemm_blocked(const Layer& L, const float* x, int64_t M, int64_t ldx, float*
 
 namespace {
 
-// Per-thread scratch for gemm_tiled, reused across calls (a fresh multi-MB allocation per call
-// would be page-faulted in on every linear of every step).
-float* tile_scratch(int64_t floats) {
-  thread_local std::vector<float> buf;
-  if ((int64_t)buf.size() < floats) buf.resize(floats);
-  return buf.data();
-}
-
 // Large M (prefill chunks, wide decode batches) is compute-bound, so the multiply goes to the
 // BLAS sgemm, which runs at the machine's widest SIMD; dequantization costs N*K once against
 // M*N*K multiply-adds. Two ways to feed it, measured (bench_kernels.py --modes):
@@ -122,13 +114,13 @@ void gemm_tiled(const Layer& L, const at::Tensor& x, at::Tensor& y) {
   };
   if (x.size(0) >= kWholeM) {
     const int64_t rows = std::clamp<int64_t>((8 << 20) / 4 / k8, 64, L.n);
-    shared_tiles(L.n, rows, k8, tile_scratch(rows * k8),
+    shared_tiles(L.n, rows, k8, thread_scratch<float>(rows * k8),
                  [&](int64_t r0, int64_t r1, float* out) { dequant_rows<BITS>(L, r0, r1, out, k8); }, multiply);
   } else {
     // tiles sized to the L2 budget, equal over the threads (equal_tile_rows), 16-row aligned
     const int64_t max_rows = std::clamp<int64_t>(tile_bytes() / 4 / k8 / 16 * 16, 16, L.n);
     parallel_tiles(L.n, equal_tile_rows(L.n, max_rows, 16), [&](int64_t n0, int64_t nr) {
-      float* t = tile_scratch(nr * k8);
+      float* t = thread_scratch<float>(nr * k8);
       dequant_rows<BITS>(L, n0, n0 + nr, t, k8);
       multiply(t, n0, nr);
     });

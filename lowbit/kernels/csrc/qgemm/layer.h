@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../common/vec.h"
 
@@ -96,6 +97,16 @@ void over_row_blocks(const Layer& L, F&& kernel) {
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) kernel(b * R, std::min<int64_t>(R, L.n - b * R));
   });
+}
+
+// Per-thread scratch of n elements of T, reused across calls (a fresh multi-MB allocation per call
+// would be page-faulted in on every linear of every step). Each Tag is its own buffer, so a kernel can
+// hold several at once (the bf16 path: an fp32 row block while it fills a bf16 tile).
+template <typename T, int Tag = 0>
+T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
 }
 
 // Rows per tile for the per-thread tile loops (gemm_tiled, gemm_tiled_bf16): as many tiles as a budget
