@@ -185,6 +185,20 @@ def test_dtype_names_and_auto(monkeypatch):
     assert resolve_dtype("auto") == ("bfloat16" if native else "float32")
 
 
+def test_kv_cache_dtype_auto_follows_the_matrix_dtype():
+    from lowbit.engine.kv_cache import KVCacheSpec, normalize_kv_dtype
+
+    assert normalize_kv_dtype("auto", "bfloat16") == "bf16" and normalize_kv_dtype("auto", "float32") == "fp32"
+    assert normalize_kv_dtype("int8", "bfloat16") == "int8" and normalize_kv_dtype("fp32", "bfloat16") == "fp32"
+    assert normalize_kv_dtype("bfloat16") == "bf16"
+    with pytest.raises(LowbitError, match="kv_cache_dtype must be"):
+        normalize_kv_dtype("fp16")
+    with pytest.raises(LowbitError, match="kv_cache_dtype must be"):
+        EngineArgs(kv_cache_dtype="fp16")
+    fp32, bf16 = (KVCacheSpec(30, 3, 64, 16, d) for d in ("fp32", "bf16"))
+    assert fp32.bytes_per_block == 2 * bf16.bytes_per_block and not bf16.quantized
+
+
 def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     from lowbit.kernels.cpu import CpuInfo
 
@@ -198,7 +212,8 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
 def test_engine_bf16_greedy_matches_its_module_path(tmp_path, isa, arch):
     """The engine in bf16 (paged KV, batched prefill, the lean decode loop) gives the greedy tokens of
     the same bf16 model recomputed in full for every token through the module path. Every step here
-    has fewer than 16 rows, so both run the same bf16 gemv and differ only in attention's fp32 order."""
+    has fewer than 16 rows, so both run the same bf16 gemv and differ only in attention's fp32 order
+    and the engine's bf16 KV cache (kv_cache_dtype auto under bfloat16) against exact k/v."""
     from lowbit.engine.llm import LLM
     from lowbit.engine.llm_engine import LLMEngine
     from lowbit.engine.sampling_params import SamplingParams
@@ -207,6 +222,7 @@ def test_engine_bf16_greedy_matches_its_module_path(tmp_path, isa, arch):
     engine = LLMEngine(EngineArgs(model=str(tmp_path), dtype="bfloat16", kv_cache_memory=2**20, block_size=8))
     model = engine.runner.model
     assert engine.runner.shard.dtype == "bfloat16"
+    assert engine.runner.shard.spec.dtype == "bf16" and engine.runner.shard.pool.k[0].dtype == torch.bfloat16
     assert any(isinstance(m, Bf16Linear) for m in model.modules())
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 7)]

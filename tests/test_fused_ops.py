@@ -140,6 +140,29 @@ def test_rotary_and_cache_writes_rotated_k_and_v_at_slots(mode, D):
     assert not k_pool.view(-1, Hkv, D)[others].any() and not v_pool.view(-1, Hkv, D)[others].any()
 
 
+def test_rotary_and_cache_rounds_into_a_bf16_pool_as_torch_does(mode):
+    """A bf16 pool (kv_cache_dtype bf16) gets the rotated k and v rounded to nearest even: bit for
+    bit torch's .to(bfloat16), infinities and ties included."""
+    N, Hq, Hkv, D, blocks, bs = 4, 4, 2, 64, 2, 16
+    rot = rotary_table(D)
+    q, k, v = torch.randn(N, Hq, D, generator=gen(3)), torch.randn(N, Hkv, D, generator=gen(4)), \
+        torch.randn(N, Hkv, D, generator=gen(5)) * 1e3
+    v[0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38])
+    v[1, 0, :3] = torch.tensor([1.00390625, 1.01171875, -1.00390625])  # ties: round to even
+    positions, slots = torch.tensor([0, 5, 9, 30]), torch.tensor([1, 2, 17, 31])
+    want_q, want_k = rot(positions, q.clone(), k.clone())
+    k_pool = torch.zeros(blocks, bs, Hkv, D, dtype=torch.bfloat16)
+    v_pool = torch.zeros_like(k_pool)
+    ops.rotary_and_cache(q, k, v, positions, rot.cos_sin, slots, k_pool, v_pool)
+    close(q, want_q)
+    close(k_pool.view(-1, Hkv, D)[slots].float(), want_k.to(torch.bfloat16).float(), tol=1e-2)
+    assert torch.equal(k_pool.view(-1, Hkv, D)[slots].view(torch.int16), k.to(torch.bfloat16).view(torch.int16))
+    got_v, want_v = v_pool.view(-1, Hkv, D)[slots], v.to(torch.bfloat16)
+    assert torch.isnan(got_v[0, 0, 0])  # a NaN stays a NaN (its payload bits are not specified)
+    got_v[0, 0, 0] = want_v[0, 0, 0] = 0
+    assert torch.equal(got_v.view(torch.int16), want_v.view(torch.int16))
+
+
 def test_rotary_rejects_positions_outside_the_table(ext):
     rot = rotary_table(64, n=8)
     q, k = torch.randn(1, 2, 64), torch.randn(1, 1, 64)
@@ -182,7 +205,7 @@ def random_tables(B: int, lens: list[int], bs: int, num_blocks: int, seed: int) 
     return tables
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("B", [1, 64])
 @pytest.mark.parametrize("Hq,Hkv,D", [(3, 3, 64), (9, 3, 64), (8, 2, 128), (4, 1, 64)])
 def test_paged_decode_attention_matches_reference(ext, kv_dtype, B, Hq, Hkv, D):
@@ -223,7 +246,7 @@ def test_paged_decode_attention_rejects_blocks_outside_the_pool(ext):
 
 
 # ----------------------------------------------------------------------------- through the model
-@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8"])
 def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatch, isa, kv_dtype):
     """A mixed step (two decodes + a prefill chunk with a cached prefix) through the paged context:
     fused ops and the torch fallback give the same hidden states."""
@@ -252,7 +275,7 @@ def test_engine_forward_same_with_and_without_the_extension(tmp_path, monkeypatc
         close(a, b, tol=1e-5)
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8", "int4"])
 def test_lean_decode_loop_equals_the_module_path(tmp_path, monkeypatch, isa, kv_dtype):
     """Pure decode steps skip nn.Module dispatch; the result must be bit-identical to the module
     path (forced here by a no-op hook, which the lean loop must notice)."""

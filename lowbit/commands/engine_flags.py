@@ -46,7 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the paged KV-cache pool, e.g. 512MiB (default %(default)s)")
-    g.add_argument("--kv-cache-dtype", choices=["auto", "int8", "int4"], default=d.kv_cache_dtype)
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16", "int8", "int4"], default=d.kv_cache_dtype,
+                   help="auto follows --dtype (float32 -> fp32, bfloat16 -> bf16) (default %(default)s)")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)

@@ -45,14 +45,16 @@ class EngineArgs:
     max_num_batched_tokens: int = 1024  # per-step token budget (prefill chunks + decodes)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto (fp32) | int8 | int4
+    # auto: as the matrix dtype resolves (float32 -> fp32, bfloat16 -> bf16) | fp32 | bf16 | int8 | int4
+    kv_cache_dtype: str = "auto"
     quantize_lm_head: bool = False  # int8 embedding/LM head
     # auto: as the checkpoint says (fp32 activations; int8 for W8A8 checkpoints); int8: 4-bit weight
     # checkpoints (AWQ, RTN, GPTQ) run their matmuls on int8 per-token activations too (W4A8)
     activation_dtype: str = "auto"
-    # the matrix multiplies: float32, or bfloat16 with fp32 accumulation (activations between layers,
-    # attention and the KV cache stay fp32); auto: bfloat16 where the CPU has native bf16 dot products
-    # (AVX512_BF16 or AMX-BF16) and the compiled kernels are in use, else float32
+    # the matrix multiplies: float32, or bfloat16 with fp32 accumulation (activations between layers
+    # and attention stay fp32; the KV cache follows it under kv_cache_dtype auto); auto: bfloat16
+    # where the CPU has native bf16 dot products (AVX512_BF16 or AMX-BF16) and the compiled kernels
+    # are in use, else float32
     dtype: str = "auto"
     session_ttl: float = 600.0  # seconds an idle session keeps its KV cache
     max_sessions: int = 256
@@ -65,8 +67,8 @@ class EngineArgs:
     vocab_parallel_head: bool = True  # under TP, each rank computes its slice of the logits (else rank 0 all)
 
     def __post_init__(self) -> None:
-        if self.kv_cache_dtype not in ("auto", "fp32", "int8", "int4"):
-            raise LowbitError(f"kv_cache_dtype must be auto, int8 or int4, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp32", "bf16", "int8", "int4"):
+            raise LowbitError(f"kv_cache_dtype must be auto, fp32, bf16, int8 or int4, got {self.kv_cache_dtype!r}")
         if self.activation_dtype not in ("auto", "int8"):
             raise LowbitError(f"activation_dtype must be auto or int8, got {self.activation_dtype!r}")
         _check_dtype(self.dtype)

@@ -1,7 +1,9 @@
 """The preallocated paged KV pool: per layer, K and V as [num_blocks, block_size, Hkv, D].
 
-fp32 stores activations as they are (the fast CPU path). The quantized pools are asymmetric
-(code * scale + zero) with min/max ranges:
+fp32 stores activations as they are. bf16 rounds them to bfloat16 (to nearest even), the default
+under `dtype bfloat16` as vLLM's `kv_cache_dtype auto` follows the model dtype: half fp32's bytes,
+so a batched decode step, whose attention streams the whole cache, reads half as much; no scales.
+The quantized pools are asymmetric (code * scale + zero) with min/max ranges:
 
 * int8: K and V per token and head (LMDeploy's scheme: min/max over head_dim, fp32 scale + zero).
   WikiText-2 perplexity of the default model moves by ~0.1% (benchmarks/kv_cache_ppl.py).
@@ -23,7 +25,7 @@ The codes' math (quantize, dequantize, the per-channel grid and its remap) lives
 lowbit/layers/kv_quant.py, where the fused decode kernel's callers see it too; this file is the
 pool: its tensors, which blocks a write touches, and reading blocks back.
 
-Capacity vs fp32 (default model, head_dim 64, block 16): int8 3.56x, int4 5.82x.
+Capacity vs fp32 (default model, head_dim 64, block 16): bf16 2x, int8 3.56x, int4 5.82x.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from ..errors import LowbitError
 from .. import kernels
 from ..layers import kv_quant
 
-KV_DTYPES = ("fp32", "int8", "int4")
+KV_DTYPES = ("fp32", "bf16", "int8", "int4")
+_FLOAT_POOL = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,17 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: str  # fp32 | int8 | int4
+    dtype: str  # fp32 | bf16 | int8 | int4
 
     @property
     def quantized(self) -> bool:
-        return self.dtype != "fp32"
+        """Codes with scales and zeros (int8, int4), rather than the values themselves (fp32, bf16)."""
+        return self.dtype not in _FLOAT_POOL
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The pool tensors' element type."""
+        return _FLOAT_POOL.get(self.dtype, torch.uint8)
 
     @property
     def channel_keys(self) -> bool:
@@ -60,8 +69,8 @@ class KVCacheSpec:
     def k_bytes_per_block_head(self) -> int:
         """Bytes one block's K takes for one kv head, scales included."""
         bs, D = self.block_size, self.head_dim
-        if self.dtype == "fp32":
-            return bs * D * 4
+        if not self.quantized:
+            return bs * D * self.torch_dtype.itemsize
         if self.dtype == "int8":
             return bs * (D + 8)  # fp32 scale + fp32 zero per token
         return bs * D // 2 + 2 * 2 * D  # fp16 scale + fp16 zero per channel
@@ -69,8 +78,8 @@ class KVCacheSpec:
     @property
     def v_bytes_per_block_head(self) -> int:
         bs, D = self.block_size, self.head_dim
-        if self.dtype == "fp32":
-            return bs * D * 4
+        if not self.quantized:
+            return bs * D * self.torch_dtype.itemsize
         return bs * ((D if self.dtype == "int8" else D // 2) + 8)  # fp32 scale + zero per token
 
     @property
@@ -83,10 +92,14 @@ class KVCacheSpec:
         return self.num_layers * self.num_kv_heads * (self.k_bytes_per_block_head + self.v_bytes_per_block_head)
 
 
-def normalize_kv_dtype(name: str) -> str:
-    name = "fp32" if name in ("auto", "fp32", "float32") else name
+def normalize_kv_dtype(name: str, model_dtype: str = "float32") -> str:
+    """The pool dtype for an `EngineArgs.kv_cache_dtype`; auto follows the matrix dtype the engine
+    resolved (`model_dtype`: float32 -> fp32, bfloat16 -> bf16), as vLLM's auto does."""
+    if name == "auto":
+        name = "bf16" if model_dtype == "bfloat16" else "fp32"
+    name = {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
     if name not in KV_DTYPES:
-        raise LowbitError(f"kv_cache_dtype must be auto, fp32, int8 or int4, got {name!r}")
+        raise LowbitError(f"kv_cache_dtype must be auto, fp32, bf16, int8 or int4, got {name!r}")
     return name
 
 
@@ -112,8 +125,8 @@ class KVCachePool:
         self.block_size = spec.block_size
         H, D, bs = spec.num_kv_heads, spec.head_dim, spec.block_size
         # zeros, not empty: padded gathers read unused slots, and masked-out values must stay finite
-        if spec.dtype == "fp32":
-            shape, dt = (num_blocks, bs, H, D), torch.float32
+        if not spec.quantized:
+            shape, dt = (num_blocks, bs, H, D), spec.torch_dtype
         else:
             shape, dt = (num_blocks, bs, H, D if spec.dtype == "int8" else D // 2), torch.uint8
         self.k = [torch.zeros(shape, dtype=dt) for _ in range(spec.num_layers)]
@@ -138,8 +151,9 @@ class KVCachePool:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k/v: [N, Hkv, D] for the N new tokens; slots: [N] flat slot indices."""
         if not self.spec.quantized:
-            self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-            self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+            dt = self.spec.torch_dtype
+            self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(dt))
+            self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(dt))
             return
         if self.spec.channel_keys:
             self._write_channel_keys(layer, slots, k)
@@ -207,6 +221,8 @@ class KVCachePool:
         """blocks: [M] block ids -> K, V as fp32 [M * block_size, Hkv, D] (in block order)."""
         k = self.k[layer].index_select(0, blocks)
         v = self.v[layer].index_select(0, blocks)
+        if self.spec.dtype == "bf16":
+            k, v = k.float(), v.float()
         if self.spec.channel_keys:
             k = kv_quant.dequantize_channels(k, self.k_sz[layer].index_select(0, blocks))
             v = kv_quant.dequantize(v, self.v_sz[layer].index_select(0, blocks), self.spec.dtype)
@@ -216,7 +232,8 @@ class KVCachePool:
         return k.flatten(0, 1), v.flatten(0, 1)
 
     def view_range(self, layer: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks first..first+count-1 without copying (fp32 only): the common single-sequence case."""
-        k = self.k[layer][first : first + count]
-        v = self.v[layer][first : first + count]
+        """Blocks first..first+count-1 without copying (fp32; bf16 is widened into a copy): the common
+        single-sequence case."""
+        k = self.k[layer][first : first + count].float()
+        v = self.v[layer][first : first + count].float()
         return k.flatten(0, 1), v.flatten(0, 1)

@@ -62,9 +62,10 @@ class ModelShard:
             self._quantize_lm_head()
         if args.activation_dtype == "int8":
             self._int8_activations()
+        self.dtype = resolve_dtype(args.dtype)
         heads = cfg.num_kv_heads if self.plan is None else self.plan.num_kv_heads
         self.spec = KVCacheSpec(cfg.num_layers, heads, cfg.head_dim, args.block_size,
-                                normalize_kv_dtype(args.kv_cache_dtype))
+                                normalize_kv_dtype(args.kv_cache_dtype, self.dtype))
         # every rank gets the same number of blocks (the driver hands out one set of block ids):
         # the budget is per rank, and the rank holding the most KV heads decides
         sizing = self.spec if self.plan is None else replace(self.spec, num_kv_heads=self.plan.max_kv_heads)
@@ -75,7 +76,6 @@ class ModelShard:
         if self.head_parallel:
             split_lm_head(self.model)
         # last: the fp linears it swaps are the sharded ones, the vocabulary-parallel head's slice included
-        self.dtype = resolve_dtype(args.dtype)
         if self.dtype == "bfloat16":
             self._bf16()
         where = "" if self.plan is None else f"rank {self.plan.rank}/{self.plan.world}: "

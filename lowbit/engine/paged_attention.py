@@ -262,7 +262,7 @@ _LAYOUT_OK: dict[str, bool] = {}
 
 
 def _kernel_reads(pool: KVCachePool) -> bool:
-    """Whether the fused decode kernel can read this pool in place: fp32 always; int8/int4 when a
+    """Whether the fused decode kernel can read this pool in place: fp32 always; bf16/int8/int4 when a
     probe says the kernel reads the pool's scheme right (checked once per dtype), so a change of
     the KV quantization (lowbit/layers/kv_quant.py) falls back to the torch path instead of being misread."""
     dtype = pool.spec.dtype
@@ -286,7 +286,7 @@ def _probe_layout(dtype: str) -> bool:
         tables = torch.tensor([[0, 1, 0, 0], [3, 0, 0, 0]], dtype=torch.int32)
         lens = [7, 1]
         q = torch.randn(2, 4, 32, generator=g)
-        sz = (pool.k_sz[0], pool.v_sz[0])
+        sz = (pool.k_sz[0], pool.v_sz[0]) if spec.quantized else (None, None)
         got = ops.paged_decode_attention(q, pool.k[0], pool.v[0], tables, torch.tensor(lens, dtype=torch.int32),
                                          32**-0.5, 0, *sz, kv_dtype=dtype)
         for b, n in enumerate(lens):

@@ -64,9 +64,9 @@ def rotary_and_cache(
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
-    """k, v [N, Hkv, D] stored at flat `slots` of pools [blocks, bs, Hkv, D]."""
-    k_pool.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_pool.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    """k, v [N, Hkv, D] stored at flat `slots` of pools [blocks, bs, Hkv, D] (rounded to the pools' dtype)."""
+    k_pool.view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(k_pool.dtype))
+    v_pool.view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(v_pool.dtype))
 
 
 # ----------------------------------------------------------------------------- int8 activations

@@ -4,8 +4,9 @@ bf16 dot products).
 Why: vLLM-CPU runs bf16 by default, and on CPUs with AVX512_BF16 or AMX-BF16 oneDNN's bf16 GEMM runs
 3-6x the fp32 sgemm's rate at the batch widths of continuous batching and prefill. An unquantized
 weight stored in bf16 also halves the bytes a batch-1 decode step streams. Only the matrix
-multiplies change: activations between layers, norms, rotary, attention and the KV cache stay fp32,
-so the residual stream never accumulates bf16 rounding.
+multiplies change: activations between layers, norms, rotary and attention stay fp32, so the
+residual stream never accumulates bf16 rounding (the KV cache is stored as bf16 under
+kv_cache_dtype auto: lowbit/engine/kv_cache.py).
 
 * nn.Linear -> Bf16Linear: the weight kept as bf16 (the fp32 copy is dropped); small M runs the
   compiled gemv (bf16 widened exactly, x in fp32), larger M the bf16 matmul (qgemm/bf16.cpp).

@@ -16,7 +16,7 @@ from ..kernels import ref
 from ..kernels.ref import rms_norm as rms_norm_ref, rotate as rotate_ref  # noqa: F401 - the references, by their old names
 
 #: paged_decode_attention's kv_dtype codes (the pool's dtype name -> the kernel's element type).
-KV_CODES = {"fp32": 0, "int8": 1, "int4": 2}
+KV_CODES = {"fp32": 0, "int8": 1, "int4": 2, "bf16": 3}
 
 
 def _ext():
@@ -100,10 +100,11 @@ def rotary_and_cache(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
 ) -> None:
-    """rotary_(q, k) and store k, v [N, Hkv, D] at flat `slots` of fp32 pools [blocks, bs, Hkv, D]."""
+    """rotary_(q, k) and store k, v [N, Hkv, D] at flat `slots` of fp32 or bf16 pools [blocks, bs, Hkv, D]."""
     ext, qf, kf = _ext_rotary_ok(q, k, positions, cos_sin)
     if (
-        ext is not None and q.dim() == 3 and _fp32(v, k_pool, v_pool) and v.stride(-1) == 1
+        ext is not None and q.dim() == 3 and _fp32(v) and v.stride(-1) == 1
+        and k_pool.dtype in (torch.float32, torch.bfloat16) and v_pool.dtype == k_pool.dtype
         and slots.dtype == torch.long and k_pool.is_contiguous() and v_pool.is_contiguous()
     ):
         ext.rotary_and_cache(qf, kf, v, positions.contiguous(), cos_sin, slots.contiguous(), k_pool, v_pool)
@@ -135,7 +136,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One new token per sequence attending to its cached keys/values, read from the blocks in place.
 
-    q [B, Hq, D] fp32; pools [blocks, block_size, Hkv, D] fp32, or uint8 codes in kv_cache.py's
+    q [B, Hq, D] fp32; pools [blocks, block_size, Hkv, D] fp32 or bf16, or uint8 codes in kv_cache.py's
     schemes (value = code * scale + zero): int8 [.., D] with k_sz/v_sz fp32 [blocks, block_size,
     Hkv, 2] per token; int4 [.., D/2] (element j in the low nibble of byte j, j + D/2 in the high
     one) with V per token as int8, K per channel over each block's tokens, k_sz fp16

@@ -107,7 +107,7 @@ void weighted_values(const PagedArgs& a, const int32_t* table, int64_t h, int64_
         const uint8_t* vr = a.v + row * a.row_bytes;
         const __m256 v0 = KvRow<T>::load(vr, d0, half);
         const __m256 v1 = two ? KvRow<T>::load(vr, d0 + 8, half) : _mm256_setzero_ps();
-        if constexpr (T == Kv::F32) {
+        if constexpr (!kv_quantized(T)) {
 #pragma GCC unroll 4
           for (int g = 0; g < GN; ++g) {
             const __m256 w = _mm256_broadcast_ss(p + g * n + j);
@@ -199,5 +199,6 @@ void attend_one(const PagedArgs& a, int64_t b, int64_t h, std::vector<float>& bu
 template void attend_one<Kv::F32>(const PagedArgs&, int64_t, int64_t, std::vector<float>&);
 template void attend_one<Kv::U8>(const PagedArgs&, int64_t, int64_t, std::vector<float>&);
 template void attend_one<Kv::U4>(const PagedArgs&, int64_t, int64_t, std::vector<float>&);
+template void attend_one<Kv::BF16>(const PagedArgs&, int64_t, int64_t, std::vector<float>&);
 
 }  // namespace lowbit::LOWBIT_ISA

@@ -148,14 +148,14 @@ inline void value_slice(const PagedArgs& a, const int32_t* table, int64_t h, int
 #pragma GCC unroll 4
       for (int s = 0; s < NV; ++s) vv[s] = KvRow<T>::load(vr, d0 + 8 * s, half);
       float vs = 1.0f;
-      if constexpr (T != Kv::F32) vs = a.v_sz[row * 2];
+      if constexpr (kv_quantized(T)) vs = a.v_sz[row * 2];
 #pragma GCC unroll 8
       for (int g = 0; g < GN; ++g) {
         const float p = p0[g * n + idx];
         const __m256 w = _mm256_set1_ps(p * vs);
 #pragma GCC unroll 4
         for (int s = 0; s < NV; ++s) acc[g][s] = _mm256_fmadd_ps(w, vv[s], acc[g][s]);
-        if constexpr (T != Kv::F32) z[g] += p * a.v_sz[row * 2 + 1];
+        if constexpr (kv_quantized(T)) z[g] += p * a.v_sz[row * 2 + 1];
       }
     }
     t += cnt;
@@ -310,5 +310,6 @@ void attend_seq_dispatch(const PagedArgs& a, int64_t b, std::vector<float>& buf)
 template void attend_seq_dispatch<Kv::F32>(const PagedArgs&, int64_t, std::vector<float>&);
 template void attend_seq_dispatch<Kv::U8>(const PagedArgs&, int64_t, std::vector<float>&);
 template void attend_seq_dispatch<Kv::U4>(const PagedArgs&, int64_t, std::vector<float>&);
+template void attend_seq_dispatch<Kv::BF16>(const PagedArgs&, int64_t, std::vector<float>&);
 
 }  // namespace lowbit::LOWBIT_ISA

@@ -8,7 +8,8 @@
 // read front to back across the kv heads), one per (sequence, kv head) for a single sequence
 // (attend_one: its heads can still run in parallel).
 //
-// Pool element types (kv_cache.py's schemes), dequantized as code * scale + zero inside the math,
+// Pool element types (kv_cache.py's schemes): fp32 and bf16 hold the values (bf16 widened exactly
+// as it is loaded); the quantized ones are dequantized as code * scale + zero inside the math,
 // never into a copy:
 //   int8: K and V per token and head, fp32 (scale, zero) [blocks, bs, Hkv, 2]:
 //         q . k = scale * (q . codes) + zero * sum(q);
@@ -32,7 +33,11 @@
 
 namespace lowbit::LOWBIT_ISA {
 
-enum class Kv { F32, U8, U4 };
+// The values are paged_decode_attention's kv_dtype codes (lowbit/layers/ops.py KV_CODES).
+enum class Kv { F32 = 0, U8 = 1, U4 = 2, BF16 = 3 };
+
+// Whether a pool of this type stores codes with scales and zeros (else the values themselves).
+constexpr bool kv_quantized(Kv t) { return t == Kv::U8 || t == Kv::U4; }
 
 template <Kv T>
 struct KvRow;
@@ -41,6 +46,14 @@ template <>
 struct KvRow<Kv::F32> {
   static inline __m256 load(const void* base, int64_t i, int64_t /*half*/) {
     return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  }
+};
+
+// bf16 (the pool under dtype bfloat16): widened exactly, half fp32's bytes to stream.
+template <>
+struct KvRow<Kv::BF16> {
+  static inline __m256 load(const void* base, int64_t i, int64_t /*half*/) {
+    return load8_bf16(static_cast<const uint16_t*>(base) + i);
   }
 };
 

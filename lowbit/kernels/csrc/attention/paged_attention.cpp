@@ -8,9 +8,10 @@
 
 namespace lowbit::LOWBIT_ISA {
 
-// q [B, Hq, D]; pools [blocks, block_size, Hkv, D or D/2] (fp32 or uint8 codes, with k_sz/v_sz
+// q [B, Hq, D]; pools [blocks, block_size, Hkv, D or D/2] (fp32, bf16 or uint8 codes, with k_sz/v_sz
 // [blocks, block_size, Hkv, 2] for the quantized ones); block_tables int32 [B, max_blocks];
-// context_lens int32 [B]. kv_dtype: 0 fp32, 1 int8, 2 int4. window > 0 keeps the last `window` keys.
+// context_lens int32 [B]. kv_dtype: 0 fp32, 1 int8, 2 int4, 3 bf16. window > 0 keeps the last
+// `window` keys.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                                   const c10::optional<at::Tensor>& k_sz, const c10::optional<at::Tensor>& v_sz,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -23,10 +24,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads (", Hq, ") must be a multiple of kv heads (", Hkv, ")");
   const int64_t G = Hq / Hkv;
   TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
-  TORCH_CHECK(kv_dtype >= 0 && kv_dtype <= 2, "kv_dtype must be 0 (fp32), 1 (int8) or 2 (int4)");
+  TORCH_CHECK(kv_dtype >= 0 && kv_dtype <= 3, "kv_dtype must be 0 (fp32), 1 (int8), 2 (int4) or 3 (bf16)");
   const Kv kind = static_cast<Kv>(kv_dtype);
-  if (kind == Kv::F32) {
-    TORCH_CHECK(k_pool.scalar_type() == at::kFloat && k_pool.size(3) == D, "fp32 pool must hold [.., ", D, "]");
+  if (!kv_quantized(kind)) {
+    const auto st = kind == Kv::F32 ? at::kFloat : at::kBFloat16;
+    TORCH_CHECK(k_pool.scalar_type() == st && v_pool.scalar_type() == st && k_pool.size(3) == D,
+                kind == Kv::F32 ? "fp32" : "bf16", " pools must hold [.., ", D, "] of that dtype");
   } else {
     TORCH_CHECK(k_pool.scalar_type() == at::kByte && v_pool.scalar_type() == at::kByte, "quantized pools are uint8");
     TORCH_CHECK(k_pool.size(3) == (kind == Kv::U8 ? D : D / 2), "quantized pool has the wrong row width");
@@ -69,7 +72,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   a.v = static_cast<const uint8_t*>(v_pool.data_ptr());
   a.k_sz = kind == Kv::U8 ? k_sz->data_ptr<float>() : nullptr;
   a.k_ch = kind == Kv::U4 ? reinterpret_cast<const uint16_t*>(k_sz->data_ptr<at::Half>()) : nullptr;
-  a.v_sz = kind == Kv::F32 ? nullptr : v_sz->data_ptr<float>();
+  a.v_sz = kv_quantized(kind) ? v_sz->data_ptr<float>() : nullptr;
   a.row_bytes = k_pool.size(3) * k_pool.element_size();
   a.tables = tables;
   a.max_blocks = max_blocks;
@@ -86,9 +89,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     at::parallel_for(0, B, grain_for(avg * 2 * Hq * D), [&](int64_t b0, int64_t b1) {
       std::vector<float> buf;
       for (int64_t b = b0; b < b1; ++b) {
-        if (kind == Kv::F32) attend_seq_dispatch<Kv::F32>(a, b, buf);
-        else if (kind == Kv::U8) attend_seq_dispatch<Kv::U8>(a, b, buf);
-        else attend_seq_dispatch<Kv::U4>(a, b, buf);
+        switch (kind) {
+          case Kv::F32: attend_seq_dispatch<Kv::F32>(a, b, buf); break;
+          case Kv::BF16: attend_seq_dispatch<Kv::BF16>(a, b, buf); break;
+          case Kv::U8: attend_seq_dispatch<Kv::U8>(a, b, buf); break;
+          default: attend_seq_dispatch<Kv::U4>(a, b, buf); break;
+        }
       }
     });
     return out;
@@ -98,9 +104,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     std::vector<float> buf;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
-      if (kind == Kv::F32) attend_one<Kv::F32>(a, b, h, buf);
-      else if (kind == Kv::U8) attend_one<Kv::U8>(a, b, h, buf);
-      else attend_one<Kv::U4>(a, b, h, buf);
+      switch (kind) {
+        case Kv::F32: attend_one<Kv::F32>(a, b, h, buf); break;
+        case Kv::BF16: attend_one<Kv::BF16>(a, b, h, buf); break;
+        case Kv::U8: attend_one<Kv::U8>(a, b, h, buf); break;
+        default: attend_one<Kv::U4>(a, b, h, buf); break;
+      }
     }
   });
   return out;

@@ -1,4 +1,5 @@
-// Rotary embedding in place, optionally with the store of the rotated k and v into an fp32 pool.
+// Rotary embedding in place, optionally with the store of the rotated k and v into an fp32 or bf16
+// pool (bf16: rounded to nearest even, as torch rounds).
 #include "../api.h"
 #include "../common/vec.h"
 #include "views.h"
@@ -26,8 +27,15 @@ inline void rotate(float* x, const float* cs, int64_t half) {
   }
 }
 
-// Rotates q and k in place; when k_pool/v_pool are given ([rows, Hkv, D] fp32 views of the
-// paged pool, row = slot), also stores the rotated k and v at slots[n].
+// One head's row of D values into a pool at element offset `at`.
+inline void store_row(const float* src, void* pool, bool bf16, int64_t at, int64_t D) {
+  if (bf16) to_bf16(src, static_cast<uint16_t*>(pool) + at, D);
+  else std::copy(src, src + D, static_cast<float*>(pool) + at);
+}
+
+// Rotates q and k in place; when k_pool/v_pool are given ([rows, Hkv, D] fp32 or bf16 views of
+// the paged pool, row = slot), also stores the rotated k and v at slots[n].
+
 void rotary_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin,
                  const at::Tensor* v, const at::Tensor* slots, at::Tensor* k_pool, at::Tensor* v_pool) {
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.is_contiguous(), "bad cos_sin");
@@ -42,7 +50,8 @@ void rotary_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos
   const float* table = cos_sin.data_ptr<float>();
   Heads hv{};
   const int64_t* slot = nullptr;
-  float *kp = nullptr, *vp = nullptr;
+  void *kp = nullptr, *vp = nullptr;
+  bool bf16 = false;
   int64_t rows = 0;
   const int64_t H = hk.n_heads;
   if (slots != nullptr) {
@@ -50,13 +59,16 @@ void rotary_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos
     TORCH_CHECK(v->size(0) == N && v->size(1) == H, "v must match k's shape");
     TORCH_CHECK(slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->numel() == N,
                 "slots must be a contiguous int64 [N] tensor");
+    bf16 = k_pool->scalar_type() == at::kBFloat16;
     for (at::Tensor* pool : {k_pool, v_pool})
-      TORCH_CHECK(pool->scalar_type() == at::kFloat && pool->is_contiguous() && pool->numel() % (H * D) == 0,
-                  "KV pool must be contiguous fp32 with ", H, " heads of ", D);
+      TORCH_CHECK((pool->scalar_type() == at::kFloat || pool->scalar_type() == at::kBFloat16) &&
+                      pool->scalar_type() == k_pool->scalar_type() && pool->is_contiguous() &&
+                      pool->numel() % (H * D) == 0,
+                  "KV pools must be contiguous fp32 or bf16 (both the same) with ", H, " heads of ", D);
     TORCH_CHECK(k_pool->numel() == v_pool->numel(), "K and V pools differ in size");
     slot = slots->data_ptr<int64_t>();
-    kp = k_pool->data_ptr<float>();
-    vp = v_pool->data_ptr<float>();
+    kp = k_pool->data_ptr();
+    vp = v_pool->data_ptr();
     rows = k_pool->numel() / (H * D);
   }
   for (int64_t n = 0; n < N; ++n) {
@@ -72,9 +84,8 @@ void rotary_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos
         float* kr = hk.p + n * hk.s_tok + h * hk.s_head;
         rotate(kr, cs, half);
         if (slot != nullptr) {
-          std::copy(kr, kr + D, kp + (slot[n] * H + h) * D);
-          const float* vr = hv.p + n * hv.s_tok + h * hv.s_head;
-          std::copy(vr, vr + D, vp + (slot[n] * H + h) * D);
+          store_row(kr, kp, bf16, (slot[n] * H + h) * D, D);
+          store_row(hv.p + n * hv.s_tok + h * hv.s_head, vp, bf16, (slot[n] * H + h) * D, D);
         }
       }
     }

@@ -22,40 +22,6 @@
 namespace lowbit::LOWBIT_ISA {
 namespace {
 
-// fp32 -> bf16, round to nearest even (NaN stays NaN): the hardware instruction where the variant
-// has it, else the same rounding in integer arithmetic.
-inline uint16_t bf16_round1(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-void to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(b));
-  }
-#else
-  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 f = _mm256_loadu_ps(src + i);
-    const __m256i u = _mm256_castps_si256(f);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-    r = _mm256_srli_epi32(r, 16);
-    // NaN lanes: the truncated bits with the quiet bit set
-    const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)),
-                           _mm256_castps_si256(nan));
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), packed);
-  }
-#endif
-  for (; i < n; ++i) dst[i] = bf16_round1(src[i]);
-}
-
 // Rows [n0, n1) of W in bf16 at out[(n - n0) * k8 + k]: dequantized 16 rows at a time into an
 // L1-sized fp32 buffer, then rounded.
 template <int BITS>
