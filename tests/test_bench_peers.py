@@ -277,6 +277,9 @@ def test_compare_engine_lowbit_configs():
     assert [c.checkpoint for c in avx512] == ["fp", "fp", "w4", "w4", "w4", "w4", "w8a8", "w4"]
     assert {c.key: c.dtype for c in avx512}["lowbit-w4a8"] == "bfloat16"
     assert [c for c in avx512 if c.isa] == [avx512[-1]] and avx512[-1].isa == "avx2"
+    # the prefill row: fp32- and bf16-activation W4A16 against the int8-activation configurations
+    assert [c.key for c in avx512 if c.prefill] == ["lowbit-w4a16", "lowbit-w4a16-bf16", "lowbit-w4a8", "lowbit-w8a8"]
+    assert {c.key: c.kv_cache_dtype for c in avx512}["lowbit-w4a16-kv8"] == "int8"
     avx2 = CE.lowbit_configs(False, ["avx2"])
     assert [c.key for c in avx2] == ["lowbit-fp32", "lowbit-w4a16", "lowbit-w4a16-kv8", "lowbit-w4a8"]
     assert all(c.dtype == "float32" for c in avx2) and sum(c.session for c in avx2) == 1

@@ -229,7 +229,7 @@ def test_equal_length_fresh_prompts_share_one_attention_call(tiny_dir, monkeypat
 
     sizes: list[int] = []
     batched = pa._causal_batch
-    monkeypatch.setattr(pa, "_causal_batch", lambda q, k, v, b: sizes.append(b) or batched(q, k, v, b))
+    monkeypatch.setattr(pa, "_causal_batch", lambda q, k, v, b, dt=None: sizes.append(b) or batched(q, k, v, b, dt))
     engine = engine_for(tiny_dir)
     prompts = prompts_of([12, 12, 12, 7, 12, 12], seed=9)
     final = run(engine, prompts)

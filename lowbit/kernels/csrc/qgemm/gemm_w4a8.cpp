@@ -45,29 +45,35 @@ void tile(const W4Args& a, int64_t p, int64_t m0) {
   const uint8_t* w = a.w + p * nb * 64;
   const float* sp = a.s + p * a.ng * kPanel;
   const float* zp = a.zs + p * a.ng * kPanel;
-  alignas(32) float accf[MR][16] = {};
+  alignas(64) float accf[MR][16] = {};
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // the fp32 accumulators stay in registers too: 3 MR zmm of the 32 (MR <= 8)
   const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 accz[MR];
+  for (int r = 0; r < MR; ++r) accz[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.ng; ++g) {
-    __m512i acc[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_si512();
+    // the low and high nibbles into separate accumulators: 2 * MR independent vpdpbusd chains
+    __m512i acc[MR], acc_hi[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = acc_hi[r] = _mm512_setzero_si512();
     for (int64_t t = g * a.gq; t < (g + 1) * a.gq; ++t) {
       const __m512i v = _mm512_loadu_si512(w + 64 * t);
       const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
       for (int r = 0; r < MR; ++r) {
         const int8_t* x = a.xq + (m0 + r) * a.Kp + 8 * t;
         acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(load_i32(x)));
-        acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(load_i32(x + 4)));
+        acc_hi[r] = _mm512_dpbusd_epi32(acc_hi[r], hi, _mm512_set1_epi32(load_i32(x + 4)));
       }
     }
+    // accz += xs * (s * dot - zs * xsum), group_update's arithmetic on 16 lanes at once
+    const __m512 sv = _mm512_loadu_ps(sp + g * kPanel), zv = _mm512_loadu_ps(zp + g * kPanel);
     for (int r = 0; r < MR; ++r) {
-      alignas(64) int32_t lanes[16];
-      _mm512_store_si512(lanes, acc[r]);
-      group_update(accf[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)),
-                   _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8)), sp + g * kPanel, zp + g * kPanel,
-                   a.xsum[(m0 + r) * a.ng + g], a.xs[(m0 + r) * a.ng + g]);
+      const int64_t i = (m0 + r) * a.ng + g;
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[r], acc_hi[r]));
+      const __m512 t = _mm512_fnmadd_ps(zv, _mm512_set1_ps(a.xsum[i]), _mm512_mul_ps(d, sv));
+      accz[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.xs[i]), accz[r]);
     }
   }
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(accf[r], accz[r]);
 #else
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);

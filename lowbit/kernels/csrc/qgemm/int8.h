@@ -52,7 +52,14 @@ inline int32_t load_i32(const void* p) {
 }
 
 constexpr int64_t kPanel = 16;  // output channels per packed panel
-constexpr int64_t kMR = 4;      // activation rows per register tile (AVX2: 2 x 4 int32 accumulators)
+// Activation rows per register tile. vpdpbusd has a latency of ~5 cycles at up to 2 per cycle, so
+// a tile needs ~10 independent accumulator chains to keep the units busy: 8 rows (16 chains in
+// W4A8, lo and hi nibbles apart) in the 32 zmm registers of AVX-512; AVX2's 16 ymm fit 4 rows x 2.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t kMR = 8;
+#else
+constexpr int64_t kMR = 4;
+#endif
 constexpr int64_t kMC = 64;     // activation rows kept in L2 while a thread sweeps its panels
 
 // Row x[0..K) -> q[0..Kp) (zero padded), returns the row's scale (max|x| / 127, 0 for a zero row).
@@ -83,6 +90,12 @@ inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x_in) {
 template <typename F>
 inline void with_mr(int64_t rows, F&& f) {
   switch (rows) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+#endif
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
