@@ -267,6 +267,19 @@ finally:
         os.kill(server, 0)
 
 
+def test_compare_engine_says_when_llamacpp_beats_the_read_ceiling(tmp_path):
+    from benchmarks import compare_engine as CE
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 1000)
+    runs = [{"label": "llama.cpp fast", "peer": "llama.cpp", "mode": "decode", "result": {"decode_tokens_per_s": 20.0}},
+            {"label": "llama.cpp slow", "peer": "llama.cpp", "mode": "decode", "result": {"decode_tokens_per_s": 5.0}},
+            {"label": "vLLM-CPU bf16", "peer": "vLLM-CPU", "mode": "decode", "result": {"decode_tokens_per_s": 99.0}}]
+    lines = CE.ceiling_beaten(runs, str(gguf), bw=10_000.0)  # 1000 B x 20/s = 20 kB/s > 10 kB/s
+    assert len(lines) == 1 and "llama.cpp fast" in lines[0] and "above the" in lines[0]
+    assert CE.ceiling_beaten(runs, str(tmp_path / "missing.gguf"), bw=10_000.0) == []
+
+
 def test_compare_engine_lowbit_configs():
     from benchmarks import compare_engine as CE
 
