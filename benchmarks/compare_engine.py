@@ -181,7 +181,10 @@ def main() -> int:
     out: dict = {"machine": machine_info(), "load_before": os.getloadavg(), "model": fp, "w4": w4, "gguf": gguf,
                  "prompt_vocab": vocab}
     print("ceilings", file=sys.stderr)
-    out["ceilings"] = {"matmul_flops": matmul_flops(), "read_bytes_per_s": read_bandwidth()}
+    import torch
+
+    out["ceilings"] = {"matmul_flops": matmul_flops(), "read_bytes_per_s": read_bandwidth(),
+                       "bf16_matmul_flops": matmul_flops(dtype=torch.bfloat16)}
     from lowbit import kernels
 
     cfgs = lowbit_configs(kernels.native_bf16(), kernels.usable_variants(), args.w8a8 is not None)
@@ -292,8 +295,11 @@ def ceiling_beaten(runs: list[dict], gguf: str | None, bw: float) -> list[str]:
 
 def report(o: dict) -> None:
     bw, flops = o["ceilings"]["read_bytes_per_s"], o["ceilings"]["matmul_flops"]
+    bf16 = o["ceilings"].get("bf16_matmul_flops")
+    bf16_note = f" (bf16 {bf16 / 1e9:.1f})" if bf16 else ""
     print(f"\nmodel {o.get('model')}; machine: {o['machine'].get('cpu_model', '?')}, ceilings: matmul "
-          f"{flops / 1e9:.1f} GFLOP/s, read {bw / 1e9:.2f} GB/s; load {o['load_before'][0]:.2f} -> {o['load_after'][0]:.2f}")
+          f"{flops / 1e9:.1f} GFLOP/s{bf16_note}, read {bw / 1e9:.2f} GB/s; "
+          f"load {o['load_before'][0]:.2f} -> {o['load_after'][0]:.2f}")
     runs = o.get("peers", [])
     ours = o.get("lowbit_rows") or [["lowbit-fp32", "lowbit fp32"], ["lowbit-w4a16", "lowbit W4A16"],
                                       ["lowbit-w4a16-kv8", "lowbit W4A16 kv int8"]]
@@ -335,7 +341,11 @@ def report(o: dict) -> None:
             if not value:
                 continue
             if params:
-                print(f"  {label} compute use: {2 * (params / 4) * value / flops:.0%} of matmul ceiling "
+                # against the matmul of the row's own dtype: bf16 rows (and the int8-activation ones,
+                # which run beside bf16) against torch's bf16 GEMM rate where it was measured
+                bf16 = o["ceilings"].get("bf16_matmul_flops")
+                peak, kind = ((bf16, "bf16") if bf16 and _get(o, key, "dtype") == "bfloat16" else (flops, "fp32"))
+                print(f"  {label} compute use: {2 * (params / 4) * value / peak:.0%} of the {kind} matmul ceiling "
                       f"(2 x {params / 4 / 1e6:.0f}M params x tokens/s)")
             for peer_name in ("vLLM-CPU", "transformers"):
                 best = best_of(thr, peer_name)

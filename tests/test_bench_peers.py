@@ -280,6 +280,22 @@ def test_compare_engine_says_when_llamacpp_beats_the_read_ceiling(tmp_path):
     assert CE.ceiling_beaten(runs, str(tmp_path / "missing.gguf"), bw=10_000.0) == []
 
 
+def test_compare_engine_judges_bf16_rows_against_the_bf16_matmul(capsys):
+    from benchmarks import compare_engine as CE
+
+    o = {"model": "m", "machine": {"cpu_model": "x"}, "load_before": [0.0], "load_after": [0.0], "peers": [],
+         "ceilings": {"matmul_flops": 1e9, "read_bytes_per_s": 1e9, "bf16_matmul_flops": 4e9},
+         "lowbit_rows": [["lowbit-fp32", "lowbit fp32"], ["lowbit-bf16", "lowbit bf16"]],
+         "lowbit-fp32": {"dtype": "float32", "summary": {"model_bytes": 4e6}, "throughput": {"total_tokens_per_s": 100.0}},
+         "lowbit-bf16": {"dtype": "bfloat16", "throughput": {"total_tokens_per_s": 100.0}}}
+    CE.report(o)
+    out = capsys.readouterr().out
+    # 2 x 1M params x 100 tok/s = 2e8 FLOP/s: 20% of the fp32 ceiling, 5% of the bf16 one
+    assert "lowbit fp32 compute use: 20% of the fp32 matmul ceiling" in out
+    assert "lowbit bf16 compute use: 5% of the bf16 matmul ceiling" in out
+    assert "(bf16 4.0)" in out
+
+
 def test_compare_engine_lowbit_configs():
     from benchmarks import compare_engine as CE
 

@@ -11,7 +11,7 @@ from lowbit.errors import LowbitError
 
 def test_ceilings_return_positive_finite_numbers():
     c = ceilings.measure(n=64, bytes=4 * ceilings.MiB, repeats=2)
-    for v in (c.matmul_flops, c.read_bytes_per_s, c.copy_bytes_per_s):
+    for v in (c.matmul_flops, c.read_bytes_per_s, c.copy_bytes_per_s, c.bf16_matmul_flops):
         assert v > 0 and math.isfinite(v)
 
 

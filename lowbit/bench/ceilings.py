@@ -43,11 +43,14 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of an [n, n] x [n, n] fp32 matmul using all torch threads (2 n^3 FLOPs each)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Median FLOP/s of an [n, n] x [n, n] matmul in `dtype` using all torch threads (2 n^3 FLOPs each).
+
+    bfloat16: oneDNN's bf16 GEMM (AMX or AVX512_BF16 where the CPU has them, fp32 accumulation), the
+    ceiling of the engine's bf16 matrix work, which the fp32 figure understates 3-6x on such CPUs."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     secs = _median_seconds(lambda: torch.mm(a, b, out=out), repeats)
     return 2.0 * n**3 / secs
 
@@ -88,6 +91,7 @@ class Ceilings:
     copy_bytes_per_s: float  # read + write counted
     machine: dict
     int8_macs_per_s: float | None = None  # int8 multiply-accumulates/s (None: no compiled kernels)
+    bf16_matmul_flops: float | None = None  # FLOP/s of torch's bf16 matmul (fp32 accumulation)
 
 
 def measure(n: int = 2048, bytes: int = 512 * MiB, repeats: int = 5) -> Ceilings:
@@ -98,6 +102,7 @@ def measure(n: int = 2048, bytes: int = 512 * MiB, repeats: int = 5) -> Ceilings
         copy_bytes_per_s=copy_bandwidth(bytes, repeats),
         machine=machine_info(),
         int8_macs_per_s=int8_mac_peak(repeats=repeats),
+        bf16_matmul_flops=matmul_flops(n, repeats, torch.bfloat16),
     )
 
 
@@ -147,6 +152,7 @@ def main() -> None:
     print(json.dumps({
         **asdict(c),
         "matmul_gflops": round(c.matmul_flops / 1e9, 1),
+        "bf16_matmul_gflops": round(c.bf16_matmul_flops / 1e9, 1),
         "read_gib_per_s": round(c.read_bytes_per_s / 2**30, 2),
         "copy_gib_per_s": round(c.copy_bytes_per_s / 2**30, 2),
         "int8_gops": None if c.int8_macs_per_s is None else round(2 * c.int8_macs_per_s / 1e9, 1),
