@@ -101,8 +101,8 @@ def lowbit_configs(native_bf16: bool, isas: list[str], w8a8: bool = False) -> li
     return cfgs
 
 
-#: prompt length of the prefill row (8 prompts, one output token each: the time is the prefill's)
-PREFILL_LEN = 1024
+#: the prefill row: PREFILL_PROMPTS prompts of PREFILL_LEN tokens, one output token each (the time is the prefill's)
+PREFILL_PROMPTS, PREFILL_LEN = 8, 1024
 
 
 def lowbit_runs(cfg: LowbitConfig, paths: dict[str, str], args, vocab: int) -> dict:
@@ -136,11 +136,11 @@ def lowbit_runs(cfg: LowbitConfig, paths: dict[str, str], args, vocab: int) -> d
         sets = [run_prompts(args.num_prompts, 128, vocab, r) for r in range(args.runs)]
         res["throughput"] = asdict(run_throughput(engine, prompt_sets=sets, output_len=128, repeats=args.runs))
     if cfg.prefill and "prefill" not in args.skip:
-        print(f"  {cfg.label}: prefill 8 x 1024", file=sys.stderr)
-        sets = [run_prompts(8, PREFILL_LEN, vocab, 100 + r) for r in range(args.runs)]
+        print(f"  {cfg.label}: prefill {PREFILL_PROMPTS} x {PREFILL_LEN}", file=sys.stderr)
+        sets = [run_prompts(PREFILL_PROMPTS, PREFILL_LEN, vocab, 100 + r) for r in range(args.runs)]
         r = run_throughput(engine, prompt_sets=sets, output_len=1, repeats=args.runs)
-        res["prefill"] = {"prompts": 8, "prompt_len": PREFILL_LEN, "elapsed_s": r.elapsed_s,
-                          "prefill_tokens_per_s": 8 * PREFILL_LEN / r.elapsed_s}
+        res["prefill"] = {"prompts": PREFILL_PROMPTS, "prompt_len": PREFILL_LEN, "elapsed_s": r.elapsed_s,
+                          "prefill_tokens_per_s": PREFILL_PROMPTS * PREFILL_LEN / r.elapsed_s}
     del engine
     if cfg.session and "session" not in args.skip:
         print(f"  {cfg.label}: session", file=sys.stderr)
@@ -343,7 +343,6 @@ def report(o: dict) -> None:
             if params:
                 # against the matmul of the row's own dtype: bf16 rows (and the int8-activation ones,
                 # which run beside bf16) against torch's bf16 GEMM rate where it was measured
-                bf16 = o["ceilings"].get("bf16_matmul_flops")
                 peak, kind = ((bf16, "bf16") if bf16 and _get(o, key, "dtype") == "bfloat16" else (flops, "fp32"))
                 print(f"  {label} compute use: {2 * (params / 4) * value / peak:.0%} of the {kind} matmul ceiling "
                       f"(2 x {params / 4 / 1e6:.0f}M params x tokens/s)")
@@ -355,7 +354,7 @@ def report(o: dict) -> None:
     pre = [(label, key, _get(o, key, "prefill", "prefill_tokens_per_s")) for key, label in ours]
     pre = [(label, key, v) for label, key, v in pre if v]
     if pre:
-        print("\nprefill, 8 x 1024-token prompts, prompt tokens/s (median):")
+        print(f"\nprefill, {PREFILL_PROMPTS} x {PREFILL_LEN}-token prompts, prompt tokens/s (median):")
         base = _get(o, "lowbit-w4a16", "prefill", "prefill_tokens_per_s")
         for label, key, v in pre:
             goal = "  (goal >= 2x)" if key == "lowbit-w4a8" else ""  # the same (W4) checkpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from ..engine.args import DTYPES, EngineArgs
+from ..engine.args import DTYPES, KV_CACHE_DTYPES, EngineArgs
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30}
@@ -46,7 +46,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=d.kv_cache_memory,
                    help="bytes for the paged KV-cache pool, e.g. 512MiB (default %(default)s)")
-    g.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16", "int8", "int4"], default=d.kv_cache_dtype,
+    g.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=d.kv_cache_dtype,
                    help="auto follows --dtype (float32 -> fp32, bfloat16 -> bf16) (default %(default)s)")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

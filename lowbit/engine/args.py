@@ -9,6 +9,8 @@ from ..errors import LowbitError
 
 #: EngineArgs.dtype values (vLLM's --dtype names; "float"/"bf16" are not accepted aliases).
 DTYPES = ("auto", "float32", "bfloat16")
+#: EngineArgs.kv_cache_dtype values: auto (as the matrix dtype resolves) or a pool dtype (engine/kv_cache.py)
+KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "int8", "int4")
 
 
 def _check_dtype(dtype: str) -> None:
@@ -67,8 +69,8 @@ class EngineArgs:
     vocab_parallel_head: bool = True  # under TP, each rank computes its slice of the logits (else rank 0 all)
 
     def __post_init__(self) -> None:
-        if self.kv_cache_dtype not in ("auto", "fp32", "bf16", "int8", "int4"):
-            raise LowbitError(f"kv_cache_dtype must be auto, fp32, bf16, int8 or int4, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise LowbitError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.activation_dtype not in ("auto", "int8"):
             raise LowbitError(f"activation_dtype must be auto or int8, got {self.activation_dtype!r}")
         _check_dtype(self.dtype)

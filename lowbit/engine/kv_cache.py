@@ -37,8 +37,10 @@ import torch
 from ..errors import LowbitError
 from .. import kernels
 from ..layers import kv_quant
+from ..kernels import ref
+from .args import KV_CACHE_DTYPES
 
-KV_DTYPES = ("fp32", "bf16", "int8", "int4")
+KV_DTYPES = tuple(d for d in KV_CACHE_DTYPES if d != "auto")
 _FLOAT_POOL = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -99,7 +101,7 @@ def normalize_kv_dtype(name: str, model_dtype: str = "float32") -> str:
         name = "bf16" if model_dtype == "bfloat16" else "fp32"
     name = {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
     if name not in KV_DTYPES:
-        raise LowbitError(f"kv_cache_dtype must be auto, fp32, bf16, int8 or int4, got {name!r}")
+        raise LowbitError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
     return name
 
 
@@ -151,9 +153,7 @@ class KVCachePool:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k/v: [N, Hkv, D] for the N new tokens; slots: [N] flat slot indices."""
         if not self.spec.quantized:
-            dt = self.spec.torch_dtype
-            self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(dt))
-            self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(dt))
+            ref.store_kv(k, v, slots, self.k[layer], self.v[layer])  # rounded to the pool's dtype
             return
         if self.spec.channel_keys:
             self._write_channel_keys(layer, slots, k)

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/vec.h"
@@ -38,6 +39,17 @@ enum class Kv { F32 = 0, U8 = 1, U4 = 2, BF16 = 3 };
 
 // Whether a pool of this type stores codes with scales and zeros (else the values themselves).
 constexpr bool kv_quantized(Kv t) { return t == Kv::U8 || t == Kv::U4; }
+
+// f(std::integral_constant<Kv, kind>{}): the pool type as a template argument.
+template <typename F>
+inline void with_kv(Kv kind, F&& f) {
+  switch (kind) {
+    case Kv::F32: f(std::integral_constant<Kv, Kv::F32>{}); break;
+    case Kv::BF16: f(std::integral_constant<Kv, Kv::BF16>{}); break;
+    case Kv::U8: f(std::integral_constant<Kv, Kv::U8>{}); break;
+    default: f(std::integral_constant<Kv, Kv::U4>{}); break;
+  }
+}
 
 template <Kv T>
 struct KvRow;

@@ -89,12 +89,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     at::parallel_for(0, B, grain_for(avg * 2 * Hq * D), [&](int64_t b0, int64_t b1) {
       std::vector<float> buf;
       for (int64_t b = b0; b < b1; ++b) {
-        switch (kind) {
-          case Kv::F32: attend_seq_dispatch<Kv::F32>(a, b, buf); break;
-          case Kv::BF16: attend_seq_dispatch<Kv::BF16>(a, b, buf); break;
-          case Kv::U8: attend_seq_dispatch<Kv::U8>(a, b, buf); break;
-          default: attend_seq_dispatch<Kv::U4>(a, b, buf); break;
-        }
+        with_kv(kind, [&](auto t) { attend_seq_dispatch<decltype(t)::value>(a, b, buf); });
       }
     });
     return out;
@@ -104,12 +99,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     std::vector<float> buf;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
-      switch (kind) {
-        case Kv::F32: attend_one<Kv::F32>(a, b, h, buf); break;
-        case Kv::BF16: attend_one<Kv::BF16>(a, b, h, buf); break;
-        case Kv::U8: attend_one<Kv::U8>(a, b, h, buf); break;
-        default: attend_one<Kv::U4>(a, b, h, buf); break;
-      }
+      with_kv(kind, [&](auto t) { attend_one<decltype(t)::value>(a, b, h, buf); });
     }
   });
   return out;

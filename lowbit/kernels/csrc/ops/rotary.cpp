@@ -35,7 +35,6 @@ inline void store_row(const float* src, void* pool, bool bf16, int64_t at, int64
 
 // Rotates q and k in place; when k_pool/v_pool are given ([rows, Hkv, D] fp32 or bf16 views of
 // the paged pool, row = slot), also stores the rotated k and v at slots[n].
-
 void rotary_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin,
                  const at::Tensor* v, const at::Tensor* slots, at::Tensor* k_pool, at::Tensor* v_pool) {
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.is_contiguous(), "bad cos_sin");

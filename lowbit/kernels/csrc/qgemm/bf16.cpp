@@ -107,8 +107,7 @@ inline void dot_rows(const float* x, int64_t ldx, const uint16_t* w, int64_t K, 
   __m256 acc[MM];
   for (int m = 0; m < MM; ++m) acc[m] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
-    const __m256i wi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
-    const __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(wi, 16));
+    const __m256 wf = load8_bf16(w + k);
     for (int m = 0; m < MM; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wf, acc[m]);
   }
   float tot[MM];

@@ -153,7 +153,7 @@ at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     const W4Args a{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zero_scales.data_ptr<float>(), qp, sp,
                    xs.data_ptr<float>(), bias_ptr(bias, N), Kp, ng, group / 8, N, y.data_ptr<float>()};
     over_panels(M, P, Kp, [&](int64_t p, int64_t m0, int64_t rows) {
-      with_mr(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
+      with_rows<kMR>(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
     });
   }
   return like_input(y, x_in);

@@ -150,7 +150,7 @@ at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
                    w_scale.data_ptr<float>(), bias_ptr(bias, N), rowsum.data_ptr<int32_t>(), Kp, N,
                    y.data_ptr<float>()};
     over_panels(M, P, Kp, [&](int64_t p, int64_t m0, int64_t rows) {
-      with_mr(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
+      with_rows<kMR>(rows, [&](auto mr) { tile<decltype(mr)::value>(a, p, m0); });
     });
   }
   return like_input(y, x_in);

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "../common/vec.h"
+#include "layer.h"  // with_rows
 
 namespace lowbit::LOWBIT_ISA {
 
@@ -84,23 +85,6 @@ inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x_in) {
   shape.back() = y.size(1);
   at::Tensor out = y.view(shape);
   return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
-}
-
-// f(std::integral_constant<int, rows>) for rows in 1..kMR.
-template <typename F>
-inline void with_mr(int64_t rows, F&& f) {
-  switch (rows) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-#endif
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
 }
 
 // Runs tile(p, m0, rows) over every (panel, row block): panels split over the threads, each thread
