@@ -21,6 +21,7 @@ from lowbit.quant.formats import actorder
 from lowbit.quant.gptq import GptqConfig, HessianAccumulator, gptq_quantize, unpermute_columns
 from lowbit.quant.loader import load_model
 from lowbit.quant.pipeline import quantize
+from lowbit.quant.primitives import quantize_weight_searched
 from lowbit.quant.rtn import QuantSpec
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,7 +67,7 @@ def test_identity_hessian_gives_exactly_rtn(bits, gs, sym):
     """Uncorrelated, equal inputs: no column can absorb another's error, GPTQ is plain RTN."""
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
     spec = QuantSpec(bits, gs, sym)
-    r = gptq_quantize(w, 2 * torch.eye(128), spec, GptqConfig(block_size=32))
+    r = gptq_quantize(w, 2 * torch.eye(128), spec, GptqConfig(block_size=32, grid="minmax"))
     q = spec.quantize(w)
     assert r.perm is None
     assert torch.equal(r.qweight.q, q.q) and torch.equal(r.qweight.scales, q.scales) and torch.equal(r.qweight.zeros, q.zeros)
@@ -98,11 +99,33 @@ def test_act_order_weight_keeps_the_original_groups_and_grids():
     x = correlated_inputs(d=64, seed=5)
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
     spec = QuantSpec(4, 16)
-    r = gptq_quantize(w, hessian_of(x), spec, GptqConfig(act_order="weight"))
+    h = hessian_of(x)
+    r = gptq_quantize(w, h, spec, GptqConfig(act_order="weight", grid="minmax"))
     assert r.perm is None
     rtn = spec.quantize(w)
     assert torch.equal(r.qweight.scales, rtn.scales) and torch.equal(r.qweight.zeros, rtn.zeros)
     assert not torch.equal(r.qweight.q, rtn.q)
+    # the default grid: each original group's range shrunk against diag(H), chosen up front
+    r = gptq_quantize(w, h, spec, GptqConfig(act_order="weight"))
+    searched = quantize_weight_searched(w, 4, 16, importance=torch.diagonal(h), scale_dtype=spec.scale_dtype)
+    assert torch.equal(r.qweight.scales, searched.scales) and torch.equal(r.qweight.zeros, searched.zeros)
+    assert not torch.equal(searched.scales, rtn.scales)
+
+
+@pytest.mark.parametrize("order", [None, "group", "weight"])
+def test_searched_grid_beats_minmax_at_3_bits(order):
+    """The mse grid lowers GPTQ's own output error against the min/max grid at 3 bits."""
+    x = correlated_inputs(seed=11)
+    h = hessian_of(x)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(12))
+    w[::7, 3] *= 6.0  # outliers that min/max spends grid steps on
+    spec = QuantSpec(3, 32)
+    mse = gptq_quantize(w, h, spec, GptqConfig(act_order=order))
+    minmax = gptq_quantize(w, h, spec, GptqConfig(act_order=order, grid="minmax"))
+    assert mse.err < 0.97 * minmax.err
+    assert mse.err_rtn == minmax.err_rtn  # both measured against the same plain RTN
+    with pytest.raises(QuantizationError, match="grid"):
+        GptqConfig(grid="absmax").validate()
 
 
 def test_dead_inputs_and_bad_hessians():
@@ -385,14 +408,17 @@ def test_cli_gptq_flags(tmp_path, capsys):
     calib.write_text("\n\n".join(f"document {i} " + "some calibration text " * 8 for i in range(12)))
     rc = main(["quantize", "--model", str(src), "--method", "gptq", "--w-bit", "4", "--group-size", "32",
                "--calib", str(calib), "--calib-samples", "4", "--calib-seqlen", "32", "--format", "compressed-tensors",
-               "--act-order", "--damp", "0.05", "--out", str(tmp_path / "q"), "--quiet"])
+               "--act-order", "--damp", "0.05", "--gptq-grid", "minmax", "--out", str(tmp_path / "q"), "--quiet"])
     assert rc == 0
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
-    assert report["gptq"] == {"damp": 0.05, "block_size": 128, "act_order": "group", "max_damp_tries": 5}
+    assert report["gptq"] == {"damp": 0.05, "block_size": 128, "act_order": "group", "max_damp_tries": 5,
+                              "grid": "minmax"}
     assert "GPTQ better than RTN" in capsys.readouterr().err
     rc = main(["quantize", "--model", str(src), "--method", "awq", "--act-order", "--out", str(tmp_path / "r")])
     assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
     rc = main(["quantize", "--model", str(src), "--method", "rtn", "--act-order", "none", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
+    rc = main(["quantize", "--model", str(src), "--method", "awq", "--gptq-grid", "mse", "--out", str(tmp_path / "r")])
     assert rc == 2 and "gptq and awq-gptq only" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 

@@ -11,6 +11,7 @@ from lowbit.quant.primitives import (
     pack_int32,
     packed_words,
     quantize_weight,
+    quantize_weight_searched,
     unpack_int32,
 )
 
@@ -111,6 +112,43 @@ def test_scale_dtype_rounds_scales_first():
     qw = quantize_weight(w, 4, 128, scale_dtype=torch.float16)
     assert torch.equal(qw.scales, qw.scales.half().float())
     assert (qw.dequantize() - w).abs().max() <= qw.scales.max() * 0.51
+
+
+def _weighted_err(qw, w, imp):
+    return ((qw.dequantize() - w) ** 2 * imp).reshape(w.shape[0], -1, qw.group_size).sum(-1)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_searched_grid_never_worse_than_minmax_per_group(sym, bits):
+    w = _weight(out=32, inp=128, seed=3)
+    w[::5, 7] *= 8.0  # outliers: min/max wastes steps on them
+    imp = torch.rand(128, generator=torch.Generator().manual_seed(4)) + 0.1
+    for scale_dtype in (None, torch.float16):
+        rtn = quantize_weight(w, bits, 32, sym, scale_dtype=scale_dtype)
+        found = quantize_weight_searched(w, bits, 32, sym, importance=imp, scale_dtype=scale_dtype)
+        e_rtn, e_found = _weighted_err(rtn, w, imp), _weighted_err(found, w, imp)
+        assert (e_found <= e_rtn * (1 + 1e-6)).all()
+        assert e_found.sum() < 0.95 * e_rtn.sum()
+        if scale_dtype is not None:
+            assert torch.equal(found.scales, found.scales.half().float())
+    # the candidate 1.0 alone is min/max, bit for bit
+    only = quantize_weight_searched(w, bits, 32, sym, importance=imp, scale_dtype=torch.float16, shrinks=(1.0,))
+    rtn = quantize_weight(w, bits, 32, sym, scale_dtype=torch.float16)
+    assert torch.equal(only.q, rtn.q) and torch.equal(only.scales, rtn.scales) and torch.equal(only.zeros, rtn.zeros)
+
+
+def test_searched_grid_follows_the_importance():
+    """An outlier on a channel that carries no activation is clipped; on a busy one it is kept."""
+    w = _weight(out=1, inp=32, seed=5)
+    w[0, 0] = 1.0
+    quiet = torch.ones(32)
+    quiet[0] = 0.0
+    clipped = quantize_weight_searched(w, 3, 32, importance=quiet)
+    kept = quantize_weight_searched(w, 3, 32, importance=torch.ones(32) + 100 * (torch.arange(32) == 0))
+    assert clipped.dequantize()[0, 0] < 0.8 and kept.dequantize()[0, 0] > 0.9
+    with pytest.raises(QuantizationError, match="importance"):
+        quantize_weight_searched(w, 3, 32, importance=torch.ones(31))
 
 
 def test_group_size_must_divide_in_features():

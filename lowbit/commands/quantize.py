@@ -22,7 +22,7 @@ def _group_size(text: str) -> int | None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..quant.awq_config import AwqConfig
-    from ..quant.gptq import ACT_ORDERS, GptqConfig
+    from ..quant.gptq import ACT_ORDERS, GRIDS, GptqConfig
     from ..quant.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
     d = AwqConfig()
@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "awq-gptq) keeps the original groups (any format); 'group' (the value of a bare "
                         "--act-order) also forms the groups in that order (stored with g_idx: compressed-tensors "
                         "only); 'none': the original column order")
+    p.add_argument("--gptq-grid", choices=GRIDS, default=None,
+                   help="GPTQ: how each group's scale and zero are chosen: 'mse' (default) shrinks the group's "
+                        "range to the least rounding error weighted by the channels' activations; 'minmax' "
+                        "spans the group's min and max, as RTN does")
     p.add_argument("--format", dest="fmt", choices=["awq", "compressed-tensors"], default=None,
                    help="checkpoint format: awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (default awq; "
                         "smoothquant: compressed-tensors)")
@@ -92,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from ..quant.heap import pin_mmap_threshold
     from ..quant.pipeline import quantize
 
-    if args.method not in ("gptq", "awq-gptq") and (args.act_order is not None or args.damp != GptqConfig().damp):
+    gptq_flags = args.act_order is not None or args.damp != GptqConfig().damp or args.gptq_grid is not None
+    if args.method not in ("gptq", "awq-gptq") and gptq_flags:
         from ..errors import QuantizationError
 
-        raise QuantizationError("--act-order and --damp apply to --method gptq and awq-gptq only")
+        raise QuantizationError("--act-order, --damp and --gptq-grid apply to --method gptq and awq-gptq only")
     cfg = AwqConfig(
         duo_scaling=args.duo_scaling == "on",
         clip=not args.no_clip,
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(
         args.model, args.method, w_bit, args.group_size, sym, args.calib, args.calib_samples,
         args.calib_seqlen, fmt, args.out, args.force, awq_config=cfg, progress=not args.quiet, seed=args.seed,
-        gptq_config=GptqConfig(damp=args.damp, act_order=_act_order(args.act_order)),
+        gptq_config=GptqConfig(damp=args.damp, act_order=_act_order(args.act_order),
+                               grid=args.gptq_grid or GptqConfig().grid),
     )
     t = report.totals
     print(f"wrote {report.out_dir} ({report.method} W{report.bits} g{report.group_size}"

@@ -27,8 +27,11 @@ class ActivationStore:
 
     def append(self, x: torch.Tensor) -> None:
         x = x.detach()
-        if self.compact and bool(torch.isfinite(x).all()) and float(x.abs().max()) < FP16_SAFE:
-            x = x.to(torch.float16)
+        if self.compact and x.numel():
+            # one pass, no temporary: aminmax is NaN when any value is, and NaN fails both tests
+            lo, hi = torch.aminmax(x)
+            if float(lo) > -FP16_SAFE and float(hi) < FP16_SAFE:
+                x = x.to(torch.float16)
         self._chunks.append(x)
 
     def __iter__(self):

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QuantizationError
-from .primitives import quantize_weight, round_to_grid
+from .primitives import quantize_weight, quantize_weight_searched, round_to_grid
 from ..layers.qweight import QuantizedWeight
 from .rtn import QuantSpec
 
 ACT_ORDERS = ("group", "weight")
+GRIDS = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class GptqConfig:
     # keeps the original groups (any format, no permutation at run time) and costs no extra time.
     act_order: str | None = "weight"
     max_damp_tries: int = 5  # each failed Cholesky multiplies the dampening by 10
+    # How a group's grid is chosen: "minmax" (RTN's), or "mse": the range shrink that minimizes the
+    # group's rounding error weighted by diag(H) (primitives.quantize_weight_searched).
+    grid: str = "mse"
 
     def validate(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1e3 and math.isfinite(self.damp)):
@@ -69,6 +73,8 @@ class GptqConfig:
             raise QuantizationError(f"GPTQ block size must be a positive integer, got {self.block_size!r}")
         if self.act_order not in (None, *ACT_ORDERS):
             raise QuantizationError(f"act order must be one of {', '.join(ACT_ORDERS)} or None, got {self.act_order!r}")
+        if self.grid not in GRIDS:
+            raise QuantizationError(f"GPTQ grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
 
 
 @dataclass
@@ -192,6 +198,14 @@ def block_size_for(group: int, in_features: int, block: int) -> int:
     return block if group % block == 0 else min(group, in_features)
 
 
+def _grids(cfg: GptqConfig, w: torch.Tensor, spec: QuantSpec, group: int, importance: torch.Tensor,
+           max_val: torch.Tensor | None) -> QuantizedWeight:
+    """The grids (and RTN codes) of w's groups as cfg.grid chooses them."""
+    if cfg.grid == "mse":
+        return quantize_weight_searched(w, spec.bits, group, spec.sym, importance, max_val, spec.scale_dtype)
+    return quantize_weight(w, spec.bits, group, spec.sym, max_val=max_val, scale_dtype=spec.scale_dtype)
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float, tries: int) -> tuple[torch.Tensor, float]:
     """U with U^T U = (H + damp I)^-1, U upper triangular, in float32 as GPTQ's reference code
     computes it; grows damp tenfold while H + damp I is not positive definite. Returns (U, damp).
@@ -286,7 +300,7 @@ def gptq_quantize_shared(
         perm = order if order is not None else act_order(h)
     static = None
     if cfg.act_order == "weight":  # grids of the original groups, fixed before any column moves
-        static = quantize_weight(W, spec.bits, g, spec.sym, max_val=max_val, scale_dtype=spec.scale_dtype)
+        static = _grids(cfg, W, spec, g, torch.diagonal(h), max_val)
     if perm is not None:
         W, hp = W[:, perm].contiguous(), h[perm][:, perm]
     else:
@@ -317,7 +331,7 @@ def gptq_quantize_shared(
                 grp = col // g
                 src = w1[i : i + g] if i + g <= i2 - i1 else wt[col : col + g]
                 mv = None if grid_clip is None else grid_clip[:, grp]
-                found = quantize_weight(src.t(), spec.bits, -1, spec.sym, max_val=mv, scale_dtype=spec.scale_dtype)
+                found = _grids(cfg, src.t(), spec, -1, torch.diagonal(hp)[col : col + g], mv)
                 scale, zero = found.scales[:, 0], found.zeros[:, 0].float()
                 scales[:, grp], zeros[:, grp] = scale, zero
             x = w1[i]
