@@ -1,15 +1,15 @@
-"""Peak memory of AWQ quantization vs the checkpoint's size: can lowbit quantize a model that is
+"""Peak memory of AWQ (or GPTQ, AWQ-GPTQ) quantization vs the checkpoint's size: can lowbit quantize a model that is
 much larger than the memory it uses?
 
 Builds a random-weight Llama-architecture checkpoint whose fp32 size is at least --min-gib
 (written one layer-shard at a time, never held in RAM as a whole), then runs AWQ on it in a child
-process under `/usr/bin/time -v` and prints the child's peak RSS against the checkpoint size.
+process under `/usr/bin/time -v` (--method: awq, gptq or awq-gptq) and prints the child's peak RSS against the checkpoint size.
 The goal is peak RSS < 1/3 of the checkpoint.
 
 Calibration uses random token ids (the random model has no tokenizer, and memory does not depend
 on what the tokens say); the search settings are reduced so the run stays short on 2 cores.
 
-Run:  python benchmarks/quant_memory.py [--min-gib 2.0] [--workdir /tmp/lowbit-quant-memory] [--keep]
+Run:  python benchmarks/quant_memory.py [--method awq|gptq|awq-gptq] [--min-gib 2.0] [--workdir /tmp/lowbit-quant-memory] [--keep]
 Needs /usr/bin/time (apt-get install time).
 """
 from __future__ import annotations
@@ -90,8 +90,8 @@ def make_checkpoint(out: Path, min_bytes: int) -> tuple[int, int]:
     return total, layers
 
 
-def run_quantize(model: str, out: str, samples: int, seqlen: int, search: int, tokens: int) -> None:
-    """The measured child: AWQ W4 g128 into the AWQ format."""
+def run_quantize(model: str, out: str, method: str, samples: int, seqlen: int, search: int, tokens: int) -> None:
+    """The measured child: `method` W4 g128 into the AWQ format."""
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(int(os.environ.get("LOWBIT_THREADS", "2")))
     from lowbit.quant.awq_config import AwqConfig
@@ -100,7 +100,7 @@ def run_quantize(model: str, out: str, samples: int, seqlen: int, search: int, t
 
     pin_mmap_threshold()  # as `lowbit quantize` does: the measured child owns its process
     ids = torch.randint(0, SHAPE["vocab"], (samples, seqlen), generator=torch.Generator().manual_seed(0))
-    rep = quantize(model, "awq", 4, 128, fmt="awq", out_dir=out, force=True, calib_ids=ids, calib_samples=samples,
+    rep = quantize(model, method, 4, 128, fmt="awq", out_dir=out, force=True, calib_ids=ids, calib_samples=samples,
                    calib_seqlen=seqlen, awq_config=AwqConfig(search_samples=search, search_tokens=tokens))
     print(f"quantized {rep.quantized_linears} linears in {rep.total_seconds:.0f} s "
           f"(layers {rep.quantize_seconds:.0f} s, save {rep.save_seconds:.0f} s)", flush=True)
@@ -112,6 +112,7 @@ def dir_bytes(p: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=["awq", "gptq", "awq-gptq"], default="awq")
     ap.add_argument("--min-gib", type=float, default=2.0, help="fp32 checkpoint size to build, GiB (default 2.0)")
     ap.add_argument("--workdir", default="/tmp/lowbit-quant-memory")
     ap.add_argument("--samples", type=int, default=16)
@@ -122,14 +123,14 @@ def main() -> int:
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        run_quantize(a.child[0], a.child[1], a.samples, a.seqlen, a.search_samples, a.search_tokens)
+        run_quantize(a.child[0], a.child[1], a.method, a.samples, a.seqlen, a.search_samples, a.search_tokens)
         return 0
 
     if not Path("/usr/bin/time").exists():
         print("needs /usr/bin/time: apt-get install time", file=sys.stderr)
         return 1
     work = Path(a.workdir)
-    model, out = work / "random-llama-fp32", work / "random-llama-awq-w4g128"
+    model, out = work / "random-llama-fp32", work / f"random-llama-{a.method}-w4g128"
     t0 = time.perf_counter()
     if (model / "config.json").exists():
         size, layers = dir_bytes(model), json.loads((model / "config.json").read_text())["num_hidden_layers"]
@@ -138,7 +139,7 @@ def main() -> int:
         size, layers = make_checkpoint(model, int(a.min_gib * GIB))
         size = dir_bytes(model)
         print(f"wrote {model}: {layers} layers, {size / GIB:.2f} GiB in {time.perf_counter() - t0:.0f} s")
-    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--child", str(model), str(out),
+    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--child", str(model), str(out), "--method", a.method,
            "--samples", str(a.samples), "--seqlen", str(a.seqlen), "--search-samples", str(a.search_samples),
            "--search-tokens", str(a.search_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -151,7 +152,7 @@ def main() -> int:
     peak = int(m.group(1)) * 1024
     ratio = peak / size
     print(f"checkpoint (fp32): {size / GIB:.3f} GiB, {layers} layers; quantized output: {dir_bytes(out) / GIB:.3f} GiB")
-    print(f"peak RSS of the quantize process: {peak / GIB:.3f} GiB = {ratio:.3f} x checkpoint "
+    print(f"peak RSS of the {a.method} quantize process: {peak / GIB:.3f} GiB = {ratio:.3f} x checkpoint "
           f"({'PASS' if ratio < 1 / 3 else 'FAIL'}: goal < 1/3); wall {wall.group(1) if wall else '?'}")
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -199,15 +199,27 @@ def test_quant_ppl_verdicts():
 
 
 def test_quant_peer_verdicts():
-    from benchmarks.quant_peer import PEER, peer_verdicts
+    from benchmarks.quant_peer import PEER, peer_label, peer_verdicts
 
     ppl = {"FP": 10.0, "lowbit RTN": 12.0, "lowbit AWQ": 10.9, PEER: 11.0}
     v = peer_verdicts(ppl, {"lowbit AWQ": 50.0, PEER: 100.0})
-    assert v.ok and "closes 55.0%" in v.lines[1] and "2.00x faster: PASS; ppl no worse: PASS" in v.lines[2]
+    assert "closes 55.0%" in v.lines[1] and "2.00x faster: PASS; ppl no worse: PASS" in v.lines[2]
+    assert not v.ok and "closes 55.0% of RTN's gap (goal >= 60%): FAIL" in v.lines[3]  # AWQ alone is not past AWQ
     v = peer_verdicts({**ppl, PEER: 10.5}, {"lowbit AWQ": 50.0, PEER: 100.0})
     assert not v.ok and "ppl no worse: FAIL" in v.lines[2]
     v = peer_verdicts({k: p for k, p in ppl.items() if k != PEER}, {"lowbit AWQ": 50.0})
-    assert not v.ok and "did not run" in v.lines[-1]
+    assert not v.ok and any("did not run" in line for line in v.lines)
+
+    gptq = peer_label("gptq")
+    full = {**ppl, "lowbit GPTQ": 10.6, gptq: 10.7}
+    times = {"lowbit AWQ": 50.0, PEER: 100.0, "lowbit GPTQ": 60.0, gptq: 120.0}
+    v = peer_verdicts(full, times, [PEER, gptq])
+    assert v.ok and "best lowbit method: GPTQ (10.6000), closes 70.0%" in v.lines[3] and v.lines[3].endswith("PASS")
+    assert v.lines[4] == "GPTQ time: lowbit 60 s, llm-compressor GPTQ 120 s (2.00x)"
+    v = peer_verdicts({**full, gptq: 10.55}, times, [PEER, gptq])  # the peer's GPTQ is better: not beaten
+    assert not v.ok and v.lines[3].endswith("FAIL")
+    v = peer_verdicts({k: p for k, p in full.items() if k != gptq}, times, [PEER, gptq])  # a peer that failed
+    assert not v.ok and "llm-compressor GPTQ did not run" in v.lines[2]
 
 
 def test_child_run_measures_its_own_peak_rss():

@@ -129,6 +129,58 @@ def test_quant_linear_bf16_tiles_match_float64(ext, bits, m, n, k):
     assert torch.equal(lin(small), fp(small))
 
 
+# ----------------------------------------------------------------------------- AMX tile path (qgemm/amx.h)
+@pytest.fixture(params=["amx", "onednn"])
+def amx(request, ext):
+    """Runs a test with the AMX tile GEMM on and off (off: oneDNN's matmul, the path of CPUs without
+    AMX). On a CPU without AMX (or the AVX2 build) both runs take the oneDNN path."""
+    before = ext.set_amx_enabled(request.param == "amx")
+    yield ext.amx_bf16_active()
+    ext.set_amx_enabled(before)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (4, -1), (8, 64)])
+@pytest.mark.parametrize("n", [37, 200])
+@pytest.mark.parametrize("k,m", [(64, 64), (576, 17), (576, 80)])
+def test_bf16_tiles_exact_through_the_identity(amx, ext, bits, group, n, k, m):
+    """x = rows of the identity: every output is one bf16 weight times 1.0 plus zeros, so any path
+    returns W's bf16 rounding exactly: checks the dequantization to bf16 (the 4-bit table lookup),
+    the tile products' placement and the transposed stores, partial row blocks included."""
+    g = k if group == -1 or k % group else group  # 128 does not divide 576: per channel there
+    lin = quant_linear(n, k, bits, g, seed=k + n)
+    lin.bias = None
+    x = torch.eye(k)[:m].contiguous()
+    got = lin.forward_mode(x, 5)
+    want = lin.dequantize().to(torch.bfloat16).float().t()[:m]
+    assert torch.equal(got, want)
+    w = lin.dequantize().to(torch.bfloat16)
+    assert torch.equal(ext.bf16_linear(x, w, None), want)  # stored bf16 W: the direct tile loads
+
+
+@pytest.mark.parametrize("m", [16, 17, 33, 64, 96, 97])
+def test_amx_and_onednn_against_float64(ext, m):
+    """Both bf16 GEMMs round x and W alike. oneDNN's matmul also returns its product in bf16; the AMX
+    tiles keep their fp32 sums, so that path is exact to fp32 accumulation order."""
+    lin, x = quant_linear(200, 576, 4), rows(m, 576)
+    lin.bias = None
+    w = torch.randn(100, 576).to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).double()
+    want = xb @ lin.dequantize().to(torch.bfloat16).double().t(), xb @ w.double().t()
+    before = ext.set_amx_enabled(True)
+    try:
+        on = lin.forward_mode(x, 5), ext.bf16_linear(x, w, None)
+        used = ext.amx_bf16_active() and 16 <= m <= 96
+        ext.set_amx_enabled(False)
+        assert not ext.amx_bf16_active()
+        off = lin.forward_mode(x, 5), ext.bf16_linear(x, w, None)
+    finally:
+        ext.set_amx_enabled(before)
+    for got, ref_ in zip(on, want):
+        assert rel_err(got, ref_) < (1e-5 if used else 2 * BF16_EPS)
+    for got, ref_ in zip(off, want):
+        assert rel_err(got, ref_) < 2 * BF16_EPS
+
+
 def test_quant_linear_bf16_without_extension(monkeypatch, kernel_impl):
     """The pure-torch path honours bf16_min_m too, and agrees with the kernels to bf16 rounding."""
     lin = quant_linear(64, 128)

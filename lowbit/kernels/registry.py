@@ -57,10 +57,13 @@ class OpSpec:
 
 _LEAN = "the decoder's module path (lowbit/models/transformer.py)"
 _ATTN = "gather + SDPA (lowbit/layers/paged_attention.py)"
+_AMX = "none: the switch of the compiled bf16 GEMMs' AMX tile path (qgemm/amx.h); torch's matmul elsewhere"
 OPS: tuple[OpSpec, ...] = (
     OpSpec("QLinear", "qgemm", ref_elsewhere="QuantLinear's dequantize + matmul (lowbit/layers/linear.py)"),
     OpSpec("dequantize", "qgemm", ref_elsewhere="QuantLinear._dequant_rows (lowbit/layers/linear.py)"),
     OpSpec("bf16_linear", "qgemm", "bf16_linear"),
+    OpSpec("amx_bf16_active", "qgemm", ref_elsewhere=_AMX),
+    OpSpec("set_amx_enabled", "qgemm", ref_elsewhere=_AMX),
     OpSpec("quantize_per_token", "int8", "quantize_per_token"),
     OpSpec("w8a8_linear", "int8", "w8a8_linear"),
     OpSpec("w4a8_linear", "int8", "w4a8_linear"),

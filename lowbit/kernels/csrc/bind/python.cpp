@@ -5,6 +5,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "../api.h"
+#include "../qgemm/amx.h"
 
 #if __has_include("sources_hash.h")
 #include "sources_hash.h"  // written by setup.py into the build directory
@@ -32,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("bf16_min_m", &ops::Handle::bf16_min_m, "from this many rows on the matmul runs in bf16 (0: never)");
   m.def("bf16_linear", &ops::bf16_linear, kNoGil, "y = x @ W^T + b for a bf16 W: fp32 x/y, fp32 accumulation");
   m.def("dequantize", &ops::dequantize, kNoGil, "dequantize packed rows to fp32");
+  m.def("amx_bf16_active", &ops::amx_bf16_active, "whether bf16 GEMMs from 16 rows on run on AMX tiles");
+  m.def("set_amx_enabled", &ops::set_amx_enabled,
+        "turn the AMX bf16 path on/off for the process (tests, benchmarks); returns the previous setting");
 
   m.def("quantize_per_token", &ops::quantize_per_token, kNoGil,
         "x [..., K] -> (int8 q, float scale [...]): per-token symmetric int8 activations");
